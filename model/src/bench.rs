@@ -1,0 +1,71 @@
+//! The speed anchor: training throughput and peak memory of a fixed configuration.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::config::{LlamaConfig, LoraConfig, LoraTarget};
+use crate::data::Batcher;
+use crate::error::Result;
+use crate::llama::Llama;
+use crate::train::{TrainConfig, train};
+
+/// Figures printed by `covey-model bench`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Description of the configuration measured.
+    pub config: String,
+    /// Base parameters.
+    pub params: usize,
+    /// Trainable (adapter) parameters.
+    pub trainable: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Training tokens per second over the timed steps.
+    pub tokens_per_second: f64,
+    /// Mean milliseconds per optimizer step.
+    pub ms_per_step: f64,
+    /// Peak resident set size of the process, MiB (Linux only).
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// LoRA fine-tuning of the fixed configuration: hidden 256, 4 layers, 4 heads,
+/// intermediate 688, byte vocabulary, sequence 128, batch 8, LoRA rank 8 on q and v,
+/// base frozen, AdamW. `warmup` steps are run before `steps` timed ones.
+pub fn lora_training(steps: usize, warmup: usize) -> Result<BenchReport> {
+    let device = crate::cpu_device().autodiff();
+    let config = LlamaConfig::default();
+    let lora =
+        LoraConfig { rank: 8, alpha: 16.0, targets: vec![LoraTarget::Q, LoraTarget::V], ..LoraConfig::default() };
+    let model = Llama::init(&config, 0, &device)?.with_lora(&lora, &device)?;
+    let trainable = crate::checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
+    // Deterministic pseudo-text: the speed does not depend on the bytes.
+    let tokens: Vec<u32> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) % 256).collect();
+    let mut batcher = Batcher::new(tokens, 128, 0, std::path::Path::new("bench"))?;
+    let tc =
+        TrainConfig { steps: warmup.max(1), batch_size: 8, seq_len: 128, warmup_steps: 1, ..TrainConfig::default() };
+    let device2 = device.clone();
+    let (model, _) = train(model, &mut batcher, &tc, &device2, false, |_, _| {})?;
+    let tc = TrainConfig { steps, ..tc };
+    let start = Instant::now();
+    let (_, report) = train(model, &mut batcher, &tc, &device, false, |_, _| {})?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        config: "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW"
+            .into(),
+        params: config.num_params(),
+        trainable,
+        steps,
+        tokens_per_second: report.tokens as f64 / secs,
+        ms_per_step: secs * 1000.0 / steps as f64,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}

@@ -1,0 +1,146 @@
+//! The one error type of `covey-model`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `covey-model`.
+///
+/// Variants name the file and the problem so that a user can act on the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file (config, adapter config, corpus line) is malformed.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        /// The file involved.
+        path: PathBuf,
+        /// The parser's error, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A configuration value is missing, out of range or inconsistent.
+    #[error("invalid configuration{}: {field}: {reason}", origin(.path))]
+    InvalidConfig {
+        /// The file the configuration came from, if any.
+        path: Option<PathBuf>,
+        /// The offending field.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A safetensors file is truncated or malformed.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors {
+        /// The file involved.
+        path: PathBuf,
+        /// The decoder's explanation.
+        reason: String,
+    },
+    /// A tensor expected in a checkpoint is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor {
+        /// The file involved.
+        path: PathBuf,
+        /// The tensor name that was expected.
+        name: String,
+    },
+    /// A tensor has the wrong shape for the model configuration.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The file (or source) involved.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor has an element type this crate cannot read.
+    #[error("{path}: tensor `{name}` has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file involved.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// A tensor contains NaN or infinite values.
+    #[error("{path}: tensor `{name}` contains non-finite values")]
+    NonFinite {
+        /// The file (or source) involved.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tokenizer file could not be loaded.
+    #[error("{path}: invalid tokenizer: {reason}")]
+    Tokenizer {
+        /// The file involved.
+        path: PathBuf,
+        /// The tokenizer library's explanation.
+        reason: String,
+    },
+    /// A corpus holds no usable text.
+    #[error("{path}: corpus is empty{}", hint(.needed))]
+    EmptyCorpus {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// How many tokens were needed, when a minimum applies.
+        needed: Option<usize>,
+    },
+    /// An operation needs LoRA adapters but the model has none (or the reverse).
+    #[error("{0}")]
+    Adapter(String),
+    /// A token id is outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} entries")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+}
+
+fn origin(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => format!(" in {}", p.display()),
+        None => String::new(),
+    }
+}
+
+fn hint(needed: &Option<usize>) -> String {
+    match needed {
+        Some(n) => format!(" (needs at least {n} tokens)"),
+        None => String::new(),
+    }
+}
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidConfig { path: None, field, reason: reason.into() }
+    }
+    /// Attach the file a configuration came from.
+    pub(crate) fn in_file(self, file: impl Into<PathBuf>) -> Self {
+        match self {
+            Self::InvalidConfig { path: None, field, reason } => {
+                Self::InvalidConfig { path: Some(file.into()), field, reason }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

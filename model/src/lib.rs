@@ -1,0 +1,71 @@
+//! # covey-model
+//!
+//! The student language model of Covey, on [burn](https://burn.dev) 0.22: a
+//! Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) that
+//! carries LoRA adapters, with the tooling around it — tokenizers, corpora,
+//! training, evaluation, generation with a KV cache, and safetensors
+//! checkpoints under Hugging Face (base) and PEFT (adapter) names.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use covey_model::{LlamaConfig, Llama, LoraConfig, cpu_device};
+//! use burn::tensor::{Int, Tensor, TensorData};
+//!
+//! let device = cpu_device();
+//! let model = Llama::init(&LlamaConfig::tiny(), 0, &device).unwrap();
+//! let tokens = Tensor::<2, Int>::from_data(TensorData::new(vec![72i64, 105], [1, 2]), &device);
+//! let base = model.forward(tokens.clone());
+//! // A fresh adapter has B = 0, so the model is unchanged.
+//! let tuned = model.with_lora(&LoraConfig::default(), &device).unwrap();
+//! let same = tuned.forward(tokens);
+//! assert_eq!(base.into_data(), same.into_data());
+//! ```
+//!
+//! ## Feature flags
+//!
+//! * `gpu` — the wgpu backend (Vulkan, Metal, DX12) through [`gpu_device`]. Off by
+//!   default; the CPU backend is burn's `flex`.
+//!
+//! Architecture invariant: this crate knows nothing of gRPC, differential privacy or
+//! federation. It exposes plain host tensors ([`NamedTensors`]) for those layers.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod generate;
+mod init;
+pub mod llama;
+pub mod lora;
+pub mod pipeline;
+pub mod tokenizer;
+pub mod train;
+
+pub use checkpoint::{HostTensor, NamedTensors};
+pub use config::{LlamaConfig, LoraConfig, LoraTarget};
+pub use error::{ModelError, Result};
+pub use eval::EvalMetrics;
+pub use generate::SamplingConfig;
+pub use llama::{KvCache, Llama};
+pub use tokenizer::Tokenizer;
+pub use train::TrainConfig;
+
+use burn::tensor::Device;
+
+/// The CPU device (burn's `flex` backend). Always build devices explicitly: with the
+/// `gpu` feature on, `Device::default()` would pick wgpu.
+pub fn cpu_device() -> Device {
+    Device::flex()
+}
+
+/// The default wgpu device (first high-performance adapter).
+#[cfg(feature = "gpu")]
+pub fn gpu_device() -> Device {
+    Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,635 @@
+//! `covey-model`: pretrain, fine-tune, evaluate, generate with, merge and inspect
+//! Covey student models, and measure their training speed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use covey_model::checkpoint;
+use covey_model::data;
+use covey_model::pipeline::{self, FinetuneOptions, PretrainOptions};
+use covey_model::{LlamaConfig, LoraConfig, LoraTarget, SamplingConfig, Tokenizer, TrainConfig};
+
+#[derive(Parser)]
+#[command(name = "covey-model", version, about = "Covey student LM: pretrain, LoRA fine-tune, evaluate, generate")]
+struct Cli {
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu, global = true)]
+    device: Backend,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// burn's flex CPU backend.
+    Cpu,
+    /// wgpu (needs the `gpu` cargo feature).
+    Gpu,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pretrain a byte-level model from scratch, holding out whole plays.
+    Pretrain(PretrainArgs),
+    /// Fine-tune LoRA adapters on a corpus or one Shakespeare role.
+    Finetune(FinetuneArgs),
+    /// Held-out NLL, perplexity, bits per byte, top-1 and top-3 accuracy.
+    Eval(EvalArgs),
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+    /// Merge an adapter into the base weights and save the merged model.
+    Merge(MergeArgs),
+    /// Describe a model (and adapter) directory.
+    Info(InfoArgs),
+    /// Training tokens/s and peak RSS of the fixed LoRA benchmark configuration.
+    Bench(BenchArgs),
+    /// Pretrain, then fine-tune on a held-out role, and show before/after figures.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelShape {
+    /// Width of the residual stream.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Key/value heads (grouped-query attention).
+    #[arg(long, default_value_t = 4)]
+    kv_heads: usize,
+    /// SwiGLU width.
+    #[arg(long, default_value_t = 688)]
+    intermediate: usize,
+    /// Context length.
+    #[arg(long, default_value_t = 512)]
+    max_seq: usize,
+}
+
+impl ModelShape {
+    fn config(&self) -> LlamaConfig {
+        LlamaConfig {
+            hidden_size: self.hidden,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            num_key_value_heads: self.kv_heads,
+            intermediate_size: self.intermediate,
+            max_position_embeddings: self.max_seq,
+            ..LlamaConfig::default()
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up steps.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of initialisation, batches and hold-out choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl TrainArgs {
+    fn config(&self, default_steps: usize, default_lr: f64) -> TrainConfig {
+        let steps = self.steps.unwrap_or(default_steps);
+        TrainConfig {
+            steps,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            grad_accum: self.grad_accum,
+            lr: self.lr.unwrap_or(default_lr),
+            min_lr_ratio: 0.1,
+            warmup_steps: self.warmup.unwrap_or((steps / 20).max(1)),
+            weight_decay: self.weight_decay,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct LoraArgs {
+    /// Adapter rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Adapter alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Projections with adapters, comma-separated: q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    targets: String,
+    /// FFA-LoRA: freeze A, train only B.
+    #[arg(long)]
+    ffa: bool,
+    /// Seed of the A initialisation (shared by all clients of a federation).
+    #[arg(long, default_value_t = 0)]
+    lora_seed: u64,
+}
+
+impl LoraArgs {
+    fn config(&self) -> Result<LoraConfig> {
+        let targets = self
+            .targets
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                LoraTarget::parse(s)
+                    .with_context(|| format!("--targets: unknown projection `{s}` (use q,k,v,o,gate,up,down)"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.lora_dropout,
+            targets,
+            ffa: self.ffa,
+            seed: self.lora_seed,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Corpus: a .txt / .jsonl file or a directory of them.
+    #[arg(long, default_value = "data/shakespeare")]
+    data: PathBuf,
+    /// Output model directory.
+    #[arg(long, default_value = "runs/base")]
+    out: PathBuf,
+    /// Whole plays held out for evaluation.
+    #[arg(long, default_value_t = 4)]
+    holdout: usize,
+    /// Cap on held-out tokens scored.
+    #[arg(long, default_value_t = 200_000)]
+    eval_tokens: usize,
+    #[command(flatten)]
+    shape: ModelShape,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// Base model directory.
+    #[arg(long, default_value = "runs/base")]
+    base: PathBuf,
+    /// Training corpus (.txt / .jsonl / directory); with --role, the Shakespeare directory.
+    #[arg(long, default_value = "data/shakespeare")]
+    data: PathBuf,
+    /// Fine-tune on one speaking role: PLAY:SPEAKER, e.g. `hamlet_gut.txt:Ham`. Every
+    /// tenth speech is held out.
+    #[arg(long)]
+    role: Option<String>,
+    /// Held-out corpus (without --role; default: the last 10% of the corpus).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Output adapter directory.
+    #[arg(long, default_value = "runs/adapter")]
+    out: PathBuf,
+    #[command(flatten)]
+    lora: LoraArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory.
+    #[arg(long, default_value = "runs/base")]
+    model: PathBuf,
+    /// Adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Text to score (.txt / .jsonl / directory).
+    #[arg(long)]
+    data: PathBuf,
+    /// Window length.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Cap on tokens scored.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model directory.
+    #[arg(long, default_value = "runs/base")]
+    model: PathBuf,
+    /// Adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Keep the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Base model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Adapter directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory of the merged model.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Model directory.
+    #[arg(long, default_value = "runs/base")]
+    model: PathBuf,
+    /// Adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The Shakespeare directory shipped with the repository.
+    #[arg(long, default_value = "data/shakespeare")]
+    data: PathBuf,
+    /// Where the base model and the adapter are written.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Pretraining steps (batch 16 × 128 bytes).
+    #[arg(long, default_value_t = 600)]
+    pretrain_steps: usize,
+    /// Fine-tuning steps.
+    #[arg(long, default_value_t = 60)]
+    finetune_steps: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let device = device(cli.device)?;
+    match cli.command {
+        Command::Pretrain(a) => pretrain(a, &device),
+        Command::Finetune(a) => finetune(a, &device),
+        Command::Eval(a) => eval(a, &device),
+        Command::Generate(a) => generate(a, &device),
+        Command::Merge(a) => merge(a, &device),
+        Command::Info(a) => info(a, &device),
+        Command::Bench(a) => bench(a),
+        Command::Demo(a) => demo(a, &device),
+    }
+}
+
+fn device(backend: Backend) -> Result<Device> {
+    match backend {
+        Backend::Cpu => Ok(covey_model::cpu_device()),
+        #[cfg(feature = "gpu")]
+        Backend::Gpu => Ok(covey_model::gpu_device()),
+        #[cfg(not(feature = "gpu"))]
+        Backend::Gpu => bail!("--device gpu needs a build with `--features gpu`"),
+    }
+}
+
+fn print_metrics(label: &str, m: &covey_model::EvalMetrics) {
+    println!(
+        "{label:<12} nll {:.4}  ppl {:>8.3}  bits/byte {:.4}  top-1 {:>5.1}%  top-3 {:>5.1}%  ({} tokens)",
+        m.mean_nll,
+        m.perplexity,
+        m.bits_per_byte,
+        100.0 * m.top1,
+        100.0 * m.top3,
+        m.tokens
+    );
+}
+
+fn pretrain(a: PretrainArgs, device: &Device) -> Result<()> {
+    let opts = PretrainOptions {
+        data: a.data,
+        out: a.out.clone(),
+        holdout: a.holdout,
+        model: a.shape.config(),
+        train: a.train.config(2000, 3e-3),
+        eval_tokens: a.eval_tokens,
+        progress: true,
+    };
+    println!("pretraining {} parameters for {} steps", opts.model.num_params(), opts.train.steps);
+    let r = pipeline::pretrain(&opts, device)?;
+    println!("held out: {}", r.holdout.join(", "));
+    println!(
+        "trained on {} tokens in {:.0} s ({:.0} tokens/s), final loss {:.3}",
+        r.train_tokens,
+        r.train_seconds,
+        r.train_tokens as f64 / r.train_seconds,
+        r.final_train_loss
+    );
+    print_metrics("held-out", &r.heldout);
+    println!("model written to {}", a.out.display());
+    Ok(())
+}
+
+fn role_texts(dir: &Path, role: &str) -> Result<(String, String)> {
+    let (play, speaker) = role.split_once(':').context("--role must be PLAY:SPEAKER, e.g. hamlet_gut.txt:Ham")?;
+    let path = dir.join(play);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (train, test) = data::role_split(&text, speaker);
+    if train.is_empty() || test.is_empty() {
+        let known = data::roles_by_size(&text).into_iter().take(8).map(|(s, _)| s).collect::<Vec<_>>().join(", ");
+        bail!("{}: speaker `{speaker}` has too few speeches (largest roles: {known})", path.display());
+    }
+    Ok((train, test))
+}
+
+fn finetune(a: FinetuneArgs, device: &Device) -> Result<()> {
+    let (train_text, eval_text) = match (&a.role, &a.eval_data) {
+        (Some(role), _) => role_texts(&a.data, role)?,
+        (None, Some(eval)) => (join(&data::load_corpus(&a.data)?), join(&data::load_corpus(eval)?)),
+        (None, None) => {
+            let text = join(&data::load_corpus(&a.data)?);
+            let mut cut = text.len() * 9 / 10;
+            while !text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            (text[..cut].to_string(), text[cut..].to_string())
+        }
+    };
+    let opts = FinetuneOptions {
+        base: a.base,
+        train_text,
+        eval_text,
+        lora: a.lora.config()?,
+        train: a.train.config(100, 3e-3),
+        out: a.out.clone(),
+        progress: true,
+    };
+    let r = pipeline::finetune(&opts, device)?;
+    println!("{} trainable parameters, {} tokens in {:.1} s", r.trainable_params, r.train_tokens, r.train_seconds);
+    print_metrics("base", &r.base);
+    print_metrics("fine-tuned", &r.tuned);
+    println!("held-out perplexity {:+.1}%", -100.0 * r.perplexity_gain());
+    println!("adapter written to {}", a.out.display());
+    Ok(())
+}
+
+fn join(docs: &[data::Document]) -> String {
+    docs.iter().map(|d| d.text.as_str()).collect::<Vec<_>>().join("\n\n")
+}
+
+fn load(model: &Path, adapter: Option<&Path>, device: &Device) -> Result<(covey_model::Llama, Tokenizer)> {
+    let tokenizer = Tokenizer::for_model_dir(model)?;
+    let mut m = checkpoint::load_model(model, device)?;
+    if let Some(dir) = adapter {
+        m = checkpoint::load_adapter(m, dir, device)?;
+    }
+    if m.config.vocab_size < tokenizer.vocab_size() {
+        bail!(
+            "{}: the tokenizer has {} entries but the model only {}",
+            model.display(),
+            tokenizer.vocab_size(),
+            m.config.vocab_size
+        );
+    }
+    Ok((m, tokenizer))
+}
+
+fn eval(a: EvalArgs, device: &Device) -> Result<()> {
+    let (model, tokenizer) = load(&a.model, a.adapter.as_deref(), device)?;
+    let text = join(&data::load_corpus(&a.data)?);
+    let tokens = tokenizer.encode(&text)?;
+    let m = covey_model::eval::evaluate(
+        &model,
+        &tokens,
+        a.seq_len,
+        8,
+        text.len() as f64 / tokens.len().max(1) as f64,
+        a.max_tokens,
+        device,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&m)?);
+    } else {
+        print_metrics("eval", &m);
+    }
+    Ok(())
+}
+
+fn generate(a: GenerateArgs, device: &Device) -> Result<()> {
+    let (model, tokenizer) = load(&a.model, a.adapter.as_deref(), device)?;
+    let cfg = SamplingConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let prompt = tokenizer.encode(&a.prompt)?;
+    let out = covey_model::generate::generate(&model, &prompt, &cfg, None, device)?;
+    println!("{}{}", a.prompt, tokenizer.decode(&out)?);
+    Ok(())
+}
+
+fn merge(a: MergeArgs, device: &Device) -> Result<()> {
+    let (model, tokenizer) = load(&a.model, Some(&a.adapter), device)?;
+    let merged = model.merge_lora();
+    checkpoint::save_model(&merged, &tokenizer, &a.out)?;
+    println!("merged model written to {}", a.out.display());
+    Ok(())
+}
+
+fn info(a: InfoArgs, device: &Device) -> Result<()> {
+    let (model, tokenizer) = load(&a.model, a.adapter.as_deref(), device)?;
+    let c = &model.config;
+    println!("model       {}", a.model.display());
+    println!("parameters  {}", c.num_params());
+    println!(
+        "shape       hidden {} · layers {} · heads {} (kv {}) · intermediate {} · vocab {} · context {}",
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings
+    );
+    println!("rope theta  {}  · tied embeddings {}", c.rope_theta, c.tie_word_embeddings);
+    println!(
+        "tokenizer   {}",
+        match tokenizer {
+            Tokenizer::Bytes => "bytes (built in)".to_string(),
+            Tokenizer::HuggingFace(_) => format!("tokenizer.json, {} entries", tokenizer.vocab_size()),
+        }
+    );
+    let size = std::fs::metadata(a.model.join(checkpoint::MODEL_FILE)).map(|m| m.len()).unwrap_or(0);
+    println!("file        {} ({:.2} MB)", checkpoint::MODEL_FILE, size as f64 / 1e6);
+    if let Some(lora) = &model.lora {
+        let n: usize = checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
+        let targets: Vec<_> = lora.targets.iter().map(|t| t.hf_name()).collect();
+        println!(
+            "adapter     rank {} · alpha {} · targets {} · FFA {} · {} parameters",
+            lora.rank,
+            lora.alpha,
+            targets.join(","),
+            lora.ffa,
+            n
+        );
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let r = covey_model::bench::lora_training(a.steps, a.warmup)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("config            {}", r.config);
+        println!("parameters        {} base, {} trainable", r.params, r.trainable);
+        println!(
+            "training          {:.0} tokens/s ({:.1} ms/step over {} steps)",
+            r.tokens_per_second, r.ms_per_step, r.steps
+        );
+        match r.peak_rss_mib {
+            Some(m) => println!("peak RSS          {m:.1} MiB"),
+            None => println!("peak RSS          not reported on this OS"),
+        }
+    }
+    Ok(())
+}
+
+fn demo(a: DemoArgs, device: &Device) -> Result<()> {
+    let base_dir = a.out.join("base");
+    let opts = PretrainOptions {
+        data: a.data.clone(),
+        out: base_dir.clone(),
+        holdout: 4,
+        model: LlamaConfig::default(),
+        train: TrainConfig {
+            steps: a.pretrain_steps,
+            batch_size: 16,
+            warmup_steps: (a.pretrain_steps / 20).max(1),
+            seed: a.seed,
+            ..TrainConfig::default()
+        },
+        eval_tokens: 100_000,
+        progress: true,
+    };
+    println!(
+        "1/2  pretraining a {}-parameter byte-level model on Shakespeare ({} steps)",
+        opts.model.num_params(),
+        opts.train.steps
+    );
+    let p = pipeline::pretrain(&opts, device)?;
+    println!("     held-out plays: {}", p.holdout.join(", "));
+    print_metrics("     held-out", &p.heldout);
+    let play = p.holdout.first().context("no play was held out")?;
+    let text = std::fs::read_to_string(a.data.join(play)).with_context(|| format!("reading {play}"))?;
+    let (speaker, _) = data::roles_by_size(&text).into_iter().next().context("the held-out play has no speeches")?;
+    let (train_text, eval_text) = role_texts(&a.data, &format!("{play}:{speaker}"))?;
+    println!("2/2  LoRA fine-tuning on the role `{speaker}` of {play} (unseen in pretraining)");
+    let f = pipeline::finetune(
+        &FinetuneOptions {
+            base: base_dir.clone(),
+            train_text,
+            eval_text,
+            lora: LoraConfig { targets: LoraTarget::ALL.to_vec(), ..LoraConfig::default() },
+            train: TrainConfig {
+                steps: a.finetune_steps,
+                batch_size: 16,
+                warmup_steps: 5,
+                seed: a.seed,
+                ..TrainConfig::default()
+            },
+            out: a.out.join("adapter"),
+            progress: true,
+        },
+        device,
+    )?;
+    print_metrics("     base", &f.base);
+    print_metrics("     tuned", &f.tuned);
+    println!(
+        "     role perplexity {:.3} → {:.3} ({:+.1}%)",
+        f.base.perplexity,
+        f.tuned.perplexity,
+        -100.0 * f.perplexity_gain()
+    );
+    let (model, tokenizer) = load(&base_dir, Some(&a.out.join("adapter")), device)?;
+    let prompt = format!("{speaker}.\n");
+    let cfg = SamplingConfig {
+        max_new_tokens: 240,
+        temperature: 0.7,
+        top_k: Some(40),
+        seed: a.seed,
+        ..SamplingConfig::default()
+    };
+    let out = covey_model::generate::generate(&model.valid(), &tokenizer.encode(&prompt)?, &cfg, None, device)?;
+    println!("\nsample:\n{prompt}{}", tokenizer.decode(&out)?);
+    println!("\nbase model in {}, adapter in {}", base_dir.display(), a.out.join("adapter").display());
+    Ok(())
+}

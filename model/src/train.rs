@@ -1,0 +1,282 @@
+//! The training loop: AdamW, linear warm-up then cosine decay, clipping by the global
+//! gradient norm, gradient accumulation, seeded batches. Works for full pretraining
+//! and for LoRA fine-tuning alike: only parameters that require gradients move.
+
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Batcher;
+use crate::error::{ModelError, Result};
+use crate::llama::Llama;
+
+/// Hyper-parameters of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps. Default 200.
+    pub steps: usize,
+    /// Sequences per micro-batch. Default 8.
+    pub batch_size: usize,
+    /// Tokens per sequence. Default 128.
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: usize,
+    /// Peak learning rate. Default 3e-3.
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak. Default 0.1.
+    pub min_lr_ratio: f64,
+    /// Linear warm-up steps. Default 20.
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay. Default 0.01.
+    pub weight_decay: f64,
+    /// Clip the global gradient L2 norm to this value; `None` disables. Default 1.0.
+    pub max_grad_norm: Option<f64>,
+    /// Seed of batch sampling (and of dropout). Default 0.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch_size: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.01,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Check that every value is possible.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+            ("grad_accum", self.grad_accum),
+        ] {
+            if v == 0 {
+                return Err(ModelError::config(field, "must be at least 1"));
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(ModelError::config("lr", format!("{} is not a positive number", self.lr)));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(ModelError::config("min_lr_ratio", format!("{} is not in [0, 1]", self.min_lr_ratio)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(ModelError::config("weight_decay", format!("{} is negative", self.weight_decay)));
+        }
+        if let Some(c) = self.max_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(ModelError::config("max_grad_norm", format!("{c} is not a positive number")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Learning rate at optimizer step `step` (0-based): linear warm-up to `lr`, then
+    /// cosine decay to `lr · min_lr_ratio` at the last step.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let min = self.lr * self.min_lr_ratio;
+        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// Mean next-token cross-entropy (nats) of `logits: [b, t, v]` against `targets: [b, t]`.
+pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * t, v]), 1);
+    logp.gather(1, targets.reshape([b * t, 1])).neg().mean()
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    sum: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = g.square().sum();
+            self.sum = Some(match self.sum.take() {
+                None => s,
+                Some(acc) => acc + s,
+            });
+        }
+    }
+}
+
+struct Rescale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Rescale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// The L2 norm of all gradients of `model` taken together.
+pub fn global_grad_norm(model: &Llama, grads: &GradientsParams) -> f64 {
+    let mut v = SquaredNorm { grads, sum: None };
+    model.visit(&mut v);
+    v.sum.map_or(0.0, |s| f64::from(s.into_scalar::<f32>()).sqrt())
+}
+
+/// Scale every gradient by `factor`.
+pub fn scale_grads(model: &Llama, grads: &mut GradientsParams, factor: f64) {
+    let mut v = Rescale { grads, factor };
+    model.visit(&mut v);
+}
+
+/// Rescale the gradients so that their global L2 norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = global_grad_norm(model, grads);
+    if norm > max_norm {
+        scale_grads(model, grads, max_norm / norm);
+    }
+    norm
+}
+
+/// What a step reports.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepStats {
+    /// 0-based optimizer step.
+    pub step: usize,
+    /// Mean loss over the step's micro-batches (nats per token).
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Summary of a training run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Per-step statistics.
+    pub steps: Vec<StepStats>,
+    /// Tokens processed.
+    pub tokens: usize,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl TrainReport {
+    /// Training throughput.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Train `model` (on an autodiff device) for `config.steps` optimizer steps over batches
+/// drawn from `batcher`. Only parameters that require gradients change.
+///
+/// `on_step` sees every step's statistics and the model; `progress` shows a bar.
+pub fn train(
+    mut model: Llama,
+    batcher: &mut Batcher,
+    config: &TrainConfig,
+    device: &Device,
+    progress: bool,
+    mut on_step: impl FnMut(&StepStats, &Llama),
+) -> Result<(Llama, TrainReport)> {
+    config.validate()?;
+    if !device.is_autodiff() {
+        return Err(ModelError::config("device", "training needs an autodiff device (Device::autodiff)"));
+    }
+    device.seed(config.seed);
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(config.weight_decay as f32)
+        .init();
+    let bar = if progress { ProgressBar::new(config.steps as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let mut stats = Vec::with_capacity(config.steps);
+    let mut tokens = 0usize;
+    for step in 0..config.steps {
+        let mut accumulator = GradientsAccumulator::<Llama>::new();
+        let mut loss_sum = 0.0f32;
+        for _ in 0..config.grad_accum {
+            let (inputs, targets) = batcher.next_batch(config.batch_size, device);
+            let loss = lm_loss(model.forward(inputs), targets);
+            let scaled = loss.clone().div_scalar(config.grad_accum as f64);
+            let grads = GradientsParams::from_grads(scaled.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            loss_sum += loss.into_scalar::<f32>();
+            tokens += config.batch_size * config.seq_len;
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = match config.max_grad_norm {
+            Some(c) => clip_global_norm(&model, &mut grads, c),
+            None => global_grad_norm(&model, &grads),
+        };
+        let lr = config.lr_at(step);
+        model = optim.step(lr, model, grads);
+        let s = StepStats { step, loss: loss_sum / config.grad_accum as f32, grad_norm, lr };
+        if !s.loss.is_finite() {
+            return Err(ModelError::config("lr", format!("training diverged at step {step} (loss {})", s.loss)));
+        }
+        bar.set_message(format!("loss {:.3}  {:.0} tok/s", s.loss, tokens as f64 / start.elapsed().as_secs_f64()));
+        bar.inc(1);
+        on_step(&s, &model);
+        stats.push(s);
+    }
+    bar.finish_and_clear();
+    Ok((model, TrainReport { steps: stats, tokens, seconds: start.elapsed().as_secs_f64() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_the_floor() {
+        let c = TrainConfig { steps: 100, warmup_steps: 10, lr: 1.0, min_lr_ratio: 0.1, ..TrainConfig::default() };
+        assert!((c.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((c.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(100) - 0.1).abs() < 1e-12);
+        let mid = c.lr_at(55);
+        assert!((mid - 0.55).abs() < 1e-9, "{mid}");
+        for s in 10..100 {
+            assert!(c.lr_at(s + 1) <= c.lr_at(s) + 1e-12);
+        }
+    }
+
+    #[test]
+    fn impossible_training_values_are_rejected() {
+        let c = TrainConfig { lr: -1.0, ..TrainConfig::default() };
+        assert!(c.validate().expect_err("negative lr").to_string().contains("lr"));
+        let c = TrainConfig { batch_size: 0, ..TrainConfig::default() };
+        assert!(c.validate().expect_err("zero batch").to_string().contains("batch_size"));
+    }
+}
