@@ -110,13 +110,13 @@ impl LlamaConfig {
                 return Err(ModelError::config(field, "must be at least 1"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::config(
                 "num_attention_heads",
                 format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ModelError::config(
                 "num_key_value_heads",
                 format!(
@@ -125,7 +125,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(ModelError::config("hidden_size", "head dimension must be even for RoPE"));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {

@@ -38,10 +38,10 @@ impl SamplingConfig {
         if self.top_k == Some(0) {
             return Err(ModelError::config("top_k", "must be at least 1"));
         }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(ModelError::config("top_p", format!("{p} is not in (0, 1]")));
-            }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(ModelError::config("top_p", format!("{p} is not in (0, 1]")));
         }
         Ok(())
     }

@@ -198,10 +198,10 @@ impl Llama {
         let start = cache.as_ref().map_or(0, |c| c.len);
         let (cos, sin) = rope_tables(&self.config, start, t, &device);
         let mut x = embedding(self.embed_tokens.val(), tokens);
-        if let Some(c) = cache.as_mut() {
-            if c.layers.len() != self.layers.len() {
-                c.layers = vec![None; self.layers.len()];
-            }
+        if let Some(c) = cache.as_mut()
+            && c.layers.len() != self.layers.len()
+        {
+            c.layers = vec![None; self.layers.len()];
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);

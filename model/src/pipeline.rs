@@ -14,7 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::eval::{EvalMetrics, evaluate};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
-use crate::train::{TrainConfig, train};
+use crate::train::{TrainConfig, TrainReport, train};
 
 /// Settings of a pretraining run.
 #[derive(Debug, Clone)]
@@ -106,7 +106,17 @@ pub fn pretrain(opts: &PretrainOptions, device: &Device) -> Result<PretrainResul
         heldout,
     };
     write_json(&opts.out.join("metrics.json"), &result)?;
+    write_train_log(&opts.out.join("train_log.csv"), &report)?;
     Ok(result)
+}
+
+/// Write per-step statistics as CSV (`step,loss,grad_norm,lr`).
+pub fn write_train_log(path: &Path, report: &TrainReport) -> Result<()> {
+    let mut csv = String::from("step,loss,grad_norm,lr\n");
+    for s in &report.steps {
+        csv.push_str(&format!("{},{},{},{}\n", s.step, s.loss, s.grad_norm, s.lr));
+    }
+    std::fs::write(path, csv).map_err(|e| ModelError::io(path, e))
 }
 
 /// Settings of a LoRA fine-tuning run.
@@ -177,6 +187,7 @@ pub fn finetune(opts: &FinetuneOptions, device: &Device) -> Result<FinetuneResul
         train_seconds: report.seconds,
     };
     write_json(&opts.out.join("metrics.json"), &result)?;
+    write_train_log(&opts.out.join("train_log.csv"), &report)?;
     Ok(result)
 }
 

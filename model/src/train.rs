@@ -79,10 +79,10 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(ModelError::config("weight_decay", format!("{} is negative", self.weight_decay)));
         }
-        if let Some(c) = self.max_grad_norm {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(ModelError::config("max_grad_norm", format!("{c} is not a positive number")));
-            }
+        if let Some(c) = self.max_grad_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(ModelError::config("max_grad_norm", format!("{c} is not a positive number")));
         }
         Ok(())
     }
