@@ -115,6 +115,9 @@ struct TrainArgs {
     /// Seed of initialisation, batches and hold-out choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Data-parallel shards of each batch, one thread each.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
 }
 
 impl TrainArgs {
@@ -131,6 +134,7 @@ impl TrainArgs {
             weight_decay: self.weight_decay,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             seed: self.seed,
+            threads: self.threads,
         }
     }
 }

@@ -279,3 +279,25 @@ fn greedy_generation_is_deterministic_and_uses_the_cache_consistently() {
         seq.push(expected);
     }
 }
+
+#[test]
+fn data_parallel_shards_give_the_same_training_as_one_thread() {
+    let device = cpu_device().autodiff();
+    let run = |threads: usize| {
+        let model = Llama::init(&LlamaConfig::tiny(), 14, &device).expect("init");
+        let mut batcher = Batcher::new(corpus(), 16, 3, Path::new("test")).expect("batcher");
+        let cfg =
+            TrainConfig { steps: 3, batch_size: 5, seq_len: 16, warmup_steps: 1, threads, ..TrainConfig::default() };
+        let (m, report) = train(model, &mut batcher, &cfg, &device, false, |_, _| {}).expect("train");
+        (checkpoint::base_tensors(&m), report.steps.iter().map(|s| s.loss).collect::<Vec<_>>())
+    };
+    let (a, la) = run(1);
+    let (b, lb) = run(2);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() < 1e-4, "losses {la:?} vs {lb:?}");
+    }
+    for (name, t) in &a {
+        let diff = t.data.iter().zip(&b[name].data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{name} differs by {diff}");
+    }
+}

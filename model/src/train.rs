@@ -38,6 +38,15 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Seed of batch sampling (and of dropout). Default 0.
     pub seed: u64,
+    /// Data-parallel shards per micro-batch, each run on its own thread with its own
+    /// autodiff graph (burn's CPU kernels are mostly single-threaded, so two shards keep
+    /// two cores busy). Default 1.
+    #[serde(default = "one")]
+    pub threads: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -53,6 +62,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             max_grad_norm: Some(1.0),
             seed: 0,
+            threads: 1,
         }
     }
 }
@@ -191,6 +201,51 @@ impl TrainReport {
     }
 }
 
+/// Loss (weighted by the shard's share of the batch) and gradients of one micro-batch,
+/// split into `config.threads` shards computed in parallel.
+fn micro_batch(
+    model: &Llama,
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<Vec<(f32, GradientsParams)>> {
+    let batch = config.batch_size;
+    let shards = config.threads.min(batch).max(1);
+    let run = |m: &Llama, x: Tensor<2, Int>, y: Tensor<2, Int>, weight: f64| {
+        let loss = lm_loss(m.forward(x), y);
+        let scaled = loss.clone().mul_scalar(weight / config.grad_accum as f64);
+        let grads = GradientsParams::from_grads(scaled.backward(), m);
+        (loss.into_scalar::<f32>() * weight as f32, grads)
+    };
+    if shards == 1 {
+        return Ok(vec![run(model, inputs, targets, 1.0)]);
+    }
+    let mut parts = Vec::with_capacity(shards);
+    let mut start = 0;
+    for s in 0..shards {
+        let rows = batch / shards + usize::from(s < batch % shards);
+        parts.push((inputs.clone().narrow(0, start, rows), targets.clone().narrow(0, start, rows), rows));
+        start += rows;
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|(x, y, rows)| {
+                // A fork has its own autodiff graph and keeps the parameter ids, so the
+                // shards' gradients add up by id.
+                let m = model.clone().fork(device);
+                let run = &run;
+                scope.spawn(move || run(&m, x, y, rows as f64 / batch as f64))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| ModelError::config("threads", "a training thread panicked")))
+            .collect()
+    })
+}
+
 /// Train `model` (on an autodiff device) for `config.steps` optimizer steps over batches
 /// drawn from `batcher`. Only parameters that require gradients change.
 ///
@@ -227,11 +282,10 @@ pub fn train(
         let mut loss_sum = 0.0f32;
         for _ in 0..config.grad_accum {
             let (inputs, targets) = batcher.next_batch(config.batch_size, device);
-            let loss = lm_loss(model.forward(inputs), targets);
-            let scaled = loss.clone().div_scalar(config.grad_accum as f64);
-            let grads = GradientsParams::from_grads(scaled.backward(), &model);
-            accumulator.accumulate(&model, grads);
-            loss_sum += loss.into_scalar::<f32>();
+            for (loss, grads) in micro_batch(&model, inputs, targets, config, device)? {
+                accumulator.accumulate(&model, grads);
+                loss_sum += loss;
+            }
             tokens += config.batch_size * config.seq_len;
         }
         let mut grads = accumulator.grads();
