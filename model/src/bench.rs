@@ -39,8 +39,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// LoRA fine-tuning of the fixed configuration: hidden 256, 4 layers, 4 heads,
 /// intermediate 688, byte vocabulary, sequence 128, batch 8, LoRA rank 8 on q and v,
-/// base frozen, AdamW. `warmup` steps are run before `steps` timed ones.
-pub fn lora_training(steps: usize, warmup: usize) -> Result<BenchReport> {
+/// base frozen, AdamW. `warmup` steps are run before `steps` timed ones; each batch
+/// is split over `threads` data-parallel shards.
+pub fn lora_training(steps: usize, warmup: usize, threads: usize) -> Result<BenchReport> {
     let device = crate::cpu_device().autodiff();
     let config = LlamaConfig::default();
     let lora =
@@ -50,8 +51,14 @@ pub fn lora_training(steps: usize, warmup: usize) -> Result<BenchReport> {
     // Deterministic pseudo-text: the speed does not depend on the bytes.
     let tokens: Vec<u32> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) % 256).collect();
     let mut batcher = Batcher::new(tokens, 128, 0, std::path::Path::new("bench"))?;
-    let tc =
-        TrainConfig { steps: warmup.max(1), batch_size: 8, seq_len: 128, warmup_steps: 1, ..TrainConfig::default() };
+    let tc = TrainConfig {
+        steps: warmup.max(1),
+        batch_size: 8,
+        seq_len: 128,
+        warmup_steps: 1,
+        threads,
+        ..TrainConfig::default()
+    };
     let device2 = device.clone();
     let (model, _) = train(model, &mut batcher, &tc, &device2, false, |_, _| {})?;
     let tc = TrainConfig { steps, ..tc };
@@ -59,8 +66,9 @@ pub fn lora_training(steps: usize, warmup: usize) -> Result<BenchReport> {
     let (_, report) = train(model, &mut batcher, &tc, &device, false, |_, _| {})?;
     let secs = start.elapsed().as_secs_f64();
     Ok(BenchReport {
-        config: "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW"
-            .into(),
+        config: format!(
+            "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s)"
+        ),
         params: config.num_params(),
         trainable,
         steps,

@@ -53,7 +53,7 @@ enum Command {
 #[derive(Args, Clone)]
 struct ModelShape {
     /// Width of the residual stream.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 192)]
     hidden: usize,
     /// Decoder layers.
     #[arg(long, default_value_t = 4)]
@@ -65,7 +65,7 @@ struct ModelShape {
     #[arg(long, default_value_t = 4)]
     kv_heads: usize,
     /// SwiGLU width.
-    #[arg(long, default_value_t = 688)]
+    #[arg(long, default_value_t = 512)]
     intermediate: usize,
     /// Context length.
     #[arg(long, default_value_t = 512)]
@@ -310,6 +310,9 @@ struct BenchArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Data-parallel shards of each batch, one thread each.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -324,7 +327,7 @@ struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     /// Pretraining steps (batch 16 × 128 bytes).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 400)]
     pretrain_steps: usize,
     /// Fine-tuning steps.
     #[arg(long, default_value_t = 60)]
@@ -381,7 +384,7 @@ fn pretrain(a: PretrainArgs, device: &Device) -> Result<()> {
         out: a.out.clone(),
         holdout: a.holdout,
         model: a.shape.config(),
-        train: a.train.config(2000, 3e-3),
+        train: a.train.config(1400, 3e-3),
         eval_tokens: a.eval_tokens,
         progress: true,
     };
@@ -549,7 +552,7 @@ fn info(a: InfoArgs, device: &Device) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let r = covey_model::bench::lora_training(a.steps, a.warmup)?;
+    let r = covey_model::bench::lora_training(a.steps, a.warmup, a.threads)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -573,12 +576,13 @@ fn demo(a: DemoArgs, device: &Device) -> Result<()> {
         data: a.data.clone(),
         out: base_dir.clone(),
         holdout: 4,
-        model: LlamaConfig::default(),
+        model: LlamaConfig { hidden_size: 192, intermediate_size: 512, ..LlamaConfig::default() },
         train: TrainConfig {
             steps: a.pretrain_steps,
             batch_size: 16,
             warmup_steps: (a.pretrain_steps / 20).max(1),
             seed: a.seed,
+            threads: 2,
             ..TrainConfig::default()
         },
         eval_tokens: 100_000,
@@ -608,6 +612,7 @@ fn demo(a: DemoArgs, device: &Device) -> Result<()> {
                 batch_size: 16,
                 warmup_steps: 5,
                 seed: a.seed,
+                threads: 2,
                 ..TrainConfig::default()
             },
             out: a.out.join("adapter"),

@@ -38,7 +38,7 @@ pub fn update_noise_multiplier(total: f64, count_noise_std: f64) -> Result<f64> 
         return Err(PrivacyError::param("noise_multiplier", total, "must be finite and > 0"));
     }
     let rest = total.powi(-2) - (2.0 * count_noise_std).powi(-2);
-    if !(count_noise_std > 0.0) || rest <= 0.0 {
+    if count_noise_std.is_nan() || count_noise_std <= 0.0 || rest <= 0.0 {
         return Err(PrivacyError::param(
             "count_noise_std",
             count_noise_std,

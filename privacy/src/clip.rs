@@ -163,15 +163,15 @@ mod tests {
 
     #[test]
     fn per_example_clipping_bounds_each_contribution() {
-        let big = vec![3.0f32, 4.0]; // norm 5
-        let small = vec![0.3f32, 0.4]; // norm 0.5
+        let big = [3.0f32, 4.0]; // norm 5
+        let small = [0.3f32, 0.4]; // norm 0.5
         let c = ClipNorm::new(1.0).expect("c");
         let out = clip_per_example([&big[..], &small[..]], c).expect("clip");
         assert_eq!(out.examples(), 2);
         assert!((out.values()[0] - (0.6 + 0.3)).abs() < 1e-6);
         assert!((out.values()[1] - (0.8 + 0.4)).abs() < 1e-6);
         assert_eq!(out.original_norm(), 5.0);
-        let bad = vec![1.0f32];
+        let bad = [1.0f32];
         assert!(matches!(
             clip_per_example([&big[..], &bad[..]], c),
             Err(PrivacyError::LengthMismatch { index: 1, .. })

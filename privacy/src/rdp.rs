@@ -92,7 +92,7 @@ fn check_q_sigma(q: f64, noise_multiplier: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&q) {
         return Err(PrivacyError::param("sampling_rate", q, "must be in [0, 1]"));
     }
-    if !(noise_multiplier >= 0.0) {
+    if noise_multiplier.is_nan() || noise_multiplier < 0.0 {
         return Err(PrivacyError::param("noise_multiplier", noise_multiplier, "must be >= 0"));
     }
     Ok(())
@@ -143,7 +143,7 @@ pub fn epsilon_from_rdp(orders: &[f64], rdp: &[f64], delta: f64) -> Result<(f64,
 
 /// The smallest δ over the orders for a given ε, and the order that attains it.
 pub fn delta_from_rdp(orders: &[f64], rdp: &[f64], epsilon: f64) -> Result<(f64, f64)> {
-    if !(epsilon >= 0.0) {
+    if epsilon.is_nan() || epsilon < 0.0 {
         return Err(PrivacyError::param("epsilon", epsilon, "must be >= 0"));
     }
     let mut best = (f64::INFINITY, orders.first().copied().unwrap_or(0.0));
