@@ -301,3 +301,34 @@ fn data_parallel_shards_give_the_same_training_as_one_thread() {
         assert!(diff < 1e-4, "{name} differs by {diff}");
     }
 }
+
+/// Runs on wgpu when built with `--features gpu` and `COVEY_GPU_TESTS=1` is set (a
+/// machine with a Vulkan/Metal/DX12 adapter, or Mesa's lavapipe); skipped otherwise.
+#[cfg(feature = "gpu")]
+#[test]
+fn gpu_forward_and_lora_training_match_the_cpu() {
+    if std::env::var_os("COVEY_GPU_TESTS").is_none() {
+        eprintln!("skipped: set COVEY_GPU_TESTS=1 to run the wgpu test");
+        return;
+    }
+    let cpu = cpu_device();
+    let gpu = crate::gpu_device();
+    let model = Llama::init(&LlamaConfig::tiny(), 15, &cpu).expect("init");
+    let dir = tempfile::tempdir().expect("tempdir");
+    checkpoint::save_model(&model, &Tokenizer::Bytes, dir.path()).expect("save");
+    let on_gpu = checkpoint::load_model(dir.path(), &gpu).expect("load on gpu");
+    let seq: Vec<i64> = (0..20).map(|i| (i * 13 % 256) as i64).collect();
+    let x_cpu = Tensor::<2, Int>::from_data(TensorData::new(seq.clone(), [1, 20]), &cpu);
+    let x_gpu = Tensor::<2, Int>::from_data(TensorData::new(seq, [1, 20]), &gpu);
+    let diff = max_abs_diff(&host(model.forward(x_cpu)), &host(on_gpu.forward(x_gpu)));
+    assert!(diff < 1e-3, "gpu logits differ by {diff}");
+    // A few LoRA steps on the GPU move only the adapters.
+    let ad = gpu.autodiff();
+    let m = checkpoint::load_model(dir.path(), &ad).expect("load").with_lora(&all_lora(), &ad).expect("lora");
+    let before = checkpoint::base_tensors(&m);
+    let mut batcher = Batcher::new(corpus(), 16, 1, Path::new("test")).expect("batcher");
+    let cfg = TrainConfig { steps: 3, batch_size: 2, seq_len: 16, warmup_steps: 1, ..TrainConfig::default() };
+    let (m, report) = train(m, &mut batcher, &cfg, &ad, false, |_, _| {}).expect("train");
+    assert!(report.steps.iter().all(|s| s.loss.is_finite()));
+    assert_eq!(checkpoint::base_tensors(&m), before);
+}
