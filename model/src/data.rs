@@ -27,11 +27,13 @@ pub fn load_corpus(path: &Path) -> Result<Vec<Document>> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     let mut docs = Vec::new();
     if meta.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| ModelError::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl")))
-            .collect();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(|e| ModelError::io(path, e))? {
+            let p = entry.map_err(|e| ModelError::io(path, e))?.path();
+            if matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl")) {
+                files.push(p);
+            }
+        }
         files.sort();
         for file in files {
             load_file(&file, &mut docs)?;

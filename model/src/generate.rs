@@ -121,7 +121,11 @@ pub fn generate(
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
         let logits = model.forward_cached(tokens, &mut cache);
         let last = logits.narrow(1, n - 1, 1).reshape([vocab]);
-        let row = last.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        let row = last
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| ModelError::config("logits", format!("cannot read the logits back: {e:?}")))?;
         let tok = sample(&row, cfg, &mut rng);
         out.push(tok);
         if Some(tok) == stop {
