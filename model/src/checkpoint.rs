@@ -8,11 +8,12 @@
 //!   `lora_B.weight`, `[out, r]`), `adapter_config.json` as PEFT writes it, and
 //!   `covey_lora.json` with what PEFT has no key for (FFA-LoRA, seed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
+use covey_tensors::TensorError;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LlamaConfig, LoraConfig, LoraTarget};
@@ -32,47 +33,22 @@ pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 /// Covey's extra adapter settings.
 pub const COVEY_LORA_FILE: &str = "covey_lora.json";
 
-/// A tensor on the host: shape and row-major f32 values.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// Dimensions.
-    pub shape: Vec<usize>,
-    /// Row-major values.
-    pub data: Vec<f32>,
+pub use covey_tensors::{HostTensor, NamedTensors};
+
+/// The values of a device tensor, read back to the host.
+pub fn host_tensor<const D: usize>(t: Tensor<D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+    HostTensor { shape, data }
 }
 
-impl HostTensor {
-    /// The tensor's values read back from a device tensor.
-    pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
-        let shape = t.dims().to_vec();
-        let data = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-        Self { shape, data }
-    }
-
-    /// The transpose of a 2-D tensor.
-    pub fn transposed(&self) -> Self {
-        let (r, c) = (self.shape[0], self.shape[1]);
-        let mut data = vec![0.0; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                data[j * r + i] = self.data[i * c + j];
-            }
-        }
-        Self { shape: vec![c, r], data }
-    }
-
-    /// L2 norm of the values.
-    pub fn l2_norm(&self) -> f64 {
-        self.data.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
-    }
-
-    fn to_tensor<const D: usize>(&self, device: &Device) -> Tensor<D> {
-        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
-    }
+/// A host tensor on `device`.
+///
+/// # Panics
+/// If `h.shape` does not have `D` dimensions.
+pub fn device_tensor<const D: usize>(h: &HostTensor, device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(h.data.clone(), h.shape.clone()), device)
 }
-
-/// Named host tensors, sorted by name.
-pub type NamedTensors = BTreeMap<String, HostTensor>;
 
 fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}")
@@ -81,19 +57,19 @@ fn layer_prefix(i: usize) -> String {
 /// The base weights under Hugging Face Llama names and layout. Adapters are not included.
 pub fn base_tensors(model: &Llama) -> NamedTensors {
     let mut out = NamedTensors::new();
-    out.insert("model.embed_tokens.weight".into(), HostTensor::from_tensor(model.embed_tokens.val()));
+    out.insert("model.embed_tokens.weight".into(), host_tensor(model.embed_tokens.val()));
     for (i, layer) in model.layers.iter().enumerate() {
         let p = layer_prefix(i);
-        out.insert(format!("{p}.input_layernorm.weight"), HostTensor::from_tensor(layer.attn_norm.val()));
-        out.insert(format!("{p}.post_attention_layernorm.weight"), HostTensor::from_tensor(layer.mlp_norm.val()));
+        out.insert(format!("{p}.input_layernorm.weight"), host_tensor(layer.attn_norm.val()));
+        out.insert(format!("{p}.post_attention_layernorm.weight"), host_tensor(layer.mlp_norm.val()));
         for t in LoraTarget::ALL {
-            let w = HostTensor::from_tensor(layer.proj(t).weight.val()).transposed();
+            let w = host_tensor(layer.proj(t).weight.val()).transposed();
             out.insert(format!("{p}.{}.weight", t.hf_path()), w);
         }
     }
-    out.insert("model.norm.weight".into(), HostTensor::from_tensor(model.norm.val()));
+    out.insert("model.norm.weight".into(), host_tensor(model.norm.val()));
     if let Some(head) = &model.lm_head {
-        out.insert("lm_head.weight".into(), HostTensor::from_tensor(head.val()).transposed());
+        out.insert("lm_head.weight".into(), host_tensor(head.val()).transposed());
     }
     out
 }
@@ -110,8 +86,8 @@ pub fn adapter_tensors(model: &Llama) -> Result<NamedTensors> {
     for (i, layer) in model.layers.iter().enumerate() {
         for &t in &lora.targets {
             if let Some(ad) = &layer.proj(t).lora {
-                out.insert(peft_name(i, t, 'A'), HostTensor::from_tensor(ad.a.val()).transposed());
-                out.insert(peft_name(i, t, 'B'), HostTensor::from_tensor(ad.b.val()).transposed());
+                out.insert(peft_name(i, t, 'A'), host_tensor(ad.a.val()).transposed());
+                out.insert(peft_name(i, t, 'B'), host_tensor(ad.b.val()).transposed());
             }
         }
     }
@@ -130,14 +106,25 @@ pub fn load_adapter_tensors(mut model: Llama, tensors: &NamedTensors, source: &P
             let Some(ad) = proj.lora.as_mut() else { continue };
             let a = take(tensors, &peft_name(i, t, 'A'), &[lora.rank, d_in], source)?.transposed();
             let b = take(tensors, &peft_name(i, t, 'B'), &[d_out, lora.rank], source)?.transposed();
-            ad.a = Param::from_tensor(a.to_tensor::<2>(&device)).set_require_grad(!lora.ffa);
-            ad.b = Param::from_tensor(b.to_tensor::<2>(&device));
+            ad.a = Param::from_tensor(device_tensor::<2>(&a, &device)).set_require_grad(!lora.ffa);
+            ad.b = Param::from_tensor(device_tensor::<2>(&b, &device));
         }
     }
     Ok(model)
 }
 
 fn take(tensors: &NamedTensors, name: &str, shape: &[usize], source: &Path) -> Result<HostTensor> {
+    checked(tensors, name, shape, source).cloned()
+}
+
+/// The tensor `name` of `tensors`, checked to be present, of shape `shape` and finite;
+/// errors name `source` and the tensor.
+pub(crate) fn checked<'a>(
+    tensors: &'a NamedTensors,
+    name: &str,
+    shape: &[usize],
+    source: &Path,
+) -> Result<&'a HostTensor> {
     let t = tensors
         .get(name)
         .ok_or_else(|| ModelError::MissingTensor { path: source.to_owned(), name: name.to_owned() })?;
@@ -152,70 +139,35 @@ fn take(tensors: &NamedTensors, name: &str, shape: &[usize], source: &Path) -> R
     if t.data.iter().any(|x| !x.is_finite()) {
         return Err(ModelError::NonFinite { path: source.to_owned(), name: name.to_owned() });
     }
-    Ok(t.clone())
+    Ok(t)
 }
 
 /// Write named tensors as an f32 safetensors file with optional string metadata.
 pub fn write_safetensors(path: &Path, tensors: &NamedTensors, metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| ModelError::Safetensors { path: path.to_owned(), reason: e.to_string() })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| ModelError::Safetensors { path: path.to_owned(), reason: e.to_string() })
+    let bytes = covey_tensors::encode(tensors, metadata).map_err(|e| tensor_error(path, e))?;
+    std::fs::write(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
-/// Read every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
+/// Read every tensor of a safetensors file as f32. F32, F16 and BF16 tensors are accepted,
+/// and so are int8 model files written by [`covey_tensors::quant::encode_int8`], which are
+/// dequantized transparently.
 pub fn read_safetensors(path: &Path) -> Result<NamedTensors> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| ModelError::Safetensors { path: path.to_owned(), reason: e.to_string() })?;
-    let mut out = NamedTensors::new();
-    for (name, view) in st.tensors() {
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => {
-                raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            }
-            safetensors::Dtype::BF16 => {
-                raw.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect()
-            }
-            safetensors::Dtype::F16 => {
-                raw.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
-            }
-            other => {
-                return Err(ModelError::UnsupportedDtype { path: path.to_owned(), name, dtype: format!("{other:?}") });
-            }
-        };
-        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
-    }
-    Ok(out)
+    let (tensors, _) = covey_tensors::quant::decode_model(&bytes).map_err(|e| tensor_error(path, e))?;
+    Ok(tensors)
 }
 
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // Subnormal: renormalise.
-            let shift = f.leading_zeros() - 21;
-            let f = (f << shift) & 0x3ff;
-            sign | ((127 - 15 + 1 - shift) << 23) | (f << 13)
-        }
-        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
+/// A `covey-tensors` error as a [`ModelError`] naming `path`.
+pub(crate) fn tensor_error(path: &Path, e: TensorError) -> ModelError {
+    let path = path.to_owned();
+    match e {
+        TensorError::Safetensors(reason) => ModelError::Safetensors { path, reason },
+        TensorError::UnsupportedDtype { name, dtype } => ModelError::UnsupportedDtype { path, name, dtype },
+        TensorError::Missing(name) => ModelError::MissingTensor { path, name },
+        TensorError::Shape { name, expected, found } => ModelError::ShapeMismatch { path, name, expected, found },
+        TensorError::NonFinite(name) => ModelError::NonFinite { path, name },
+        e @ TensorError::ShapeData { .. } => ModelError::Safetensors { path, reason: e.to_string() },
+    }
 }
 
 /// Save the base model (adapters excluded) into `dir`, with its config and tokenizer.
@@ -241,12 +193,12 @@ pub fn from_base_tensors(config: &LlamaConfig, t: &NamedTensors, source: &Path, 
     config.validate()?;
     let h = config.hidden_size;
     let param1 = |name: &str, n: usize| -> Result<Param<Tensor<1>>> {
-        Ok(Param::from_tensor(take(t, name, &[n], source)?.to_tensor::<1>(device)))
+        Ok(Param::from_tensor(device_tensor::<1>(&take(t, name, &[n], source)?, device)))
     };
     let param2 = |name: &str, shape: [usize; 2], transpose: bool| -> Result<Param<Tensor<2>>> {
         let x = take(t, name, &shape, source)?;
         let x = if transpose { x.transposed() } else { x };
-        Ok(Param::from_tensor(x.to_tensor::<2>(device)))
+        Ok(Param::from_tensor(device_tensor::<2>(&x, device)))
     };
     let proj = |p: &str, tgt: LoraTarget| -> Result<LoraLinear> {
         let (d_in, d_out) = tgt.dims(config);

@@ -176,6 +176,16 @@ impl Batcher {
         Ok(Self { tokens, seq_len, rng: ChaCha8Rng::seed_from_u64(seed) })
     }
 
+    /// Advance the sampler past `batches` batches of `batch` sequences without building
+    /// them: the next batch is the one [`Batcher::next_batch`] would have returned after
+    /// as many calls. Used to resume an interrupted run on the same data.
+    pub fn skip(&mut self, batches: usize, batch: usize) {
+        let last = self.tokens.len() - self.seq_len - 1;
+        for _ in 0..batches * batch {
+            let _: usize = self.rng.random_range(0..=last);
+        }
+    }
+
     /// Inputs and targets `[batch, seq_len]`.
     pub fn next_batch(&mut self, batch: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
         let n = self.seq_len;
@@ -232,6 +242,22 @@ mod tests {
         assert!(err.contains("empty.txt") && err.contains("corpus is empty"), "{err}");
         let err = Batcher::new(vec![1, 2], 8, 0, &path).expect_err("short").to_string();
         assert!(err.contains("needs at least 9 tokens"), "{err}");
+    }
+
+    #[test]
+    fn skipping_batches_lands_on_the_same_batch() {
+        let device = crate::cpu_device();
+        let tokens: Vec<u32> = (0..500).map(|i| i % 251).collect();
+        let mut a = Batcher::new(tokens.clone(), 8, 5, Path::new("t")).expect("batcher");
+        let mut b = Batcher::new(tokens, 8, 5, Path::new("t")).expect("batcher");
+        for _ in 0..3 {
+            a.next_batch(4, &device);
+        }
+        b.skip(3, 4);
+        let (xa, ya) = a.next_batch(4, &device);
+        let (xb, yb) = b.next_batch(4, &device);
+        assert_eq!(xa.into_data(), xb.into_data());
+        assert_eq!(ya.into_data(), yb.into_data());
     }
 
     #[test]

@@ -28,7 +28,8 @@
 //!   default; the CPU backend is burn's `flex`.
 //!
 //! Architecture invariant: this crate knows nothing of gRPC, differential privacy or
-//! federation. It exposes plain host tensors ([`NamedTensors`]) for those layers.
+//! aggregation. It exposes plain host tensors ([`NamedTensors`], from `covey-tensors`)
+//! for those layers; [`federated`] runs one client's local FFA-LoRA round on them.
 
 pub mod bench;
 pub mod checkpoint;
@@ -36,6 +37,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod federated;
 pub mod generate;
 mod init;
 pub mod llama;
@@ -48,6 +50,9 @@ pub use checkpoint::{HostTensor, NamedTensors};
 pub use config::{LlamaConfig, LoraConfig, LoraTarget};
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;
+pub use federated::{
+    Checkpoint, LocalResult, LocalTrainSpec, Resume, evaluate_texts, random_lora_a, train_local_adapter,
+};
 pub use generate::SamplingConfig;
 pub use llama::{KvCache, Llama};
 pub use tokenizer::Tokenizer;

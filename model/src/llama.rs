@@ -159,7 +159,7 @@ impl Llama {
         let mut model = self.no_grad();
         for (i, layer) in model.layers.iter_mut().enumerate() {
             for &target in &lora.targets {
-                let stream = (i as u64) * 16 + target as u64;
+                let stream = crate::lora::lora_stream(i, target);
                 let proj = layer.proj_mut(target);
                 let owned = std::mem::replace(proj, LoraLinear { weight: proj.weight.clone(), lora: None });
                 *proj = owned.attach(lora, stream, device);

@@ -14,8 +14,21 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::LoraConfig;
+use crate::config::{LoraConfig, LoraTarget};
 use crate::init::uniform;
+
+/// The random stream of the adapter on `target` of decoder layer `layer`.
+pub(crate) fn lora_stream(layer: usize, target: LoraTarget) -> u64 {
+    (layer as u64) * 16 + target as u64
+}
+
+/// The seeded initial `A: [d_in, r]` (row-major) of the adapter on `stream`: uniform in
+/// ±1/√d_in from a ChaCha8 stream seeded by `config.seed`.
+pub(crate) fn initial_a(config: &LoraConfig, stream: u64, d_in: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    rng.set_stream(stream);
+    uniform(&mut rng, d_in * config.rank, 1.0 / (d_in as f32).sqrt())
+}
 
 /// `y = x·W (+ scale · dropout(x)·A·B)` with `W: [d_in, d_out]`, `A: [d_in, r]`, `B: [r, d_out]`.
 ///
@@ -72,10 +85,7 @@ impl LoraLinear {
     pub fn attach(mut self, config: &LoraConfig, stream: u64, device: &Device) -> Self {
         let (d_in, d_out) = self.dims();
         let r = config.rank;
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        rng.set_stream(stream);
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let a = uniform(&mut rng, d_in * r, bound);
+        let a = initial_a(config, stream, d_in);
         let a = Param::from_data(TensorData::new(a, [d_in, r]), device).set_require_grad(!config.ffa);
         let b = Param::from_data(TensorData::new(vec![0.0f32; r * d_out], [r, d_out]), device);
         self.lora =

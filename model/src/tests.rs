@@ -191,6 +191,28 @@ fn base_checkpoint_round_trips_exactly() {
 }
 
 #[test]
+fn int8_quantized_model_file_loads_close_to_the_f32_model() {
+    let device = cpu_device();
+    let config = LlamaConfig { tie_word_embeddings: false, ..LlamaConfig::tiny() };
+    let model = Llama::init(&config, 16, &device).expect("init");
+    let dir = tempfile::tempdir().expect("tempdir");
+    checkpoint::save_model(&model, &Tokenizer::Bytes, dir.path()).expect("save");
+    let bytes = covey_tensors::quant::encode_int8(&checkpoint::base_tensors(&model), Default::default()).expect("int8");
+    let path = dir.path().join(checkpoint::MODEL_FILE);
+    assert!(bytes.len() < std::fs::metadata(&path).expect("size").len() as usize / 2);
+    std::fs::write(&path, bytes).expect("write");
+    let loaded = checkpoint::load_model(dir.path(), &device).expect("load int8");
+    let x = tokens(&[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]);
+    let (q, f) = (host(loaded.forward(x.clone())), host(model.forward(x)));
+    let diff = max_abs_diff(&q, &f);
+    assert!(diff > 0.0, "int8 logits are bit-identical to f32: not quantized?");
+    assert!(diff < 5e-2, "int8 logits differ by {diff}");
+    // Norms stay f32.
+    let t = checkpoint::read_safetensors(&path).expect("read");
+    assert_eq!(t["model.norm.weight"], checkpoint::base_tensors(&model)["model.norm.weight"]);
+}
+
+#[test]
 fn peft_adapter_round_trips_exactly() {
     let device = cpu_device().autodiff();
     let base = Llama::init(&LlamaConfig::tiny(), 10, &device).expect("init");

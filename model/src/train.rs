@@ -201,6 +201,38 @@ impl TrainReport {
     }
 }
 
+/// Where a training run starts and what it adds to the loss, beyond [`TrainConfig`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LoopOptions {
+    /// First optimizer step to run (0-based); the learning-rate schedule continues from
+    /// it. The batcher must already be positioned there.
+    pub start_step: usize,
+    /// FedProx coefficient on the LoRA `B` factors: `(mu / 2) · Σ ||B||²` is added to the
+    /// objective (not to the reported loss). 0 disables.
+    pub proximal_mu: f64,
+}
+
+/// `(mu / 2) · Σ ||B||²` over every LoRA `B` factor of `model`; `None` when `mu` is 0 or
+/// the model has no adapters.
+fn proximal_term(model: &Llama, mu: f64) -> Option<Tensor<1>> {
+    if mu <= 0.0 {
+        return None;
+    }
+    let mut sum: Option<Tensor<1>> = None;
+    for layer in &model.layers {
+        for t in crate::config::LoraTarget::ALL {
+            if let Some(ad) = &layer.proj(t).lora {
+                let s = ad.b.val().square().sum();
+                sum = Some(match sum.take() {
+                    None => s,
+                    Some(acc) => acc + s,
+                });
+            }
+        }
+    }
+    sum.map(|s| s.mul_scalar(mu / 2.0))
+}
+
 /// Loss (weighted by the shard's share of the batch) and gradients of one micro-batch,
 /// split into `config.threads` shards computed in parallel.
 fn micro_batch(
@@ -208,13 +240,20 @@ fn micro_batch(
     inputs: Tensor<2, Int>,
     targets: Tensor<2, Int>,
     config: &TrainConfig,
+    proximal_mu: f64,
     device: &Device,
 ) -> Result<Vec<(f32, GradientsParams)>> {
     let batch = config.batch_size;
     let shards = config.threads.min(batch).max(1);
     let run = |m: &Llama, x: Tensor<2, Int>, y: Tensor<2, Int>, weight: f64| {
         let loss = lm_loss(m.forward(x), y);
-        let scaled = loss.clone().mul_scalar(weight / config.grad_accum as f64);
+        // Shards weigh `rows / batch` and micro-batches `1 / grad_accum`: the proximal
+        // term, added to every shard's objective, counts once per optimizer step.
+        let objective = match proximal_term(m, proximal_mu) {
+            Some(p) => loss.clone() + p,
+            None => loss.clone(),
+        };
+        let scaled = objective.mul_scalar(weight / config.grad_accum as f64);
         let grads = GradientsParams::from_grads(scaled.backward(), m);
         (loss.into_scalar::<f32>() * weight as f32, grads)
     };
@@ -251,14 +290,37 @@ fn micro_batch(
 ///
 /// `on_step` sees every step's statistics and the model; `progress` shows a bar.
 pub fn train(
+    model: Llama,
+    batcher: &mut Batcher,
+    config: &TrainConfig,
+    device: &Device,
+    progress: bool,
+    on_step: impl FnMut(&StepStats, &Llama),
+) -> Result<(Llama, TrainReport)> {
+    train_with(model, batcher, config, &LoopOptions::default(), device, progress, on_step)
+}
+
+/// [`train`] from `options.start_step` (steps `start_step..config.steps`), with an
+/// optional proximal term on the LoRA `B` factors.
+pub(crate) fn train_with(
     mut model: Llama,
     batcher: &mut Batcher,
     config: &TrainConfig,
+    options: &LoopOptions,
     device: &Device,
     progress: bool,
     mut on_step: impl FnMut(&StepStats, &Llama),
 ) -> Result<(Llama, TrainReport)> {
     config.validate()?;
+    if options.start_step >= config.steps {
+        return Err(ModelError::config(
+            "steps",
+            format!("start step {} leaves nothing of {} steps to train", options.start_step, config.steps),
+        ));
+    }
+    if !(options.proximal_mu.is_finite() && options.proximal_mu >= 0.0) {
+        return Err(ModelError::config("proximal_mu", format!("{} is not a number >= 0", options.proximal_mu)));
+    }
     if !device.is_autodiff() {
         return Err(ModelError::config("device", "training needs an autodiff device (Device::autodiff)"));
     }
@@ -269,20 +331,21 @@ pub fn train(
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
         .init();
-    let bar = if progress { ProgressBar::new(config.steps as u64) } else { ProgressBar::hidden() };
+    let bar =
+        if progress { ProgressBar::new((config.steps - options.start_step) as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    let mut stats = Vec::with_capacity(config.steps);
+    let mut stats = Vec::with_capacity(config.steps - options.start_step);
     let mut tokens = 0usize;
-    for step in 0..config.steps {
+    for step in options.start_step..config.steps {
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut loss_sum = 0.0f32;
         for _ in 0..config.grad_accum {
             let (inputs, targets) = batcher.next_batch(config.batch_size, device);
-            for (loss, grads) in micro_batch(&model, inputs, targets, config, device)? {
+            for (loss, grads) in micro_batch(&model, inputs, targets, config, options.proximal_mu, device)? {
                 accumulator.accumulate(&model, grads);
                 loss_sum += loss;
             }

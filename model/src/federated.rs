@@ -1,0 +1,628 @@
+//! One client round of federated FFA-LoRA fine-tuning, and held-out evaluation, on plain
+//! host tensors: what a device agent calls.
+//!
+//! Protocol (FFA-LoRA): the coordinator issues the LoRA `A` factors under PEFT names
+//! (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, `[r, in]`),
+//! identical for every client. `A` stays frozen; the client trains only `B`, starting at
+//! zero, and uploads `B` (`lora_B` names, `[out, r]`). Since every client shares the same
+//! frozen `A`, averaging the clients' `B` averages their updates `scale · B · A` exactly.
+//!
+//! The base model comes as Hugging Face-named tensors ([`checkpoint::from_base_tensors`]);
+//! the update folds into it with [`covey_tensors::lora::merge`] at scale `alpha / rank`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, HostTensor, NamedTensors, host_tensor, peft_name};
+use crate::config::{LlamaConfig, LoraConfig, LoraTarget};
+use crate::data::Batcher;
+use crate::error::{ModelError, Result};
+use crate::eval::{EvalMetrics, evaluate};
+use crate::llama::Llama;
+use crate::lora::{initial_a, lora_stream};
+use crate::tokenizer::Tokenizer;
+use crate::train::{LoopOptions, TrainConfig, train_with};
+
+/// Source named in errors about the base tensors.
+const BASE_SOURCE: &str = "base tensors";
+/// Source named in errors about the coordinator's `A` factors.
+const A_SOURCE: &str = "LoRA A tensors";
+/// Source named in errors about the `B` factors given to resume from.
+const B_SOURCE: &str = "LoRA B tensors";
+/// Source named in errors about the local corpus.
+const CORPUS_SOURCE: &str = "local corpus";
+/// Source named in errors about evaluation texts.
+const EVAL_SOURCE: &str = "evaluation texts";
+/// Windows scored together by [`evaluate_texts`].
+const EVAL_BATCH: usize = 8;
+
+/// What one client trains in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalTrainSpec {
+    /// Rank, alpha, targets and dropout of the adapters. `ffa` is forced to true and
+    /// `seed` is unused: `A` comes from the coordinator.
+    pub lora: LoraConfig,
+    /// Local training hyper-parameters (steps, batch, sequence length, learning rate,
+    /// seed of batch sampling and dropout...).
+    pub train: TrainConfig,
+    /// FedProx coefficient: `(mu / 2) · Σ ||B||²` is added to the training objective (the
+    /// proximal centre is `B = 0`, where every round starts). Not included in the reported
+    /// losses. Default 0 (plain FedAvg).
+    #[serde(default)]
+    pub proximal_mu: f64,
+    /// Emit a [`Checkpoint`] every this many optimizer steps; 0 never. Default 10.
+    #[serde(default = "ten")]
+    pub checkpoint_every: usize,
+}
+
+fn ten() -> usize {
+    10
+}
+
+impl Default for LocalTrainSpec {
+    fn default() -> Self {
+        Self {
+            lora: LoraConfig { ffa: true, ..LoraConfig::default() },
+            train: TrainConfig::default(),
+            proximal_mu: 0.0,
+            checkpoint_every: ten(),
+        }
+    }
+}
+
+impl LocalTrainSpec {
+    /// The LoRA configuration actually used: `self.lora` with FFA on.
+    pub fn ffa_lora(&self) -> LoraConfig {
+        LoraConfig { ffa: true, ..self.lora.clone() }
+    }
+
+    /// Check that every value is possible.
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        self.train.validate()?;
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return Err(ModelError::config("proximal_mu", format!("{} is not a number >= 0", self.proximal_mu)));
+        }
+        Ok(())
+    }
+}
+
+/// Where to continue an interrupted round: the last [`Checkpoint`] the run emitted.
+///
+/// Training continues at optimizer step `step` with these `B`, on the same batches and
+/// learning-rate schedule as an uninterrupted run. The AdamW moments are not saved, so
+/// they restart from zero: the result is close to, not identical with, an uninterrupted
+/// run. With dropout > 0 the dropout masks after the restart differ too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resume {
+    /// Optimizer steps already done (`Checkpoint::step`); less than `train.steps`.
+    pub step: usize,
+    /// The `B` factors at that step, PEFT `lora_B` names.
+    pub b: NamedTensors,
+}
+
+/// The adapter in the middle of a round, for crash recovery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Optimizer steps done. When it equals `train.steps`, `b` is the final result.
+    pub step: usize,
+    /// The `B` factors after those steps, PEFT `lora_B` names.
+    pub b: NamedTensors,
+}
+
+/// What a client uploads after a round, with the figures a strategy weighs it by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalResult {
+    /// The trained `B` factors, PEFT `lora_B` names, `[out, r]`. The `A` factors are not
+    /// included: they are the coordinator's, unchanged.
+    pub b: NamedTensors,
+    /// Training sequences behind `b` over the whole round:
+    /// `train.steps × batch_size × grad_accum`, steps done before a [`Resume`] included.
+    /// Sequences are random windows of the local token stream, drawn with replacement.
+    pub examples: u64,
+    /// Training tokens behind `b` over the whole round: `examples × seq_len`.
+    pub tokens: u64,
+    /// Non-blank documents of the local corpus.
+    pub documents: u64,
+    /// Optimizer steps run by this call (`train.steps - resume.step`).
+    pub steps_run: usize,
+    /// Language-model loss (nats per token) of the first step run by this call.
+    pub loss_first: f32,
+    /// Language-model loss of the last step.
+    pub loss_last: f32,
+}
+
+/// The PEFT names and shapes of every `factor` (`'A'` or `'B'`) of `lora` on a model.
+fn factor_shapes(config: &LlamaConfig, lora: &LoraConfig, factor: char) -> Vec<(String, [usize; 2])> {
+    let mut out = Vec::new();
+    for i in 0..config.num_hidden_layers {
+        for &t in &lora.targets {
+            let (d_in, d_out) = t.dims(config);
+            let shape = if factor == 'A' { [lora.rank, d_in] } else { [d_out, lora.rank] };
+            out.push((peft_name(i, t, factor), shape));
+        }
+    }
+    out
+}
+
+/// Check that `tensors` holds exactly the `factor` factors of `lora`, each of the right
+/// shape and finite. Errors name `source` and the tensor.
+fn check_factors(
+    tensors: &NamedTensors,
+    config: &LlamaConfig,
+    lora: &LoraConfig,
+    factor: char,
+    source: &str,
+) -> Result<()> {
+    let source = Path::new(source);
+    let mut expected = BTreeSet::new();
+    for (name, shape) in factor_shapes(config, lora, factor) {
+        checkpoint::checked(tensors, &name, &shape, source)?;
+        expected.insert(name);
+    }
+    if let Some(extra) = tensors.keys().find(|k| !expected.contains(*k)) {
+        return Err(ModelError::Adapter(format!(
+            "{}: unexpected tensor `{extra}`: not a lora_{factor} factor of the configured targets {:?}",
+            source.display(),
+            lora.targets.iter().map(|t| t.hf_name()).collect::<Vec<_>>(),
+        )));
+    }
+    Ok(())
+}
+
+/// The `A` factors (PEFT names, `[r, in]`) that [`Llama::with_lora`] draws for `lora`
+/// (from `lora.seed`), computed on the host. A coordinator may issue these.
+pub fn random_lora_a(config: &LlamaConfig, lora: &LoraConfig) -> NamedTensors {
+    let mut out = NamedTensors::new();
+    for i in 0..config.num_hidden_layers {
+        for &t in &lora.targets {
+            let (d_in, _) = t.dims(config);
+            let a = HostTensor { shape: vec![d_in, lora.rank], data: initial_a(lora, lora_stream(i, t), d_in) };
+            out.insert(peft_name(i, t, 'A'), a.transposed());
+        }
+    }
+    out
+}
+
+/// The `B` factors of a model's adapters, PEFT `lora_B` names, `[out, r]`.
+pub fn lora_b_tensors(model: &Llama) -> Result<NamedTensors> {
+    let lora = model.lora.as_ref().ok_or_else(|| ModelError::Adapter("the model carries no adapters".into()))?;
+    let mut out = NamedTensors::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for &t in &lora.targets {
+            if let Some(ad) = &layer.proj(t).lora {
+                out.insert(peft_name(i, t, 'B'), host_tensor(ad.b.val()).transposed());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The model built from Hugging Face-named `base` tensors, with FFA-LoRA adapters
+/// (`lora` with `ffa` forced on): `A = a` (frozen), `B = b`, or zero when `b` is `None`.
+/// Only `B` requires gradients. Every tensor is checked (presence, shape, finite values),
+/// and `a` / `b` may hold nothing but the factors of `lora`.
+pub fn adapter_model(
+    config: &LlamaConfig,
+    base: &NamedTensors,
+    lora: &LoraConfig,
+    a: &NamedTensors,
+    b: Option<&NamedTensors>,
+    device: &Device,
+) -> Result<Llama> {
+    let lora = LoraConfig { ffa: true, ..lora.clone() };
+    lora.validate()?;
+    config.validate()?;
+    check_factors(a, config, &lora, 'A', A_SOURCE)?;
+    let mut factors = a.clone();
+    match b {
+        Some(b) => {
+            check_factors(b, config, &lora, 'B', B_SOURCE)?;
+            factors.extend(b.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        None => {
+            for (name, shape) in factor_shapes(config, &lora, 'B') {
+                factors.insert(name, HostTensor::zeros(&shape));
+            }
+        }
+    }
+    let model = checkpoint::from_base_tensors(config, base, Path::new(BASE_SOURCE), device)?;
+    let model = model.with_lora(&lora, device)?;
+    checkpoint::load_adapter_tensors(model, &factors, Path::new("LoRA factors"))
+}
+
+/// The non-blank texts joined by blank lines, their count, and their token ids, checked
+/// against the vocabulary. No text is an [`ModelError::EmptyCorpus`] naming `source`.
+fn tokenize_texts(
+    texts: &[String],
+    tokenizer: &Tokenizer,
+    config: &LlamaConfig,
+    source: &str,
+) -> Result<(String, usize, Vec<u32>)> {
+    let docs: Vec<&str> = texts.iter().map(String::as_str).filter(|t| !t.trim().is_empty()).collect();
+    if docs.is_empty() {
+        return Err(ModelError::EmptyCorpus { path: source.into(), needed: None });
+    }
+    let text = docs.join("\n\n");
+    let tokens = tokenizer.encode(&text)?;
+    if let Some(&id) = tokens.iter().find(|&&id| id as usize >= config.vocab_size) {
+        return Err(ModelError::TokenOutOfRange { id, vocab: config.vocab_size });
+    }
+    Ok((text, docs.len(), tokens))
+}
+
+/// One client round: build the model from `base` (Hugging Face names), attach FFA-LoRA
+/// with the coordinator's `a_init` (frozen) and `B = 0` (or `resume.b`), train `B` on
+/// `corpus` for `spec.train.steps` optimizer steps, and return `B`.
+///
+/// `device` may be plain or autodiff; training runs on its autodiff form.
+/// `on_checkpoint` receives `B` every `spec.checkpoint_every` steps; pass the last one as
+/// [`Resume`] to continue after a crash. Batches are drawn from the concatenated
+/// non-blank documents (separated by blank lines) with `spec.train.seed`: a fixed seed
+/// gives the same `B`.
+///
+/// Errors: invalid spec, missing / misshapen / non-finite base or `A` / `B` tensor (named),
+/// an empty corpus or one shorter than `seq_len + 1` tokens, a token outside the model's
+/// vocabulary, `resume.step >= spec.train.steps`, or a diverging loss.
+#[allow(clippy::too_many_arguments)]
+pub fn train_local_adapter(
+    config: &LlamaConfig,
+    base: &NamedTensors,
+    a_init: &NamedTensors,
+    tokenizer: &Tokenizer,
+    corpus: &[String],
+    spec: &LocalTrainSpec,
+    device: &Device,
+    resume: Option<Resume>,
+    on_checkpoint: impl FnMut(Checkpoint),
+) -> Result<LocalResult> {
+    train_local(config, base, a_init, tokenizer, corpus, spec, device, resume, on_checkpoint).map(|(_, r)| r)
+}
+
+/// [`train_local_adapter`], also returning the trained model.
+#[allow(clippy::too_many_arguments)]
+fn train_local(
+    config: &LlamaConfig,
+    base: &NamedTensors,
+    a_init: &NamedTensors,
+    tokenizer: &Tokenizer,
+    corpus: &[String],
+    spec: &LocalTrainSpec,
+    device: &Device,
+    resume: Option<Resume>,
+    mut on_checkpoint: impl FnMut(Checkpoint),
+) -> Result<(Llama, LocalResult)> {
+    spec.validate()?;
+    let train = &spec.train;
+    let start_step = resume.as_ref().map_or(0, |r| r.step);
+    if start_step >= train.steps {
+        return Err(ModelError::config(
+            "resume.step",
+            format!("{start_step} leaves nothing of {} steps to train; its B is the final result", train.steps),
+        ));
+    }
+    let (_, documents, tokens) = tokenize_texts(corpus, tokenizer, config, CORPUS_SOURCE)?;
+    let mut batcher = Batcher::new(tokens, train.seq_len, train.seed, Path::new(CORPUS_SOURCE))?;
+    batcher.skip(start_step * train.grad_accum, train.batch_size);
+    let ad = device.clone().autodiff();
+    let model = adapter_model(config, base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
+    let options = LoopOptions { start_step, proximal_mu: spec.proximal_mu };
+    let every = spec.checkpoint_every;
+    let (model, report) = train_with(model, &mut batcher, train, &options, &ad, false, |s, m| {
+        if every > 0
+            && (s.step + 1).is_multiple_of(every)
+            && let Ok(b) = lora_b_tensors(m)
+        {
+            on_checkpoint(Checkpoint { step: s.step + 1, b });
+        }
+    })?;
+    let b = lora_b_tensors(&model)?;
+    let examples = (train.steps * train.batch_size * train.grad_accum) as u64;
+    let result = LocalResult {
+        b,
+        examples,
+        tokens: examples * train.seq_len as u64,
+        documents: documents as u64,
+        steps_run: report.steps.len(),
+        loss_first: report.steps.first().map_or(f32::NAN, |s| s.loss),
+        loss_last: report.steps.last().map_or(f32::NAN, |s| s.loss),
+    };
+    Ok((model, result))
+}
+
+/// Held-out evaluation of a base model (no adapter; merge one in first with
+/// [`covey_tensors::lora::merge`]) on `texts`: the non-blank texts are joined by blank
+/// lines, tokenized, and scored in consecutive windows of `seq_len` predictions. Bits per
+/// byte use the UTF-8 bytes of the joined text.
+pub fn evaluate_texts(
+    config: &LlamaConfig,
+    base: &NamedTensors,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    seq_len: usize,
+    device: &Device,
+) -> Result<EvalMetrics> {
+    let (text, _, tokens) = tokenize_texts(texts, tokenizer, config, EVAL_SOURCE)?;
+    if tokens.len() < 2 {
+        return Err(ModelError::EmptyCorpus { path: EVAL_SOURCE.into(), needed: Some(2) });
+    }
+    let model = checkpoint::from_base_tensors(config, base, Path::new(BASE_SOURCE), device)?;
+    let model = if device.is_autodiff() { model.no_grad() } else { model };
+    let bytes_per_token = text.len() as f64 / tokens.len() as f64;
+    evaluate(&model, &tokens, seq_len, EVAL_BATCH, bytes_per_token, None, device)
+}
+
+/// The projections that `a` holds layer-0 `A` factors for, in [`LoraTarget::ALL`] order:
+/// the target list of the coordinator's adapters.
+pub fn targets_of(a: &NamedTensors) -> Vec<LoraTarget> {
+    LoraTarget::ALL.into_iter().filter(|&t| a.contains_key(&peft_name(0, t, 'A'))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use covey_tensors::global_norm;
+
+    use super::*;
+    use crate::cpu_device;
+
+    fn config() -> LlamaConfig {
+        LlamaConfig::tiny()
+    }
+
+    fn lora() -> LoraConfig {
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down],
+            seed: 21,
+            ffa: true,
+            ..LoraConfig::default()
+        }
+    }
+
+    fn spec(steps: usize) -> LocalTrainSpec {
+        LocalTrainSpec {
+            lora: lora(),
+            train: TrainConfig {
+                steps,
+                batch_size: 4,
+                seq_len: 32,
+                warmup_steps: 2,
+                lr: 1e-2,
+                seed: 5,
+                ..TrainConfig::default()
+            },
+            proximal_mu: 0.0,
+            checkpoint_every: 2,
+        }
+    }
+
+    fn base() -> NamedTensors {
+        checkpoint::base_tensors(&Llama::init(&config(), 17, &cpu_device()).expect("init"))
+    }
+
+    fn corpus() -> Vec<String> {
+        [
+            "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+            "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles,",
+            "   ",
+            "and by opposing end them. To die: to sleep; no more; and by a sleep to say we end",
+        ]
+        .iter()
+        .map(|s| s.repeat(4))
+        .collect()
+    }
+
+    fn run(spec: &LocalTrainSpec, resume: Option<Resume>) -> (Llama, LocalResult, Vec<Checkpoint>) {
+        let mut checkpoints = Vec::new();
+        let a = random_lora_a(&config(), &lora());
+        let (model, result) =
+            train_local(&config(), &base(), &a, &Tokenizer::Bytes, &corpus(), spec, &cpu_device(), resume, |c| {
+                checkpoints.push(c)
+            })
+            .expect("train");
+        (model, result, checkpoints)
+    }
+
+    fn logits(model: &Llama) -> Vec<f32> {
+        let seq: Vec<i64> = (0..16).map(|i| (i * 29 % 256) as i64).collect();
+        let x = Tensor::<2, Int>::from_data(TensorData::new(seq, [1, 16]), &cpu_device());
+        model.forward(x).into_data().try_into_vec::<f32>().expect("f32")
+    }
+
+    #[test]
+    fn only_b_trains_and_only_b_is_returned() {
+        let (model, result, checkpoints) = run(&spec(4), None);
+        let base = base();
+        let a = random_lora_a(&config(), &lora());
+        assert_eq!(checkpoint::base_tensors(&model), base, "base weights changed");
+        let adapters = checkpoint::adapter_tensors(&model).expect("adapters");
+        for (name, t) in &a {
+            assert_eq!(&adapters[name], t, "{name} changed");
+        }
+        let expected: BTreeSet<String> = factor_shapes(&config(), &lora(), 'B').into_iter().map(|(n, _)| n).collect();
+        assert_eq!(result.b.keys().cloned().collect::<BTreeSet<_>>(), expected);
+        for (name, b) in &result.b {
+            assert!(name.contains("lora_B"), "{name}");
+            assert!(b.data.iter().any(|&x| x != 0.0), "{name} did not train");
+            assert_eq!(b, &adapters[name]);
+        }
+        assert_eq!(result.examples, 4 * 4);
+        assert_eq!(result.tokens, 4 * 4 * 32);
+        assert_eq!(result.documents, 3);
+        assert_eq!(result.steps_run, 4);
+        assert!(result.loss_first.is_finite() && result.loss_last.is_finite());
+        assert_eq!(checkpoints.iter().map(|c| c.step).collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(checkpoints[1].b, result.b);
+    }
+
+    #[test]
+    fn merging_b_into_the_base_gives_the_adapter_logits() {
+        let (_, result, _) = run(&spec(4), None);
+        let (config, lora, base) = (config(), lora(), base());
+        let a = random_lora_a(&config, &lora);
+        let device = cpu_device();
+        let adapter = adapter_model(&config, &base, &lora, &a, Some(&result.b), &device).expect("adapter");
+        let mut merged = base.clone();
+        let mut factors = a.clone();
+        factors.extend(result.b.clone());
+        covey_tensors::lora::merge(&mut merged, &factors, lora.scale() as f32).expect("merge");
+        let merged = checkpoint::from_base_tensors(&config, &merged, Path::new("merged"), &device).expect("model");
+        let (x, y) = (logits(&adapter), logits(&merged));
+        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "merged logits differ by {diff}");
+        // The update is not trivially zero.
+        let plain = checkpoint::from_base_tensors(&config, &base, Path::new("base"), &device).expect("model");
+        assert_ne!(logits(&plain), x);
+    }
+
+    #[test]
+    fn a_fixed_seed_gives_identical_b() {
+        let (_, a, _) = run(&spec(3), None);
+        let (_, b, _) = run(&spec(3), None);
+        assert_eq!(a.b, b.b);
+        assert_eq!(a.loss_last, b.loss_last);
+    }
+
+    #[test]
+    fn a_round_resumes_from_a_checkpoint() {
+        let spec = spec(5);
+        let (_, full, checkpoints) = run(&spec, None);
+        let at2 = checkpoints.into_iter().find(|c| c.step == 2).expect("checkpoint at step 2");
+        let (_, resumed, later) = run(&spec, Some(Resume { step: at2.step, b: at2.b.clone() }));
+        assert_eq!(resumed.steps_run, 3);
+        assert_eq!(later.iter().map(|c| c.step).collect::<Vec<_>>(), [4]);
+        assert_eq!(resumed.examples, full.examples);
+        assert!(resumed.loss_first.is_finite() && resumed.loss_last.is_finite());
+        for (name, b) in &full.b {
+            assert_eq!(resumed.b[name].shape, b.shape, "{name}");
+            assert_ne!(resumed.b[name], at2.b[name], "{name} did not train after resuming");
+        }
+        // Nothing left to train is an error.
+        let a = random_lora_a(&config(), &lora());
+        let err = train_local_adapter(
+            &config(),
+            &base(),
+            &a,
+            &Tokenizer::Bytes,
+            &corpus(),
+            &spec,
+            &cpu_device(),
+            Some(Resume { step: 5, b: full.b }),
+            |_| {},
+        )
+        .expect_err("nothing to resume")
+        .to_string();
+        assert!(err.contains("resume.step"), "{err}");
+    }
+
+    #[test]
+    fn the_proximal_term_keeps_b_smaller() {
+        let plain = run(&spec(6), None).1;
+        let prox = run(&LocalTrainSpec { proximal_mu: 50.0, ..spec(6) }, None).1;
+        let (n0, n1) = (global_norm(&plain.b), global_norm(&prox.b));
+        assert!(n1 < n0, "||B|| with mu: {n1}, without: {n0}");
+        // The reported loss is the language-model loss alone: the first step (B = 0) agrees.
+        assert!((plain.loss_first - prox.loss_first).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_naming_the_tensor() {
+        let (config, lora, base) = (config(), lora(), base());
+        let device = cpu_device();
+        let a = random_lora_a(&config, &lora);
+        let spec = spec(2);
+        let call = |a: &NamedTensors, base: &NamedTensors, corpus: &[String]| {
+            train_local_adapter(&config, base, a, &Tokenizer::Bytes, corpus, &spec, &device, None, |_| {})
+                .expect_err("must fail")
+                .to_string()
+        };
+        let name = peft_name(1, LoraTarget::V, 'A');
+
+        let mut missing = a.clone();
+        missing.remove(&name);
+        let err = call(&missing, &base, &corpus());
+        assert!(err.contains("missing tensor") && err.contains(&name), "{err}");
+
+        let mut wrong = a.clone();
+        wrong.insert(name.clone(), HostTensor::zeros(&[3, 32]));
+        let err = call(&wrong, &base, &corpus());
+        assert!(err.contains(&name) && err.contains("[3, 32]"), "{err}");
+
+        let mut nan = a.clone();
+        if let Some(t) = nan.get_mut(&name) {
+            t.data[0] = f32::NAN;
+        }
+        let err = call(&nan, &base, &corpus());
+        assert!(err.contains(&name) && err.contains("non-finite"), "{err}");
+
+        let mut extra = a.clone();
+        let other = peft_name(0, LoraTarget::K, 'A');
+        extra.insert(other.clone(), HostTensor::zeros(&[4, 32]));
+        let err = call(&extra, &base, &corpus());
+        assert!(err.contains(&other) && err.contains("unexpected"), "{err}");
+
+        let mut bad_base = base.clone();
+        bad_base.remove("model.norm.weight");
+        let err = call(&a, &bad_base, &corpus());
+        assert!(err.contains("model.norm.weight"), "{err}");
+
+        let err = call(&a, &base, &[]);
+        assert!(err.contains("corpus is empty"), "{err}");
+        let err = call(&a, &base, &["  ".into(), "\n".into()]);
+        assert!(err.contains("local corpus") && err.contains("corpus is empty"), "{err}");
+        let err = call(&a, &base, &["short".into()]);
+        assert!(err.contains("needs at least 33 tokens"), "{err}");
+
+        let mut b =
+            checkpoint::adapter_tensors(&adapter_model(&config, &base, &lora, &a, None, &device).expect("adapter"))
+                .expect("tensors");
+        b.retain(|k, _| k.contains("lora_B"));
+        let bname = peft_name(0, LoraTarget::Down, 'B');
+        if let Some(t) = b.get_mut(&bname) {
+            t.data[1] = f32::INFINITY;
+        }
+        let err = train_local_adapter(
+            &config,
+            &base,
+            &a,
+            &Tokenizer::Bytes,
+            &corpus(),
+            &spec,
+            &device,
+            Some(Resume { step: 1, b }),
+            |_| {},
+        )
+        .expect_err("inf")
+        .to_string();
+        assert!(err.contains(&bname) && err.contains("LoRA B tensors"), "{err}");
+    }
+
+    #[test]
+    fn random_a_is_what_with_lora_draws() {
+        let device = cpu_device();
+        let model = Llama::init(&config(), 3, &device).expect("init").with_lora(&lora(), &device).expect("lora");
+        let mut drawn = checkpoint::adapter_tensors(&model).expect("adapters");
+        drawn.retain(|k, _| k.contains("lora_A"));
+        let a = random_lora_a(&config(), &lora());
+        assert_eq!(a, drawn);
+        assert_eq!(targets_of(&a), lora().targets);
+    }
+
+    #[test]
+    fn evaluating_a_fresh_model_gives_about_ln_256() {
+        let device = cpu_device();
+        let m = evaluate_texts(&config(), &base(), &Tokenizer::Bytes, &corpus(), 32, &device).expect("eval");
+        let text_len = corpus().iter().filter(|t| !t.trim().is_empty()).map(String::len).sum::<usize>() + 2 * 2;
+        assert_eq!(m.tokens, text_len - 1);
+        assert!((m.mean_nll - 256f64.ln()).abs() < 0.1, "{}", m.mean_nll);
+        assert!((m.bits_per_byte - m.mean_nll / std::f64::consts::LN_2).abs() < 1e-9);
+        let err = evaluate_texts(&config(), &base(), &Tokenizer::Bytes, &[], 32, &device).expect_err("empty");
+        assert!(err.to_string().contains("evaluation texts"), "{err}");
+    }
+}
