@@ -1,8 +1,31 @@
 //! # covey-coordinator
 //!
-//! The coordinator service of Covey: enrolment, the round state machine and cohort
-//! selection, verification of signed updates, aggregation strategies (FedAvg and
-//! the others, DP wrappers), privacy accounting, merge + quantize + sign + publish,
-//! durable state (SQLite by default), admin and metrics.
+//! The coordinator of a Covey fleet: devices enrol with an Ed25519 key, poll for tasks,
+//! fetch signed model versions and upload signed LoRA updates over gRPC; the coordinator
+//! verifies every upload before it acknowledges it, stores it durably, aggregates each
+//! round with a [`covey_strategy::Strategy`], accounts the privacy spent, merges the
+//! aggregate into the f32 master weights, quantizes them to int8, signs a manifest and
+//! publishes the new version.
 //!
-//! Not built yet: this crate is a placeholder so the workspace has its final shape.
+//! * [`config`]: TOML configuration with defaults and validation.
+//! * [`store`]: durable state ([`store::SqliteStore`] by default, [`store::MemoryStore`]).
+//! * [`artifacts`]: content-addressed blobs.
+//! * [`engine`]: the behaviour, transport-free ([`engine::Coordinator`]).
+//! * [`service`]: the tonic `Fleet` and `Admin` services over the engine.
+//! * [`server`]: binding, TLS, the round driver and `/metrics`, for the binary and tests.
+//! * [`weights`]: master weights, `A` factors, merging.
+//! * [`metrics`]: Prometheus metrics.
+
+pub mod artifacts;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod weights;
+
+pub use config::CoordinatorConfig;
+pub use engine::Coordinator;
+pub use error::{CoordinatorError, Rejection, Result};

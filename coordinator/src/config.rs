@@ -1,0 +1,379 @@
+//! Coordinator configuration: serde structs with defaults (embedded defaults → TOML file),
+//! validated into checked values before anything starts.
+//!
+//! `coordinator.example.toml` at the crate root documents every key; a test checks that it
+//! parses and validates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordinatorError, Result};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CoordinatorConfig {
+    /// gRPC listener (Fleet and Admin services). Default `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listener; `None` disables it. Default `127.0.0.1:9090`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory holding `state.sqlite`, `artifacts/` and `coordinator.key`; created on
+    /// first start. Default `covey-state`.
+    pub state_dir: PathBuf,
+    /// Directory of the initial model (`config.json` + `model.safetensors`, Hugging Face
+    /// Llama names), read once, on first start. Required on first start.
+    pub initial_model: Option<PathBuf>,
+    /// Operator authentication.
+    pub admin: AdminConfig,
+    /// Device enrolment.
+    pub enrollment: EnrollmentConfig,
+    /// TLS; plaintext when absent.
+    pub tls: Option<TlsConfig>,
+    /// LoRA layout devices train.
+    pub lora: LoraSection,
+    /// Round policy.
+    pub rounds: RoundsConfig,
+    /// Local training hyper-parameters sent with each task.
+    pub training: TrainingSection,
+    /// Clipping, noise and accounting.
+    pub privacy: PrivacySection,
+    /// Aggregation strategy (`kind = "fed-avg" | "fed-prox" | "fed-adam" | ...`).
+    pub strategy: covey_strategy::StrategyConfig,
+    /// Upload limits.
+    pub limits: LimitsConfig,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            state_dir: PathBuf::from("covey-state"),
+            initial_model: None,
+            admin: AdminConfig::default(),
+            enrollment: EnrollmentConfig::default(),
+            tls: None,
+            lora: LoraSection::default(),
+            rounds: RoundsConfig::default(),
+            training: TrainingSection::default(),
+            privacy: PrivacySection::default(),
+            strategy: covey_strategy::StrategyConfig::FedAvg { server_learning_rate: 1.0 },
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// Operator authentication.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminConfig {
+    /// Bearer token of the Admin service; the environment variable `COVEY_ADMIN_TOKEN`
+    /// overrides it (read by the binary, never by the library). Empty disables the Admin
+    /// service. Default empty.
+    pub token: String,
+}
+
+
+/// Device enrolment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EnrollmentConfig {
+    /// Tokens that admit a device; at least one is required. Default none.
+    pub tokens: Vec<String>,
+    /// Largest accepted clock skew of signed device requests. Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for EnrollmentConfig {
+    fn default() -> Self {
+        Self { tokens: Vec::new(), max_clock_skew: Duration::from_secs(300) }
+    }
+}
+
+/// Server TLS (rustls).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM CA that client certificates must chain to (mutual TLS); absent: no client
+    /// certificates asked.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// LoRA layout (FFA-LoRA: the coordinator issues the frozen `A`, devices train `B`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LoraSection {
+    /// Rank r. Default 8.
+    pub rank: usize,
+    /// alpha; the adapter adds (alpha / r)·B·A. Default 16.
+    pub alpha: f32,
+    /// Projections that carry adapters. Default all seven.
+    pub targets: Vec<String>,
+    /// Seed of the `A` factors (public: every device gets the same `A`). Default 0.
+    pub seed: u64,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self { rank: 8, alpha: 16.0, targets: ALL_TARGETS.iter().map(|s| (*s).to_owned()).collect(), seed: 0 }
+    }
+}
+
+/// Projection names a LoRA target may have, with their module (`self_attn` or `mlp`).
+pub const ALL_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Round policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RoundsConfig {
+    /// Updates wanted per round; the round closes early when they are in. Default 10.
+    pub target_updates: usize,
+    /// Extra fraction of devices sampled to tolerate drop-outs (0.3 = 30 % more).
+    /// Default 0.3.
+    pub over_selection: f64,
+    /// Updates needed to publish at the deadline; fewer fail the round. Default 2.
+    pub min_updates: usize,
+    /// How long a round collects. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Devices count as eligible when seen (poll or heartbeat) this recently. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub eligibility_window: Duration,
+    /// Pause between rounds. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub pause: Duration,
+    /// Stop opening rounds after this many published; 0 runs forever. Default 0.
+    pub max_rounds: u64,
+    /// Seed of cohort sampling. Default 0.
+    pub seed: u64,
+    /// Devices are told to poll again after this long. Default `2s`.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for RoundsConfig {
+    fn default() -> Self {
+        Self {
+            target_updates: 10,
+            over_selection: 0.3,
+            min_updates: 2,
+            deadline: Duration::from_secs(600),
+            eligibility_window: Duration::from_secs(600),
+            pause: Duration::from_secs(1),
+            max_rounds: 0,
+            seed: 0,
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Local training hyper-parameters sent with each task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainingSection {
+    /// Optimizer steps per round. Default 20.
+    pub steps: u32,
+    /// Sequences per step. Default 8.
+    pub batch_size: u32,
+    /// Tokens per sequence. Default 128.
+    pub seq_len: u32,
+    /// Peak learning rate. Default 3e-3.
+    pub learning_rate: f32,
+    /// Seed of local batch sampling. Default 0.
+    pub seed: u64,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self { steps: 20, batch_size: 8, seq_len: 128, learning_rate: 3e-3, seed: 0 }
+    }
+}
+
+/// Clipping, noise and accounting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PrivacySection {
+    /// L2 bound devices clip their update to; 0 disables clipping. Default 1.0.
+    pub clip_norm: f64,
+    /// Local-DP noise multiplier applied on devices; 0 for none. Default 0.
+    pub local_noise_multiplier: f64,
+    /// Central DP-FedAvg around the strategy (server-side clipping and noise).
+    pub central: Option<covey_strategy::DpConfig>,
+    /// δ at which ε is reported. Default 1e-5.
+    pub delta: f64,
+    /// Size of the population for the sampling rate q = cohort / population; 0 uses the
+    /// number of enrolled devices. Default 0.
+    pub population: usize,
+}
+
+impl Default for PrivacySection {
+    fn default() -> Self {
+        Self { clip_norm: 1.0, local_noise_multiplier: 0.0, central: None, delta: 1e-5, population: 0 }
+    }
+}
+
+/// Upload limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    /// Largest update payload in bytes. Default 64 MiB.
+    pub max_payload_bytes: u64,
+    /// Largest L2 norm of an accepted update, as a multiple of the clip norm (noise makes
+    /// locally-noised updates longer than C). Default 1.0 plus the noise allowance.
+    pub norm_slack: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_payload_bytes: 64 << 20, norm_slack: 1.0 }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Defaults overridden by a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| CoordinatorError::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            CoordinatorError::Config { field, reason } => {
+                CoordinatorError::Config { field, reason: format!("{}: {reason}", path.display()) }
+            }
+            other => other,
+        })
+    }
+
+    /// Parse TOML text (keys absent take their defaults) and validate.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| CoordinatorError::Config { field: "toml".into(), reason: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check that every value is possible.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, reason: String| Err(CoordinatorError::Config { field: field.into(), reason });
+        if self.enrollment.tokens.is_empty() || self.enrollment.tokens.iter().any(|t| t.len() < 8) {
+            return bad("enrollment.tokens", "at least one token of 8 or more characters is required".into());
+        }
+        if self.lora.rank == 0 {
+            return bad("lora.rank", "must be at least 1".into());
+        }
+        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+            return bad("lora.alpha", format!("{} is not a positive number", self.lora.alpha));
+        }
+        if self.lora.targets.is_empty() {
+            return bad("lora.targets", "at least one target is required".into());
+        }
+        for t in &self.lora.targets {
+            if !ALL_TARGETS.contains(&t.as_str()) {
+                return bad("lora.targets", format!("unknown target `{t}` (known: {})", ALL_TARGETS.join(", ")));
+            }
+        }
+        let r = &self.rounds;
+        if r.min_updates == 0 {
+            return bad("rounds.min-updates", "must be at least 1".into());
+        }
+        if r.target_updates < r.min_updates {
+            return bad(
+                "rounds.target-updates",
+                format!("{} is below min-updates {}", r.target_updates, r.min_updates),
+            );
+        }
+        if !(r.over_selection.is_finite() && (0.0..=10.0).contains(&r.over_selection)) {
+            return bad("rounds.over-selection", format!("{} is not in [0, 10]", r.over_selection));
+        }
+        if r.deadline.is_zero() {
+            return bad("rounds.deadline", "must be positive".into());
+        }
+        let t = &self.training;
+        if t.steps == 0 || t.batch_size == 0 || t.seq_len == 0 {
+            return bad("training", "steps, batch-size and seq-len must be at least 1".into());
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return bad("training.learning-rate", format!("{} is not a positive number", t.learning_rate));
+        }
+        let p = &self.privacy;
+        if !(p.clip_norm.is_finite() && p.clip_norm >= 0.0) {
+            return bad("privacy.clip-norm", format!("{} is not a finite non-negative number", p.clip_norm));
+        }
+        if !(p.local_noise_multiplier.is_finite() && p.local_noise_multiplier >= 0.0) {
+            return bad("privacy.local-noise-multiplier", format!("{} is negative", p.local_noise_multiplier));
+        }
+        if p.local_noise_multiplier > 0.0 && p.clip_norm == 0.0 {
+            return bad("privacy.local-noise-multiplier", "local noise needs a clip-norm".into());
+        }
+        if !(p.delta > 0.0 && p.delta < 1.0) {
+            return bad("privacy.delta", format!("{} is not in (0, 1)", p.delta));
+        }
+        if self.limits.max_payload_bytes == 0 {
+            return bad("limits.max-payload-bytes", "must be positive".into());
+        }
+        if !(self.limits.norm_slack.is_finite() && self.limits.norm_slack >= 1.0) {
+            return bad("limits.norm-slack", format!("{} is below 1", self.limits.norm_slack));
+        }
+        covey_strategy::build(
+            &self.strategy,
+            self.privacy.central.as_ref(),
+            covey_privacy::SecureRng::from_seed([0; 32]),
+        )
+        .map_err(|e| CoordinatorError::Config { field: "strategy".into(), reason: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Cohort size for `eligible` devices: target × (1 + over-selection), at most `eligible`.
+    pub fn cohort_size(&self, eligible: usize) -> usize {
+        let wanted = (self.rounds.target_updates as f64 * (1.0 + self.rounds.over_selection)).ceil() as usize;
+        wanted.min(eligible)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../coordinator.example.toml");
+        let c = CoordinatorConfig::from_toml(text).expect("example config");
+        assert_eq!(c.rounds.min_updates, 2);
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn defaults_need_a_token() {
+        let err = CoordinatorConfig::from_toml("").expect_err("no token");
+        assert!(err.to_string().contains("enrollment.tokens"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let base = "[enrollment]\ntokens = [\"0123456789\"]\n";
+        let err = CoordinatorConfig::from_toml(&format!("{base}[rounds]\nmin-updatez = 3\n")).expect_err("typo");
+        assert!(err.to_string().contains("min-updatez"), "{err}");
+        let err = CoordinatorConfig::from_toml(&format!("{base}[rounds]\nmin-updates = 5\ntarget-updates = 2\n"))
+            .expect_err("target below min");
+        assert!(err.to_string().contains("rounds.target-updates"), "{err}");
+        let err =
+            CoordinatorConfig::from_toml(&format!("{base}[lora]\ntargets = [\"qq_proj\"]\n")).expect_err("target");
+        assert!(err.to_string().contains("qq_proj"), "{err}");
+        let err =
+            CoordinatorConfig::from_toml(&format!("{base}[rounds]\ndeadline = \"soon\"\n")).expect_err("duration");
+        assert!(err.to_string().contains("deadline"), "{err}");
+    }
+
+    #[test]
+    fn cohort_over_selects_within_the_eligible() {
+        let c = CoordinatorConfig::default();
+        assert_eq!(c.cohort_size(100), 13);
+        assert_eq!(c.cohort_size(5), 5);
+    }
+}

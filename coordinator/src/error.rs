@@ -1,0 +1,224 @@
+//! The coordinator's error type, and the reasons an upload is refused.
+
+use std::path::{Path, PathBuf};
+
+/// Errors of the coordinator library.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// File-system failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An impossible configuration value.
+    #[error("config `{field}`: {reason}")]
+    Config {
+        /// Key.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The state database failed.
+    #[error("state database: {0}")]
+    Store(#[from] sqlx::Error),
+    /// The state database holds something this version cannot read.
+    #[error("state database is inconsistent: {0}")]
+    Corrupt(String),
+    /// A tensor operation failed.
+    #[error("tensors: {0}")]
+    Tensor(#[from] covey_tensors::TensorError),
+    /// Framing, keys or manifests.
+    #[error("protocol: {0}")]
+    Proto(#[from] covey_proto::ProtoError),
+    /// The strategy refused.
+    #[error("strategy: {0}")]
+    Strategy(#[from] covey_strategy::StrategyError),
+    /// Privacy accounting failed.
+    #[error("privacy: {0}")]
+    Privacy(#[from] covey_privacy::PrivacyError),
+    /// The initial model is unusable.
+    #[error("model {path}: {reason}")]
+    Model {
+        /// Model directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The gRPC server failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// An artifact is missing from the artifact store.
+    #[error("artifact {0} is missing")]
+    MissingArtifact(String),
+}
+
+impl CoordinatorError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_owned(), source }
+    }
+}
+
+/// Result of the coordinator library.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+/// Why an upload was refused. Every variant maps to one gRPC status code and one metric
+/// label; nothing is stored for a refused upload.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The stream did not start with exactly one header.
+    #[error("malformed update stream: {0}")]
+    MalformedStream(&'static str),
+    /// The signed header does not parse.
+    #[error("malformed update header: {0}")]
+    MalformedHeader(String),
+    /// No enrolled device has this id.
+    #[error("unknown device")]
+    UnknownDevice,
+    /// The device is revoked.
+    #[error("device is revoked")]
+    RevokedDevice,
+    /// The signature does not verify under the device's key.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// The device has no assignment in an open round.
+    #[error("no task for this device in an open round")]
+    NoAssignment,
+    /// The header names another round.
+    #[error("update is for round {found}, the open round is {expected}")]
+    WrongRound {
+        /// The open round.
+        expected: u64,
+        /// Round in the header.
+        found: u64,
+    },
+    /// The header names another base version.
+    #[error("update is for another base model version")]
+    WrongBaseVersion,
+    /// The header names another task.
+    #[error("update names another task")]
+    WrongTask,
+    /// The nonce is not the one issued, or was used already.
+    #[error("nonce already used or not issued (replay)")]
+    Replay,
+    /// The round's deadline passed.
+    #[error("the round's deadline has passed")]
+    DeadlinePassed,
+    /// Clip norm or noise settings differ from the task's.
+    #[error("privacy settings differ from the task's: {0}")]
+    PrivacyMismatch(String),
+    /// The payload exceeds the limit.
+    #[error("payload exceeds {limit} bytes")]
+    Oversized {
+        /// Limit in bytes.
+        limit: u64,
+    },
+    /// The payload length differs from the signed length.
+    #[error("payload is {found} bytes, the header signs {expected}")]
+    LengthMismatch {
+        /// Signed length.
+        expected: u64,
+        /// Received length.
+        found: u64,
+    },
+    /// The payload's hash differs from the signed hash (tampering).
+    #[error("payload does not match its signed SHA-256")]
+    PayloadHash,
+    /// The payload is not a valid tensor file.
+    #[error("payload is not a valid safetensors file: {0}")]
+    BadPayload(String),
+    /// Tensors missing, unexpected, or of the wrong shape.
+    #[error("wrong tensors: {0}")]
+    WrongTensors(String),
+    /// NaN or infinite values.
+    #[error("tensor `{0}` holds NaN or infinite values")]
+    NonFinite(String),
+    /// The update's norm exceeds the bound.
+    #[error("update norm {norm:.4} exceeds the bound {bound:.4}")]
+    NormTooLarge {
+        /// Norm found.
+        norm: f64,
+        /// Bound.
+        bound: f64,
+    },
+    /// Zero training examples.
+    #[error("update claims zero training examples")]
+    NoExamples,
+}
+
+impl Rejection {
+    /// Stable metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::MalformedStream(_) => "malformed_stream",
+            Self::MalformedHeader(_) => "malformed_header",
+            Self::UnknownDevice => "unknown_device",
+            Self::RevokedDevice => "revoked_device",
+            Self::BadSignature => "bad_signature",
+            Self::NoAssignment => "no_assignment",
+            Self::WrongRound { .. } => "wrong_round",
+            Self::WrongBaseVersion => "wrong_base_version",
+            Self::WrongTask => "wrong_task",
+            Self::Replay => "replay",
+            Self::DeadlinePassed => "deadline_passed",
+            Self::PrivacyMismatch(_) => "privacy_mismatch",
+            Self::Oversized { .. } => "oversized",
+            Self::LengthMismatch { .. } => "length_mismatch",
+            Self::PayloadHash => "payload_hash",
+            Self::BadPayload(_) => "bad_payload",
+            Self::WrongTensors(_) => "wrong_tensors",
+            Self::NonFinite(_) => "non_finite",
+            Self::NormTooLarge { .. } => "norm_too_large",
+            Self::NoExamples => "no_examples",
+        }
+    }
+
+    /// The gRPC status a device receives.
+    pub fn status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            Self::MalformedStream(_)
+            | Self::MalformedHeader(_)
+            | Self::PrivacyMismatch(_)
+            | Self::LengthMismatch { .. }
+            | Self::PayloadHash
+            | Self::BadPayload(_)
+            | Self::WrongTensors(_)
+            | Self::NonFinite(_)
+            | Self::NormTooLarge { .. }
+            | Self::NoExamples => Code::InvalidArgument,
+            Self::UnknownDevice | Self::BadSignature => Code::Unauthenticated,
+            Self::RevokedDevice => Code::PermissionDenied,
+            Self::NoAssignment
+            | Self::WrongRound { .. }
+            | Self::WrongBaseVersion
+            | Self::WrongTask
+            | Self::DeadlinePassed => Code::FailedPrecondition,
+            Self::Replay => Code::AlreadyExists,
+            Self::Oversized { .. } => Code::ResourceExhausted,
+        };
+        tonic::Status::new(code, self.to_string())
+    }
+}
+
+impl From<&CoordinatorError> for tonic::Status {
+    fn from(e: &CoordinatorError) -> Self {
+        match e {
+            CoordinatorError::Config { .. } => tonic::Status::invalid_argument(e.to_string()),
+            CoordinatorError::MissingArtifact(_) => tonic::Status::not_found(e.to_string()),
+            CoordinatorError::Io { .. }
+            | CoordinatorError::Store(_)
+            | CoordinatorError::Corrupt(_)
+            | CoordinatorError::Tensor(_)
+            | CoordinatorError::Proto(_)
+            | CoordinatorError::Strategy(_)
+            | CoordinatorError::Privacy(_)
+            | CoordinatorError::Model { .. }
+            | CoordinatorError::Transport(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! `covey-coordinator`: serve a fleet, or talk to a running coordinator's Admin service.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use covey_coordinator::{CoordinatorConfig, server};
+use covey_proto::pb::{self, admin_client::AdminClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "covey-coordinator",
+    version,
+    about = "Covey coordinator: rounds, verification, aggregation, publishing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Coordinator address.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    addr: String,
+    /// Admin token (or the environment variable COVEY_ADMIN_TOKEN).
+    #[arg(long, env = "COVEY_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// PEM CA certificate of a TLS coordinator.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve {
+        /// TOML configuration (see coordinator.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Overall state.
+    Status(AdminArgs),
+    /// Recent rounds.
+    Rounds(AdminArgs),
+    /// Model versions.
+    Versions(AdminArgs),
+    /// Enrolled devices.
+    Devices(AdminArgs),
+    /// Revoke a device (hex id).
+    Revoke {
+        /// Device id (hex).
+        device_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make a version current.
+    Promote {
+        /// Version.
+        version: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Go back to the parent of the current version, or to VERSION.
+    Rollback {
+        /// Version (default: the parent of the current one).
+        version: Option<u64>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+async fn admin(args: &AdminArgs) -> Result<(AdminClient<Channel>, String)> {
+    let mut endpoint = Channel::from_shared(args.addr.clone()).context("--addr is not a URL")?;
+    if let Some(ca) = &args.ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+    }
+    let channel = endpoint.connect().await.with_context(|| format!("connecting to {}", args.addr))?;
+    Ok((AdminClient::new(channel), format!("Bearer {}", args.token)))
+}
+
+fn authed<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("authorization", token.parse().context("the admin token is not valid metadata")?);
+    Ok(r)
+}
+
+fn print<T: serde::Serialize>(json: bool, value: &T, table: impl FnOnce()) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table();
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct Round<'a> {
+    round_id: u64,
+    state: &'a str,
+    base_version: u64,
+    published_version: u64,
+    cohort_size: u64,
+    updates: u64,
+    failure: &'a str,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let mut c = CoordinatorConfig::load(&config)?;
+            if let Ok(token) = std::env::var("COVEY_ADMIN_TOKEN") {
+                c.admin.token = token;
+            }
+            let engine = server::open_engine(c).await?;
+            let running = server::start(engine).await?;
+            eprintln!("covey-coordinator listening on {}", running.addr);
+            if let Some(m) = running.metrics_addr {
+                eprintln!("metrics on http://{m}/metrics");
+            }
+            tokio::select! {
+                r = running.server => r??,
+                r = running.rounds => { r??; eprintln!("all rounds done; still serving until Ctrl-C"); tokio::signal::ctrl_c().await?; }
+                _ = tokio::signal::ctrl_c() => eprintln!("shutting down"),
+            }
+        }
+        Command::Status(a) => {
+            let (mut c, t) = admin(&a).await?;
+            let s = c.status(authed(pb::StatusRequest {}, &t)?).await?.into_inner();
+            let json = serde_json::json!({
+                "current_version": s.current_version, "latest_version": s.latest_version,
+                "active_devices": s.active_devices, "revoked_devices": s.revoked_devices,
+                "published_rounds": s.published_rounds, "epsilon": s.epsilon, "delta": s.delta,
+                "open_round": s.open_round.as_ref().map(|r| r.round_id),
+                "coordinator_public_key": s.coordinator_public_key,
+            });
+            print(a.json, &json, || {
+                println!("current version   {}", s.current_version);
+                println!("latest version    {}", s.latest_version);
+                println!("devices           {} active, {} revoked", s.active_devices, s.revoked_devices);
+                println!("published rounds  {}", s.published_rounds);
+                println!("privacy spent     ε = {:.4} at δ = {:e}", s.epsilon, s.delta);
+                match &s.open_round {
+                    Some(r) => println!(
+                        "open round        {} ({}, {} of {} updates)",
+                        r.round_id, r.state, r.updates, r.cohort_size
+                    ),
+                    None => println!("open round        none"),
+                }
+                println!("coordinator key   {}", s.coordinator_public_key);
+            })?;
+        }
+        Command::Rounds(a) => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c.list_rounds(authed(pb::ListRoundsRequest { limit: 0 }, &t)?).await?.into_inner();
+            let rows: Vec<Round> = r
+                .rounds
+                .iter()
+                .map(|r| Round {
+                    round_id: r.round_id,
+                    state: &r.state,
+                    base_version: r.base_version,
+                    published_version: r.published_version,
+                    cohort_size: r.cohort_size,
+                    updates: r.updates,
+                    failure: &r.failure,
+                })
+                .collect();
+            print(a.json, &rows, || {
+                println!(
+                    "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  failure",
+                    "round", "state", "base", "published", "cohort", "updates"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  {}",
+                        r.round_id, r.state, r.base_version, r.published_version, r.cohort_size, r.updates, r.failure
+                    );
+                }
+            })?;
+        }
+        Command::Versions(a) => {
+            let (mut c, t) = admin(&a).await?;
+            let v = c.list_versions(authed(pb::ListVersionsRequest {}, &t)?).await?.into_inner();
+            let rows: Vec<_> = v
+                .versions
+                .iter()
+                .map(|v| {
+                    serde_json::json!({"version": v.version, "parent": v.parent, "round_id": v.round_id,
+                    "current": v.current, "epsilon": v.epsilon, "manifest_sha256": v.manifest_sha256})
+                })
+                .collect();
+            print(a.json, &rows, || {
+                println!(
+                    "{:>7} {:>6} {:>6} {:>8} {:>9}  manifest sha256",
+                    "version", "parent", "round", "current", "epsilon"
+                );
+                for v in &v.versions {
+                    println!(
+                        "{:>7} {:>6} {:>6} {:>8} {:>9.4}  {}",
+                        v.version,
+                        v.parent,
+                        v.round_id,
+                        if v.current { "*" } else { "" },
+                        v.epsilon,
+                        v.manifest_sha256
+                    );
+                }
+            })?;
+        }
+        Command::Devices(a) => {
+            let (mut c, t) = admin(&a).await?;
+            let d = c.list_devices(authed(pb::ListDevicesRequest {}, &t)?).await?.into_inner();
+            let rows: Vec<_> = d
+                .devices
+                .iter()
+                .map(|d| {
+                    serde_json::json!({"device_id": d.device_id, "label": d.label, "revoked": d.revoked,
+                    "updates": d.updates, "last_seen_unix_ms": d.last_seen_unix_ms})
+                })
+                .collect();
+            print(a.json, &rows, || {
+                println!("{:<64} {:<16} {:>8} {:>8}", "device", "label", "revoked", "updates");
+                for d in &d.devices {
+                    println!("{:<64} {:<16} {:>8} {:>8}", d.device_id, d.label, d.revoked, d.updates);
+                }
+            })?;
+        }
+        Command::Revoke { device_id, admin: a } => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c.revoke_device(authed(pb::RevokeDeviceRequest { device_id: device_id.clone() }, &t)?).await?;
+            println!("{device_id}: {}", if r.into_inner().changed { "revoked" } else { "was already revoked" });
+        }
+        Command::Promote { version, admin: a } => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c.promote(authed(pb::PromoteRequest { version }, &t)?).await?.into_inner();
+            println!("current version: {}", r.current_version);
+        }
+        Command::Rollback { version, admin: a } => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c.rollback(authed(pb::RollbackRequest { version: version.unwrap_or(0) }, &t)?).await?.into_inner();
+            println!("current version: {}", r.current_version);
+        }
+    }
+    Ok(())
+}

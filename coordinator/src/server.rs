@@ -1,0 +1,126 @@
+//! Everything `covey-coordinator serve` starts: state, key, engine, round driver, gRPC
+//! (with rustls TLS when configured) and `/metrics`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use covey_proto::MAX_MESSAGE_BYTES;
+use covey_proto::keys::KeyPair;
+use covey_proto::pb::{admin_server::AdminServer, fleet_server::FleetServer};
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{error, info};
+
+use crate::artifacts::Artifacts;
+use crate::config::CoordinatorConfig;
+use crate::engine::Coordinator;
+use crate::error::{CoordinatorError, Result};
+use crate::metrics::{self, Metrics};
+use crate::service::{AdminService, FleetService, admin_interceptor};
+use crate::store::SqliteStore;
+
+/// Load the coordinator key from `path`, creating it (owner-only permissions) if absent.
+pub fn load_or_create_key(path: &Path) -> Result<KeyPair> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(KeyPair::from_pkcs8(&bytes)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate()?;
+            write_secret(path, key.pkcs8())?;
+            info!("generated the coordinator key {}", path.display());
+            Ok(key)
+        }
+        Err(e) => Err(CoordinatorError::io(path, e)),
+    }
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path).map_err(|e| CoordinatorError::io(path, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| CoordinatorError::io(path, e))
+}
+
+/// Open the embedded default state (SQLite + artifact directory + key) under
+/// `config.state_dir` and build the engine.
+pub async fn open_engine(config: CoordinatorConfig) -> Result<Arc<Coordinator>> {
+    let dir = config.state_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| CoordinatorError::io(&dir, e))?;
+    let store = SqliteStore::open(&dir.join("state.sqlite")).await?;
+    let artifacts = Artifacts::dir(&dir.join("artifacts"))?;
+    let key = load_or_create_key(&dir.join("coordinator.key"))?;
+    Coordinator::open(config, Arc::new(store), artifacts, key, Arc::new(Metrics::default())).await
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Running {
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// `/metrics` address, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The engine.
+    pub engine: Arc<Coordinator>,
+    /// The gRPC server task.
+    pub server: JoinHandle<Result<()>>,
+    /// The round driver task.
+    pub rounds: JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Stop serving.
+    pub fn abort(&self) {
+        self.server.abort();
+        self.rounds.abort();
+    }
+}
+
+/// Start serving `engine` on `config.listen` (port 0 picks one).
+pub async fn start(engine: Arc<Coordinator>) -> Result<Running> {
+    let config = engine.config().clone();
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| CoordinatorError::io(Path::new("listen"), e))?;
+    let addr = listener.local_addr().map_err(|e| CoordinatorError::io(Path::new("listen"), e))?;
+    let metrics_addr = match config.metrics_listen {
+        Some(a) => {
+            let l = metrics::bind(a).await.map_err(|e| CoordinatorError::io(Path::new("metrics-listen"), e))?;
+            let bound = l.local_addr().ok();
+            let m = engine.metrics().clone();
+            tokio::spawn(async move {
+                if let Err(e) = metrics::serve(m, l).await {
+                    error!("metrics endpoint stopped: {e}");
+                }
+            });
+            bound
+        }
+        None => None,
+    };
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| CoordinatorError::io(p, e));
+        let mut t = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(ca) = &tls.client_ca {
+            t = t.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(t)?;
+    }
+    let fleet = FleetServer::new(FleetService::new(engine.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        AdminServer::new(AdminService::new(engine.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        admin_interceptor(config.admin.token.clone()),
+    );
+    let router = builder.add_service(fleet).add_service(admin);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server =
+        tokio::spawn(async move { router.serve_with_incoming(incoming).await.map_err(CoordinatorError::from) });
+    let rounds = tokio::spawn(engine.clone().run_rounds());
+    info!(%addr, tls = config.tls.is_some(), "serving covey.v1");
+    Ok(Running { addr, metrics_addr, engine, server, rounds })
+}

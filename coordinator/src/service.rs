@@ -1,0 +1,324 @@
+//! The tonic services: `covey.v1.Fleet` for devices and `covey.v1.Admin` for operators.
+//! They convert protobuf messages at the edge and map errors to statuses; the behaviour
+//! is in [`crate::engine`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use covey_proto::pb::{self, admin_server::Admin, fleet_server::Fleet};
+use covey_proto::{CHUNK_BYTES, signing};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Coordinator, PollOutcome};
+use crate::error::Rejection;
+use crate::store::RoundRecord;
+
+/// `covey.v1.Fleet`.
+#[derive(Debug, Clone)]
+pub struct FleetService {
+    engine: Arc<Coordinator>,
+}
+
+impl FleetService {
+    /// Over `engine`.
+    pub fn new(engine: Arc<Coordinator>) -> Self {
+        Self { engine }
+    }
+}
+
+fn auth(a: Option<pb::DeviceAuth>) -> Result<pb::DeviceAuth, Status> {
+    a.ok_or_else(|| Status::invalid_argument("auth is missing"))
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ArtifactChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let r = request.into_inner();
+        let id = self.engine.enroll(&r.public_key, &r.enrollment_token, &r.label).await?;
+        Ok(Response::new(pb::EnrollResponse {
+            device_id: id.to_vec(),
+            coordinator_public_key: self.engine.public_key().to_vec(),
+        }))
+    }
+
+    async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::PollTaskResponse>, Status> {
+        let a = auth(request.into_inner().auth)?;
+        let outcome = match self.engine.poll(&a.device_id, a.timestamp_ms, &a.signature).await? {
+            PollOutcome::Wait { retry_after, reason } => pb::poll_task_response::Outcome::Wait(pb::Wait {
+                retry_after_ms: retry_after.as_millis() as u64,
+                reason,
+            }),
+            PollOutcome::Task(t) => {
+                let c = self.engine.config();
+                pb::poll_task_response::Outcome::Task(pb::Task {
+                    round_id: t.round_id,
+                    task_id: t.task_id.to_vec(),
+                    nonce: t.nonce.to_vec(),
+                    base_version: t.base_version,
+                    base_manifest_hash: t.base_manifest_hash.to_vec(),
+                    lora: Some(pb::LoraSpec {
+                        rank: c.lora.rank as u32,
+                        alpha: c.lora.alpha,
+                        targets: c.lora.targets.clone(),
+                        a_factors_sha256: t.a_factors_sha256.to_vec(),
+                    }),
+                    training: Some(pb::TrainingSpec {
+                        steps: c.training.steps,
+                        batch_size: c.training.batch_size,
+                        seq_len: c.training.seq_len,
+                        learning_rate: c.training.learning_rate,
+                        proximal_mu: t.proximal_mu as f32,
+                        seed: c.training.seed ^ t.round_id,
+                    }),
+                    privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
+                    deadline_unix_ms: t.deadline_ms,
+                    max_payload_bytes: c.limits.max_payload_bytes,
+                })
+            }
+        };
+        Ok(Response::new(pb::PollTaskResponse { outcome: Some(outcome) }))
+    }
+
+    async fn get_manifest(
+        &self,
+        request: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<pb::SignedManifest>, Status> {
+        let v = request.into_inner().version;
+        let record = self.engine.manifest(v).await.map_err(|e| Status::from(&e))?;
+        let record = record.ok_or_else(|| Status::not_found(format!("version {v} does not exist")))?;
+        Ok(Response::new(pb::SignedManifest { manifest: record.manifest, signature: record.signature }))
+    }
+
+    type FetchArtifactStream = ChunkStream;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let r = request.into_inner();
+        let hash: [u8; 32] =
+            signing::fixed("sha256", &r.sha256).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let bytes = self.engine.artifacts().get(&hash).map_err(|e| Status::from(&e))?;
+        let total = bytes.len() as u64;
+        if r.offset > total {
+            return Err(Status::out_of_range(format!("offset {} is past the artifact's {total} bytes", r.offset)));
+        }
+        self.engine.metrics().bytes_sent.inc_by(total - r.offset);
+        let start = r.offset as usize;
+        let chunks: Vec<Result<pb::ArtifactChunk, Status>> = (start..bytes.len().max(start + 1))
+            .step_by(CHUNK_BYTES)
+            .map(|at| {
+                let end = (at + CHUNK_BYTES).min(bytes.len());
+                Ok(pb::ArtifactChunk { offset: at as u64, data: bytes[at.min(end)..end].to_vec(), total_size: total })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let mut stream = request.into_inner();
+        let refuse = |r: Rejection| {
+            self.engine.metrics().reject(r.label());
+            tracing::warn!(reason = r.label(), "update refused: {r}");
+            Err(r.status())
+        };
+        let header = match stream.next().await {
+            Some(Ok(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(h)) })) => h,
+            Some(Ok(_)) | None => return refuse(Rejection::MalformedStream("the first message must be the header")),
+            Some(Err(status)) => return Err(status),
+        };
+        let limit = self.engine.config().limits.max_payload_bytes;
+        let mut payload = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk?.part {
+                Some(pb::update_chunk::Part::Data(d)) => {
+                    if payload.len() as u64 + d.len() as u64 > limit {
+                        return refuse(Rejection::Oversized { limit });
+                    }
+                    payload.extend_from_slice(&d);
+                }
+                Some(pb::update_chunk::Part::Header(_)) => {
+                    return refuse(Rejection::MalformedStream("a second header"));
+                }
+                None => return refuse(Rejection::MalformedStream("an empty chunk")),
+            }
+        }
+        match self
+            .engine
+            .accept_update(&header.signed_header, &header.signature, &payload, header.train_loss)
+            .await
+            .map_err(|e| Status::from(&e))?
+        {
+            Ok((update_id, round_id)) => Ok(Response::new(pb::SubmitUpdateResponse { update_id, round_id })),
+            Err(r) => Err(r.status()),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let a = auth(request.into_inner().auth)?;
+        let current_version = self.engine.heartbeat(&a.device_id, a.timestamp_ms, &a.signature).await?;
+        Ok(Response::new(pb::HeartbeatResponse { server_time_ms: self.engine.now_ms(), current_version }))
+    }
+}
+
+/// `covey.v1.Admin`; install it behind [`admin_interceptor`].
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    engine: Arc<Coordinator>,
+}
+
+impl AdminService {
+    /// Over `engine`.
+    pub fn new(engine: Arc<Coordinator>) -> Self {
+        Self { engine }
+    }
+}
+
+/// Checks `authorization: Bearer <token>`; an empty token disables the service.
+pub fn admin_interceptor(token: String) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        if token.is_empty() {
+            return Err(Status::permission_denied("the admin service is disabled (no admin token configured)"));
+        }
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let expected = format!("Bearer {token}");
+        let same = given.len() == expected.len()
+            && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same { Ok(req) } else { Err(Status::unauthenticated("missing or wrong admin token")) }
+    }
+}
+
+fn round_info(r: &RoundRecord, updates: u64) -> pb::RoundInfo {
+    pb::RoundInfo {
+        round_id: r.id,
+        state: r.state.as_str().into(),
+        base_version: r.base_version,
+        published_version: r.published_version,
+        cohort_size: r.cohort_size,
+        updates,
+        min_updates: r.min_updates,
+        deadline_unix_ms: r.deadline_ms,
+        failure: r.failure.clone(),
+    }
+}
+
+fn internal(e: crate::error::CoordinatorError) -> Status {
+    Status::from(&e)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let store = self.engine.store();
+        let devices = store.devices().await.map_err(internal)?;
+        let rounds = store.rounds(usize::MAX >> 1).await.map_err(internal)?;
+        let open_round = match store.active_round().await.map_err(internal)? {
+            Some(r) => Some(round_info(&r, store.update_count(r.id).await.map_err(internal)?)),
+            None => None,
+        };
+        Ok(Response::new(pb::StatusResponse {
+            current_version: store.current_version().await.map_err(internal)?,
+            latest_version: store.versions().await.map_err(internal)?.first().map_or(0, |v| v.version),
+            active_devices: devices.iter().filter(|d| !d.revoked).count() as u64,
+            revoked_devices: devices.iter().filter(|d| d.revoked).count() as u64,
+            open_round,
+            published_rounds: rounds.iter().filter(|r| r.state == crate::store::RoundState::Published).count() as u64,
+            epsilon: self.engine.epsilon().await.map_err(internal)?,
+            delta: self.engine.config().privacy.delta,
+            coordinator_public_key: hex::encode(self.engine.public_key()),
+        }))
+    }
+
+    async fn list_rounds(
+        &self,
+        request: Request<pb::ListRoundsRequest>,
+    ) -> Result<Response<pb::ListRoundsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let store = self.engine.store();
+        let mut rounds = Vec::new();
+        for r in store.rounds(limit).await.map_err(internal)? {
+            let n = store.update_count(r.id).await.map_err(internal)?;
+            rounds.push(round_info(&r, n));
+        }
+        Ok(Response::new(pb::ListRoundsResponse { rounds }))
+    }
+
+    async fn list_versions(
+        &self,
+        _: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        let store = self.engine.store();
+        let current = store.current_version().await.map_err(internal)?;
+        let versions = store
+            .versions()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|v| pb::VersionInfo {
+                version: v.version,
+                parent: v.parent,
+                round_id: v.round_id,
+                manifest_sha256: hex::encode(v.manifest_sha256),
+                current: v.version == current,
+                epsilon: v.epsilon,
+                created_unix_ms: v.created_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListVersionsResponse { versions }))
+    }
+
+    async fn list_devices(
+        &self,
+        _: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let store = self.engine.store();
+        let mut devices = Vec::new();
+        for d in store.devices().await.map_err(internal)? {
+            devices.push(pb::DeviceInfo {
+                device_id: hex::encode(d.id),
+                label: d.label.clone(),
+                enrolled_unix_ms: d.enrolled_ms,
+                last_seen_unix_ms: d.last_seen_ms,
+                revoked: d.revoked,
+                updates: store.device_update_count(&d.id).await.map_err(internal)?,
+            });
+        }
+        Ok(Response::new(pb::ListDevicesResponse { devices }))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<pb::RevokeDeviceRequest>,
+    ) -> Result<Response<pb::RevokeDeviceResponse>, Status> {
+        let hex_id = request.into_inner().device_id;
+        let bytes = hex::decode(&hex_id).map_err(|_| Status::invalid_argument("device_id is not hex"))?;
+        let id: [u8; 32] = signing::fixed("device_id", &bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.engine.store().device(&id).await.map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("no device {hex_id}")));
+        }
+        let changed = self.engine.revoke(&id).await.map_err(internal)?;
+        Ok(Response::new(pb::RevokeDeviceResponse { changed }))
+    }
+
+    async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
+        let current_version = self.engine.promote(request.into_inner().version).await?;
+        Ok(Response::new(pb::PromoteResponse { current_version }))
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
+        let current_version = self.engine.rollback(request.into_inner().version).await?;
+        Ok(Response::new(pb::PromoteResponse { current_version }))
+    }
+}
