@@ -76,7 +76,6 @@ pub struct AdminConfig {
     pub token: String,
 }
 
-
 /// Device enrolment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -142,6 +141,9 @@ pub struct RoundsConfig {
     pub over_selection: f64,
     /// Updates needed to publish at the deadline; fewer fail the round. Default 2.
     pub min_updates: usize,
+    /// Eligible devices needed before a round opens (Flower's `min_available_clients`);
+    /// at least `min-updates`. Default 2.
+    pub min_available: usize,
     /// How long a round collects. Default `10m`.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
@@ -166,6 +168,7 @@ impl Default for RoundsConfig {
             target_updates: 10,
             over_selection: 0.3,
             min_updates: 2,
+            min_available: 2,
             deadline: Duration::from_secs(600),
             eligibility_window: Duration::from_secs(600),
             pause: Duration::from_secs(1),
@@ -287,6 +290,9 @@ impl CoordinatorConfig {
                 "rounds.target-updates",
                 format!("{} is below min-updates {}", r.target_updates, r.min_updates),
             );
+        }
+        if r.min_available < r.min_updates {
+            return bad("rounds.min-available", format!("{} is below min-updates {}", r.min_available, r.min_updates));
         }
         if !(r.over_selection.is_finite() && (0.0..=10.0).contains(&r.over_selection)) {
             return bad("rounds.over-selection", format!("{} is not in [0, 10]", r.over_selection));

@@ -521,13 +521,13 @@ impl Coordinator {
     }
 
     /// Sample a cohort among eligible devices and open a round; `None` when fewer than
-    /// `min-updates` devices are eligible.
+    /// `min-available` devices are eligible.
     pub async fn open_round(&self) -> Result<Option<RoundRecord>> {
         let now = self.now_ms();
         let window = self.config.rounds.eligibility_window.as_millis() as u64;
         let mut eligible: Vec<DeviceRecord> =
             self.store.devices().await?.into_iter().filter(|d| !d.revoked && d.last_seen_ms + window >= now).collect();
-        if eligible.len() < self.config.rounds.min_updates {
+        if eligible.len() < self.config.rounds.min_available.max(self.config.rounds.min_updates) {
             return Ok(None);
         }
         let id = self.store.rounds(1).await?.first().map_or(1, |r| r.id + 1);

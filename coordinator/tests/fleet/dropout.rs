@@ -1,0 +1,110 @@
+//! With paused tokio time (no real sleeps): one of four devices vanishes mid-round; the
+//! round closes at its deadline with the minimum and publishes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use covey_coordinator::artifacts::Artifacts;
+use covey_coordinator::engine::{Coordinator, PollOutcome};
+use covey_coordinator::metrics::Metrics;
+use covey_coordinator::store::{MemoryStore, RoundState, Store};
+use covey_proto::keys::KeyPair;
+use covey_proto::pb;
+use covey_proto::signing::DeviceMethod;
+
+use crate::support::{self, Device};
+
+#[tokio::test(start_paused = true)]
+async fn a_vanished_device_does_not_block_the_round() {
+    let root = tempfile::tempdir().expect("tmp");
+    let config = support::config(root.path());
+    let deadline = config.rounds.deadline;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let engine = Coordinator::open(
+        config,
+        store.clone(),
+        Artifacts::memory(),
+        KeyPair::generate().expect("key"),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .expect("engine");
+    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
+    for d in &devices {
+        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
+    }
+    let driver = tokio::spawn(engine.clone().run_rounds());
+    let started = tokio::time::Instant::now();
+
+    // Every device gets its task (the driver opens the round within a poll interval).
+    let mut tasks = Vec::new();
+    for d in &devices {
+        let task = loop {
+            let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
+            match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
+                PollOutcome::Task(t) => break t,
+                PollOutcome::Wait { retry_after, .. } => tokio::time::sleep(retry_after).await,
+            }
+        };
+        tasks.push(task);
+    }
+    assert!(tasks.iter().all(|t| t.round_id == 1));
+
+    // Three devices deliver; the fourth vanishes.
+    for (d, t) in devices.iter().zip(&tasks).take(3) {
+        let task = pb::Task {
+            round_id: t.round_id,
+            task_id: t.task_id.to_vec(),
+            nonce: t.nonce.to_vec(),
+            base_manifest_hash: t.base_manifest_hash.to_vec(),
+            privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
+            ..Default::default()
+        };
+        let (h, s, p) = d.update(&task, &support::delta(3));
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+    }
+    assert_eq!(store.active_round().await.expect("round").expect("open").state, RoundState::Collecting);
+
+    // Half-way to the deadline the round is still collecting.
+    tokio::time::sleep(deadline / 2).await;
+    assert_eq!(store.active_round().await.expect("round").map(|r| r.id), Some(1));
+
+    // After the deadline it has published with the three updates.
+    tokio::time::sleep(deadline / 2 + Duration::from_secs(1)).await;
+    let rounds = store.rounds(10).await.expect("rounds");
+    let r1 = rounds.iter().find(|r| r.id == 1).expect("round 1");
+    assert_eq!(r1.state, RoundState::Published, "{r1:?}");
+    assert_eq!(store.update_count(1).await.expect("count"), 3);
+    assert_eq!(store.current_version().await.expect("version"), 2);
+    assert!(started.elapsed() >= deadline, "closed at the deadline, not before");
+    driver.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_few_updates_fail_the_round_at_the_deadline() {
+    let root = tempfile::tempdir().expect("tmp");
+    let config = support::config(root.path());
+    let deadline = config.rounds.deadline;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let engine = Coordinator::open(
+        config,
+        store.clone(),
+        Artifacts::memory(),
+        KeyPair::generate().expect("key"),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .expect("engine");
+    for _ in 0..4 {
+        let d = Device::new();
+        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
+    }
+    let driver = tokio::spawn(engine.clone().run_rounds());
+    tokio::time::sleep(deadline + Duration::from_secs(5)).await;
+    let rounds = store.rounds(10).await.expect("rounds");
+    let r1 = rounds.iter().find(|r| r.id == 1).expect("round 1");
+    assert_eq!(r1.state, RoundState::Failed);
+    assert!(r1.failure.contains("0 of the 3"), "{}", r1.failure);
+    assert_eq!(store.current_version().await.expect("version"), 1, "nothing published");
+    driver.abort();
+}

@@ -1,0 +1,163 @@
+//! Kill the coordinator process with SIGKILL after some updates were acknowledged; a new
+//! process on the same state completes the round with every acknowledged update.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use covey_proto::manifest::Manifest;
+use covey_proto::pb::{self, admin_client::AdminClient, fleet_client::FleetClient};
+use covey_tensors::NamedTensors;
+use tonic::transport::Channel;
+
+use crate::support::{self, Device, connect, submit};
+
+fn spawn(config: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_covey-coordinator"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn covey-coordinator");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && let Some(addr) = line.strip_prefix("covey-coordinator listening on ") {
+                sent = tx.send(addr.trim().to_owned()).is_ok();
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator did not start");
+    (child, addr.parse().expect("address"))
+}
+
+async fn fetch(c: &mut FleetClient<Channel>, hash: &[u8]) -> Vec<u8> {
+    let mut stream = c
+        .fetch_artifact(pb::FetchArtifactRequest { sha256: hash.to_vec(), offset: 0 })
+        .await
+        .expect("fetch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        assert_eq!(chunk.offset as usize, out.len());
+        out.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(covey_proto::keys::sha256(&out).to_vec(), hash.to_vec(), "artifact hash");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_updates_survive_sigkill() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.rounds.min_updates = 4;
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let config_path = root.path().join("coordinator.toml");
+    std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("write config");
+
+    let (mut first, addr) = spawn(&config_path);
+    let mut c = connect(addr).await;
+    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
+    let mut coordinator_key = Vec::new();
+    for d in &devices {
+        coordinator_key = d.enroll(&mut c).await;
+    }
+    let mut tasks = Vec::new();
+    for d in &devices {
+        tasks.push(d.task(&mut c).await);
+    }
+    let deltas: Vec<NamedTensors> = (0..4).map(|i| support::delta(i + 1)).collect();
+    let mut uploads = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        uploads.push(d.update(&tasks[i], &deltas[i]));
+    }
+    for (h, s, p) in &uploads[..2] {
+        submit(&mut c, &h.to_bytes(), s, p).await.expect("acknowledged");
+    }
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    drop(c);
+
+    let (mut second, addr) = spawn(&config_path);
+    let mut c = connect(addr).await;
+    // The acknowledged nonce stayed consumed.
+    let (h, s, p) = &uploads[0];
+    let err = submit(&mut c, &h.to_bytes(), s, p).await.expect_err("replay after restart");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    // The other two devices get the same task back and finish the round.
+    for i in 2..4 {
+        let again = devices[i].task(&mut c).await;
+        assert_eq!(again.task_id, tasks[i].task_id);
+        let (h, s, p) = &uploads[i];
+        submit(&mut c, &h.to_bytes(), s, p).await.expect("acknowledged after restart");
+    }
+
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("url").connect().await.expect("connect");
+    let mut admin = AdminClient::new(channel);
+    let mut published = None;
+    for _ in 0..300 {
+        let mut req = tonic::Request::new(pb::ListRoundsRequest { limit: 10 });
+        req.metadata_mut().insert("authorization", format!("Bearer {}", support::ADMIN).parse().expect("meta"));
+        let rounds = admin.list_rounds(req).await.expect("rounds").into_inner().rounds;
+        if let Some(r) = rounds.iter().find(|r| r.round_id == 1 && r.state == "published") {
+            published = Some(r.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let round = published.expect("round 1 published after the restart");
+    assert_eq!(round.updates, 4, "every acknowledged update is in the round");
+    assert_eq!(round.published_version, 2);
+
+    // The published master weights are exactly initial + (alpha/r)·mean(B)·A.
+    let signed = c.get_manifest(pb::GetManifestRequest { version: 2 }).await.expect("manifest").into_inner();
+    let manifest = Manifest::verify(&signed.manifest, &signed.signature, &coordinator_key).expect("signed manifest");
+    assert_eq!((manifest.version, manifest.parent, manifest.round_id), (2, 1, 1));
+    let master = covey_tensors::decode(&fetch(&mut c, &hex::decode(&manifest.master_sha256).expect("hex")).await)
+        .expect("master")
+        .0;
+    let a = covey_tensors::decode(&fetch(&mut c, &tasks[0].lora.as_ref().expect("lora").a_factors_sha256).await)
+        .expect("A")
+        .0;
+    let initial = covey_tensors::decode(&std::fs::read(root.path().join("model/model.safetensors")).expect("read"))
+        .expect("init")
+        .0;
+    let mut mean = deltas[0].clone();
+    for t in mean.values_mut() {
+        t.data.iter_mut().for_each(|x| *x = 0.0);
+    }
+    for d in &deltas {
+        for (name, t) in d {
+            let m = mean.get_mut(name).expect("name");
+            for (x, y) in m.data.iter_mut().zip(&t.data) {
+                *x += y / 4.0;
+            }
+        }
+    }
+    let mut expected = initial.clone();
+    let mut factors = a.clone();
+    factors.extend(mean);
+    covey_tensors::lora::merge(&mut expected, &factors, 4.0 / 2.0).expect("merge");
+    for (name, t) in &expected {
+        let got = &master[name];
+        let err = t.data.iter().zip(&got.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-5, "{name}: max error {err}");
+    }
+    assert_ne!(master, initial, "the round changed the weights");
+    // The devices' artifact is int8 and decodes close to the master.
+    let model =
+        covey_tensors::quant::decode_model(&fetch(&mut c, &hex::decode(&manifest.model.sha256).expect("hex")).await)
+            .expect("int8 model")
+            .0;
+    let q = &model["model.layers.0.self_attn.q_proj.weight"];
+    let m = &master["model.layers.0.self_attn.q_proj.weight"];
+    let err = q.data.iter().zip(&m.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(err > 0.0 && err < 2e-3, "int8 error {err}");
+    second.kill().expect("kill");
+    second.wait().expect("reap");
+}

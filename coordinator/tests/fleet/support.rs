@@ -1,0 +1,190 @@
+//! Test support: a tiny model on disk, a configuration, and a raw device client.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use covey_coordinator::CoordinatorConfig;
+use covey_proto::keys::{self, KeyPair};
+use covey_proto::pb::{self, fleet_client::FleetClient};
+use covey_proto::signing::{self, DeviceMethod, UpdateHeader};
+use covey_tensors::{HostTensor, NamedTensors};
+use tonic::transport::Channel;
+
+pub const TOKEN: &str = "test-enrolment-token";
+pub const ADMIN: &str = "test-admin-token";
+pub const HIDDEN: usize = 8;
+pub const RANK: usize = 2;
+
+fn tensor(shape: &[usize], seed: u32) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let data = (0..n).map(|i| ((i as f32 + seed as f32 * 7.0) * 0.618).sin() * 0.1).collect();
+    HostTensor::new(shape.to_vec(), data).expect("shape")
+}
+
+/// A two-layer model directory with Hugging Face names.
+pub fn write_tiny_model(dir: &Path) -> PathBuf {
+    let mut m = NamedTensors::new();
+    m.insert("model.embed_tokens.weight".into(), tensor(&[32, HIDDEN], 1));
+    m.insert("model.norm.weight".into(), HostTensor::new(vec![HIDDEN], vec![1.0; HIDDEN]).expect("norm"));
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        m.insert(format!("{p}.input_layernorm.weight"), HostTensor::new(vec![HIDDEN], vec![1.0; HIDDEN]).expect("n"));
+        m.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            HostTensor::new(vec![HIDDEN], vec![1.0; HIDDEN]).expect("n"),
+        );
+        for (i, t) in ["q_proj", "k_proj", "v_proj", "o_proj"].iter().enumerate() {
+            m.insert(format!("{p}.self_attn.{t}.weight"), tensor(&[HIDDEN, HIDDEN], 10 + i as u32));
+        }
+        m.insert(format!("{p}.mlp.gate_proj.weight"), tensor(&[16, HIDDEN], 20));
+        m.insert(format!("{p}.mlp.up_proj.weight"), tensor(&[16, HIDDEN], 21));
+        m.insert(format!("{p}.mlp.down_proj.weight"), tensor(&[HIDDEN, 16], 22));
+    }
+    let dir = dir.join("model");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("model.safetensors"), covey_tensors::encode(&m, None).expect("encode")).expect("write");
+    std::fs::write(dir.join("config.json"), br#"{"hidden_size": 8, "num_hidden_layers": 2}"#).expect("write");
+    dir
+}
+
+/// A configuration for tests: 4 devices per round, 3 needed, rank 2 on q and v.
+pub fn config(root: &Path) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        state_dir: root.join("state"),
+        initial_model: Some(write_tiny_model(root)),
+        ..CoordinatorConfig::default()
+    };
+    c.admin.token = ADMIN.into();
+    c.enrollment.tokens = vec![TOKEN.into()];
+    c.lora.rank = RANK;
+    c.lora.alpha = 4.0;
+    c.lora.targets = vec!["q_proj".into(), "v_proj".into()];
+    c.rounds.target_updates = 4;
+    c.rounds.over_selection = 0.0;
+    c.rounds.min_updates = 3;
+    c.rounds.min_available = 4;
+    c.rounds.deadline = Duration::from_secs(120);
+    c.rounds.pause = Duration::from_millis(50);
+    c.rounds.poll_interval = Duration::from_millis(100);
+    c.privacy.clip_norm = 1.0;
+    c.limits.max_payload_bytes = 64 << 10;
+    c
+}
+
+/// Names and shapes of the `B` tensors the test config expects.
+pub fn b_shapes() -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for l in 0..2 {
+        for t in ["q_proj", "v_proj"] {
+            out.push((format!("base_model.model.model.layers.{l}.self_attn.{t}.lora_B.weight"), vec![HIDDEN, RANK]));
+        }
+    }
+    out
+}
+
+/// A valid `B` delta (norm below 1), different per `seed`.
+pub fn delta(seed: u32) -> NamedTensors {
+    b_shapes().into_iter().map(|(n, s)| (n, tensor(&s, seed))).collect()
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> FleetClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("url").connect().await.expect("connect");
+    FleetClient::new(channel).max_decoding_message_size(covey_proto::MAX_MESSAGE_BYTES)
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
+/// A device with its own key.
+pub struct Device {
+    pub key: KeyPair,
+}
+
+impl Device {
+    pub fn new() -> Self {
+        Self { key: KeyPair::generate().expect("key") }
+    }
+
+    pub fn id(&self) -> [u8; 32] {
+        self.key.device_id()
+    }
+
+    pub fn auth(&self, method: DeviceMethod, ts: u64) -> pb::DeviceAuth {
+        let sig = self.key.sign(&signing::device_request_bytes(method, &self.id(), ts));
+        pb::DeviceAuth { device_id: self.id().to_vec(), timestamp_ms: ts, signature: sig.to_vec() }
+    }
+
+    pub async fn enroll(&self, c: &mut FleetClient<Channel>) -> Vec<u8> {
+        let r = c
+            .enroll(pb::EnrollRequest {
+                public_key: self.key.public_key().to_vec(),
+                enrollment_token: TOKEN.into(),
+                label: "test".into(),
+            })
+            .await
+            .expect("enroll")
+            .into_inner();
+        assert_eq!(r.device_id, self.id().to_vec());
+        r.coordinator_public_key
+    }
+
+    /// Poll until a task arrives.
+    pub async fn task(&self, c: &mut FleetClient<Channel>) -> pb::Task {
+        for _ in 0..200 {
+            let r = c
+                .poll_task(pb::PollTaskRequest { auth: Some(self.auth(DeviceMethod::Poll, now_ms())) })
+                .await
+                .expect("poll")
+                .into_inner();
+            match r.outcome {
+                Some(pb::poll_task_response::Outcome::Task(t)) => return t,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        panic!("no task after 10 s");
+    }
+
+    /// Header, signature and payload of an update for `task`.
+    pub fn update(&self, task: &pb::Task, delta: &NamedTensors) -> (UpdateHeader, [u8; 64], Vec<u8>) {
+        let payload = covey_tensors::encode(delta, None).expect("encode");
+        let privacy = task.privacy.expect("privacy");
+        let header = UpdateHeader {
+            device_id: self.id(),
+            round_id: task.round_id,
+            task_id: signing::fixed("task_id", &task.task_id).expect("task id"),
+            base_manifest_hash: signing::fixed("hash", &task.base_manifest_hash).expect("hash"),
+            nonce: signing::fixed("nonce", &task.nonce).expect("nonce"),
+            payload_len: payload.len() as u64,
+            payload_sha256: keys::sha256(&payload),
+            clip_norm: privacy.clip_norm,
+            noise_multiplier: privacy.noise_multiplier,
+            num_examples: 16,
+            within_clip: Some(true),
+        };
+        let sig = self.key.sign(&header.to_bytes());
+        (header, sig, payload)
+    }
+}
+
+/// Upload `header`/`signature`/`payload` (split in 16 KiB chunks).
+pub async fn submit(
+    c: &mut FleetClient<Channel>,
+    header: &[u8],
+    signature: &[u8],
+    payload: &[u8],
+) -> Result<pb::SubmitUpdateResponse, tonic::Status> {
+    let mut msgs = vec![pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+            signed_header: header.to_vec(),
+            signature: signature.to_vec(),
+            train_loss: 1.0,
+        })),
+    }];
+    for chunk in payload.chunks(16 << 10) {
+        msgs.push(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(chunk.to_vec())) });
+    }
+    c.submit_update(tokio_stream::iter(msgs)).await.map(tonic::Response::into_inner)
+}
