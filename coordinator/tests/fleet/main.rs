@@ -5,3 +5,4 @@ mod dropout;
 mod durability;
 mod security;
 mod support;
+mod tls;
