@@ -1,0 +1,216 @@
+//! Agent settings: serde structs with documented defaults, loaded from TOML (kebab-case
+//! keys, unknown keys refused) and checked by [`AgentConfig::validate`].
+//!
+//! ```
+//! use covey_agent::AgentConfig;
+//! let cfg = AgentConfig::from_toml_str(r#"
+//!     state-dir = "/var/lib/covey"
+//!     data-dir = "/home/me/notes"
+//!     coordinator = "https://coordinator.example:7443"
+//!     [tls]
+//!     ca-cert = "/etc/covey/ca.pem"
+//!     [backoff]
+//!     base = "200ms"
+//!     cap = "30s"
+//! "#).unwrap();
+//! assert_eq!(cfg.backoff.cap, std::time::Duration::from_secs(30));
+//! assert_eq!(cfg.train_threads, 1);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// Everything the agent needs to run. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentConfig {
+    /// Coordinator URL (`http://host:port` or `https://host:port`). Required to enrol;
+    /// when running, `None` uses the URL recorded at enrolment. Default none.
+    pub coordinator: Option<String>,
+    /// State directory: identity, key, verified models, checkpoints. Default `covey-state`.
+    pub state_dir: PathBuf,
+    /// Local training data: a `.txt` / `.jsonl` file or a directory of them. It never
+    /// leaves the device. Default `covey-data`.
+    pub data_dir: PathBuf,
+    /// TLS towards the coordinator.
+    pub tls: TlsConfig,
+    /// Retry of failed calls.
+    pub backoff: BackoffConfig,
+    /// Data-parallel training threads (burn's CPU kernels use about one core each).
+    /// Default 1.
+    pub train_threads: usize,
+    /// Save the adapter every this many optimizer steps, so a crash resumes the task
+    /// there; 0 never. Default 10.
+    pub checkpoint_every: usize,
+    /// Time limit of one unary call. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Time limit to open a connection. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait between polls, whatever the coordinator asks. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_wait: Duration,
+    /// Largest artifact (model, factors) accepted, in bytes. Default 2 GiB.
+    pub max_artifact_bytes: u64,
+    /// Stop with an error after this many tasks failed in a row; `None` never gives up.
+    /// Default none.
+    pub max_task_failures: Option<u32>,
+    /// Model versions kept in the cache besides the newest. Default 1.
+    pub keep_versions: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: None,
+            state_dir: PathBuf::from("covey-state"),
+            data_dir: PathBuf::from("covey-data"),
+            tls: TlsConfig::default(),
+            backoff: BackoffConfig::default(),
+            train_threads: 1,
+            checkpoint_every: 10,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_poll_wait: Duration::from_secs(60),
+            max_artifact_bytes: 2 << 30,
+            max_task_failures: None,
+            keep_versions: 1,
+        }
+    }
+}
+
+/// TLS settings. Without any of them, `http://` URLs are used in the clear and
+/// `https://` URLs need `ca-cert` (no system roots are compiled in).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// PEM of the CA that signed the coordinator's certificate. When absent, the CA
+    /// pinned at enrolment (`state/ca.pem`) is used if there is one.
+    pub ca_cert: Option<PathBuf>,
+    /// PEM certificate of this device, for mutual TLS (with `client-key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client-cert`.
+    pub client_key: Option<PathBuf>,
+    /// Name to check the coordinator's certificate against, when it differs from the
+    /// URL's host.
+    pub domain_name: Option<String>,
+}
+
+impl TlsConfig {
+    /// Whether any TLS setting is given.
+    pub fn is_configured(&self) -> bool {
+        self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some() || self.domain_name.is_some()
+    }
+}
+
+/// Exponential backoff with jitter for transient failures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BackoffConfig {
+    /// First delay. Default 200 ms.
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    /// Largest delay. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub cap: Duration,
+    /// Attempts of one call before its task is given up; 0 retries forever. Default 12.
+    pub max_attempts: u32,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self { base: Duration::from_millis(200), cap: Duration::from_secs(30), max_attempts: 12 }
+    }
+}
+
+impl AgentConfig {
+    /// A configuration for `state_dir` and `data_dir`, everything else default.
+    pub fn new(state_dir: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
+        Self { state_dir: state_dir.into(), data_dir: data_dir.into(), ..Self::default() }
+    }
+
+    /// Parse TOML (defaults for what is absent) and validate.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        Self::parse_toml(text, Path::new("<string>"))
+    }
+
+    /// Read a TOML file (defaults for what is absent) and validate.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| AgentError::io(path, e))?;
+        Self::parse_toml(&text, path)
+    }
+
+    fn parse_toml(text: &str, path: &Path) -> Result<Self> {
+        let cfg: Self =
+            toml::from_str(text).map_err(|e| AgentError::Toml { path: path.to_owned(), source: Box::new(e) })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check that every value is possible; returns the first problem found.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(url) = &self.coordinator
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(AgentError::config("coordinator", format!("{url} is not an http:// or https:// URL")));
+        }
+        if self.train_threads == 0 {
+            return Err(AgentError::config("train-threads", "must be at least 1"));
+        }
+        if self.backoff.base.is_zero() || self.backoff.cap < self.backoff.base {
+            return Err(AgentError::config("backoff", "base must be > 0 and cap >= base"));
+        }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            return Err(AgentError::config("tls", "client-cert and client-key go together"));
+        }
+        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(AgentError::config("request-timeout", "timeouts must be > 0"));
+        }
+        if self.max_artifact_bytes == 0 {
+            return Err(AgentError::config("max-artifact-bytes", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_toml_overrides_them() {
+        AgentConfig::default().validate().expect("defaults");
+        let cfg = AgentConfig::from_toml_str("train-threads = 2\n[backoff]\nmax-attempts = 3\n").expect("parse");
+        assert_eq!(cfg.train_threads, 2);
+        assert_eq!(cfg.backoff.max_attempts, 3);
+        assert_eq!(cfg.backoff.base, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let cfg = AgentConfig::from_toml_str(include_str!("../agent.example.toml")).expect("example");
+        assert_eq!(cfg.coordinator.as_deref(), Some("https://coordinator.example:7443"));
+        assert_eq!(cfg.tls.ca_cert, Some(PathBuf::from("/etc/covey/ca.pem")));
+        let defaults = AgentConfig {
+            coordinator: cfg.coordinator.clone(),
+            tls: TlsConfig { ca_cert: cfg.tls.ca_cert.clone(), ..TlsConfig::default() },
+            ..AgentConfig::default()
+        };
+        assert_eq!(cfg, defaults, "the example shows the defaults");
+    }
+
+    #[test]
+    fn typos_and_impossible_values_are_refused() {
+        let err = AgentConfig::from_toml_str("train-thread = 2").expect_err("typo").to_string();
+        assert!(err.contains("train-thread"), "{err}");
+        let err = AgentConfig::from_toml_str("coordinator = \"ftp://x\"").expect_err("scheme").to_string();
+        assert!(err.contains("coordinator"), "{err}");
+        let err = AgentConfig::from_toml_str("[tls]\nclient-cert = \"c.pem\"").expect_err("no key").to_string();
+        assert!(err.contains("client-key"), "{err}");
+    }
+}

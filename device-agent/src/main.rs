@@ -1,0 +1,229 @@
+//! `covey-agent`: enrol a device, run it against a coordinator, show its state, and
+//! generate text with the newest verified model.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use covey_agent::{AgentConfig, RunUntil};
+use covey_model::SamplingConfig;
+
+#[derive(Parser)]
+#[command(name = "covey-agent", version, about = "Covey device agent: private federated LoRA fine-tuning")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate this device's key and register it with a coordinator.
+    Enroll(EnrollArgs),
+    /// Poll for tasks, train, and upload updates.
+    Run(RunArgs),
+    /// Show the identity, cached versions, pending tasks and submitted updates.
+    Status(StatusArgs),
+    /// Continue a prompt with the newest verified model version.
+    Generate(GenerateArgs),
+}
+
+/// Connection settings shared by `enroll` and `run`.
+#[derive(Args)]
+struct Connection {
+    /// Agent configuration file (TOML); command-line flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// PEM of the CA that signed the coordinator's certificate (https:// URLs).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// PEM certificate of this device, for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Name to check the coordinator's certificate against.
+    #[arg(long)]
+    domain_name: Option<String>,
+}
+
+impl Connection {
+    fn config(&self) -> Result<AgentConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => AgentConfig::load(path).with_context(|| format!("loading {}", path.display()))?,
+            None => AgentConfig::default(),
+        };
+        if self.ca_cert.is_some() {
+            cfg.tls.ca_cert.clone_from(&self.ca_cert);
+        }
+        if self.client_cert.is_some() {
+            cfg.tls.client_cert.clone_from(&self.client_cert);
+            cfg.tls.client_key.clone_from(&self.client_key);
+        }
+        if self.domain_name.is_some() {
+            cfg.tls.domain_name.clone_from(&self.domain_name);
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct EnrollArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:7070 or https://coordinator:7443.
+    #[arg(long)]
+    coordinator: String,
+    /// Enrolment token issued by the operator.
+    #[arg(long)]
+    token: String,
+    /// State directory to create.
+    #[arg(long)]
+    state: PathBuf,
+    /// Free-form label for operators (at most 128 bytes).
+    #[arg(long, default_value = "")]
+    label: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// State directory of an enrolled device.
+    #[arg(long)]
+    state: PathBuf,
+    /// Local training data: a .txt / .jsonl file or a directory of them.
+    #[arg(long)]
+    data: PathBuf,
+    /// Stop after this many accepted updates (default: run until Ctrl-C).
+    #[arg(long)]
+    updates: Option<u64>,
+    /// Coordinator URL (default: the one enrolled with).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Data-parallel training threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// State directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// State directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens (bytes) to generate.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "covey_agent=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Enroll(a) => enroll(a).await,
+        Command::Run(a) => run(a).await,
+        Command::Status(a) => status(a),
+        Command::Generate(a) => generate(a).await,
+    }
+}
+
+async fn enroll(a: EnrollArgs) -> Result<()> {
+    let mut cfg = a.connection.config()?;
+    cfg.coordinator = Some(a.coordinator);
+    cfg.state_dir = a.state;
+    let identity = covey_agent::enroll(&cfg, &a.token, &a.label).await.context("enrolment failed")?;
+    println!("enrolled: device id {}", identity.device_id_hex());
+    println!("coordinator key {}", hex::encode(identity.coordinator_public_key));
+    println!("state written to {}", cfg.state_dir.display());
+    Ok(())
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let mut cfg = a.connection.config()?;
+    cfg.state_dir = a.state;
+    cfg.data_dir = a.data;
+    if a.coordinator.is_some() {
+        cfg.coordinator = a.coordinator;
+    }
+    if let Some(t) = a.threads {
+        cfg.train_threads = t;
+    }
+    let until = a.updates.map_or(RunUntil::Forever, RunUntil::Updates);
+    let shutdown = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let summary = covey_agent::run_with_shutdown(cfg, until, shutdown).await.context("the agent stopped")?;
+    println!(
+        "{} updates accepted (rounds {:?}), {} tasks failed, {} polls",
+        summary.submitted, summary.rounds, summary.failed_tasks, summary.polls
+    );
+    Ok(())
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let s = covey_agent::status(&a.state)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("device id     {}", s.identity.device_id);
+    println!("coordinator   {} (key {})", s.identity.coordinator_url, s.identity.coordinator_public_key);
+    if !s.identity.label.is_empty() {
+        println!("label         {}", s.identity.label);
+    }
+    println!("versions      {:?}", s.cached_versions);
+    println!("pending tasks {:?}", s.pending_tasks);
+    println!("submitted     {}", s.submitted);
+    if let Some(u) = &s.last_update {
+        println!(
+            "last update   round {} on version {}, {} examples, loss {:.4}, C {} z {}",
+            u.round_id, u.base_version, u.examples, u.train_loss, u.clip_norm, u.noise_multiplier
+        );
+    }
+    Ok(())
+}
+
+async fn generate(a: GenerateArgs) -> Result<()> {
+    let sampling = SamplingConfig {
+        max_new_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: None,
+        seed: a.seed,
+    };
+    let state = a.state.clone();
+    let prompt = a.prompt.clone();
+    let out = tokio::task::spawn_blocking(move || covey_agent::generate(&state, &prompt, &sampling)).await??;
+    eprintln!("(model version {})", out.version);
+    println!("{}{}", a.prompt, out.text);
+    Ok(())
+}

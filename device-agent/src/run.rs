@@ -1,0 +1,345 @@
+//! The agent's loop: poll → fetch and verify → train → clip / noise → sign → upload.
+//!
+//! Failures are sorted by [`AgentError::is_transient`]: transient ones (the coordinator is
+//! unreachable, overloaded, failed internally) are retried with backoff inside each call,
+//! and the task's checkpoint is kept; permanent ones end the task: it is logged, its
+//! checkpoint dropped, and the agent polls again after a backoff that grows with
+//! consecutive failures.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::Backoff;
+use crate::client::{Coordinator, PollOutcome, SubmitOutcome};
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::identity::Identity;
+use crate::models::{ArtifactCache, ModelCache, VerifiedManifest, VerifiedModel};
+use crate::task::{CheckpointStore, TaskSpec};
+use crate::train::{TrainJob, local_spec, train};
+use crate::update::{PrivateUpdate, SignedUpdate};
+
+/// File of the state directory listing submitted updates, one JSON object a line.
+pub const HISTORY_FILE: &str = "history.jsonl";
+
+/// When [`run`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunUntil {
+    /// Never (until the shutdown future of [`run_with_shutdown`] resolves, or a fatal error).
+    Forever,
+    /// Once this many updates were accepted by the coordinator.
+    Updates(u64),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Updates the coordinator accepted.
+    pub submitted: u64,
+    /// Rounds of those updates, in order.
+    pub rounds: Vec<u64>,
+    /// Tasks given up after a permanent failure.
+    pub failed_tasks: u64,
+    /// Polls that answered.
+    pub polls: u64,
+    /// The newest model version trained on.
+    pub last_version: Option<u64>,
+}
+
+/// One line of `history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Round.
+    pub round_id: u64,
+    /// Hex task id.
+    pub task_id: String,
+    /// Version trained on.
+    pub base_version: u64,
+    /// Coordinator's id of the update (0 when an earlier attempt was stored).
+    pub update_id: u64,
+    /// Training sequences behind the update.
+    pub examples: u64,
+    /// Last training loss.
+    pub train_loss: f32,
+    /// Clip norm applied.
+    pub clip_norm: f64,
+    /// Noise multiplier applied.
+    pub noise_multiplier: f64,
+    /// Global norm of `B` before clipping.
+    pub pre_clip_norm: Option<f64>,
+    /// Payload size in bytes.
+    pub payload_bytes: u64,
+    /// Optimizer step training resumed from after a restart, if it did.
+    #[serde(default)]
+    pub resumed_from_step: Option<usize>,
+    /// When it was accepted, ms since the Unix epoch.
+    pub submitted_unix_ms: u64,
+}
+
+/// Run the agent of `cfg` until `until` is reached or a fatal error occurs.
+///
+/// Needs an enrolled state directory ([`crate::enroll`]). Fatal: no or corrupt identity,
+/// unusable configuration, and `cfg.max_task_failures` consecutive failed tasks.
+pub async fn run(cfg: AgentConfig, until: RunUntil) -> Result<RunSummary> {
+    run_with_shutdown(cfg, until, std::future::pending()).await
+}
+
+/// [`run`], also returning (with what was done so far) as soon as `shutdown` resolves.
+/// A training step in progress continues on its blocking thread and keeps checkpointing;
+/// the next run resumes it.
+pub async fn run_with_shutdown(
+    cfg: AgentConfig,
+    until: RunUntil,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary> {
+    cfg.validate()?;
+    let identity = Identity::load(&cfg.state_dir)?;
+    let url = cfg.coordinator.clone().unwrap_or_else(|| identity.coordinator_url.clone());
+    let coordinator = Coordinator::connect(&url, &cfg)?;
+    tracing::info!(device = %identity.device_id_hex(), coordinator = %url, "agent started");
+    let agent = Agent {
+        models: ModelCache::new(&cfg.state_dir),
+        artifacts: ArtifactCache::new(&cfg.state_dir),
+        checkpoints: CheckpointStore::new(&cfg.state_dir),
+        cfg,
+        identity,
+        coordinator,
+    };
+    let mut summary = RunSummary::default();
+    let mut failures = 0u32;
+    let backoff = Backoff::from(&agent.cfg.backoff);
+    tokio::pin!(shutdown);
+    loop {
+        if let RunUntil::Updates(n) = until
+            && summary.submitted >= n
+        {
+            break;
+        }
+        let step = agent.step(&mut summary);
+        let outcome = tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                tracing::info!("shutting down");
+                break;
+            }
+            outcome = step => outcome,
+        };
+        let pause = match outcome {
+            Ok(Some(wait)) => {
+                failures = 0;
+                wait
+            }
+            Ok(None) => {
+                failures = 0;
+                Duration::ZERO
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, failures, "task failed");
+                if let Some(max) = agent.cfg.max_task_failures
+                    && failures >= max
+                {
+                    return Err(AgentError::TooManyFailures { failures, last: Box::new(e) });
+                }
+                backoff.delay(failures - 1)
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    break;
+                }
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+    Ok(summary)
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    identity: Identity,
+    coordinator: Coordinator,
+    models: ModelCache,
+    artifacts: ArtifactCache,
+    checkpoints: CheckpointStore,
+}
+
+impl Agent {
+    /// One poll and, when it brings a task, the whole task. `Ok(Some(d))`: wait `d` before
+    /// polling again; `Ok(None)`: poll again now.
+    async fn step(&self, summary: &mut RunSummary) -> Result<Option<Duration>> {
+        let outcome = self.coordinator.poll(&self.identity).await?;
+        summary.polls += 1;
+        let task = match outcome {
+            PollOutcome::Wait { retry_after, reason } => {
+                let wait = retry_after.clamp(Duration::from_millis(10), self.cfg.max_poll_wait);
+                tracing::debug!(reason, wait_ms = wait.as_millis() as u64, "nothing to do");
+                return Ok(Some(wait));
+            }
+            PollOutcome::Task(task) => task,
+        };
+        let task = TaskSpec::try_from(task)?;
+        self.checkpoints.remove_others(&task.task_id);
+        match self.run_task(&task).await {
+            Ok((entry, version)) => {
+                summary.submitted += 1;
+                summary.rounds.push(entry.round_id);
+                summary.last_version = Some(version);
+                self.checkpoints.remove(&task.task_id);
+                if let Err(e) = append_history(&self.cfg.state_dir, &entry) {
+                    tracing::warn!(error = %e, "cannot record the update in the history");
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                if !e.is_transient() {
+                    summary.failed_tasks += 1;
+                    tracing::warn!(task = %task.id_hex(), round = task.round_id, error = %e, "giving up the task");
+                    self.checkpoints.remove(&task.task_id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Carry out one task to an accepted upload.
+    async fn run_task(&self, task: &TaskSpec) -> Result<(HistoryEntry, u64)> {
+        let id = task.id_hex();
+        tracing::info!(task = %id, round = task.round_id, version = task.base_version, "task received");
+        self.check_deadline(task)?;
+        if let Some(update) = self.checkpoints.load_update(task, &self.identity) {
+            tracing::info!(task = %id, "re-sending the update signed before a restart");
+            return self.upload(task, &update, None, None).await.map(|e| (e, task.base_version));
+        }
+        if task.privacy.noise_multiplier > 0.0 && self.checkpoints.was_sent(task) {
+            // The coordinator may have seen the noised update that was rejected; a second,
+            // independently noised one would spend the task's privacy twice.
+            return Err(AgentError::InvalidTask {
+                task_id: id,
+                field: "task_id",
+                reason: "a noised update of this task already left the device; not sending another".into(),
+            });
+        }
+        let model = self.ensure_model(task).await?;
+        let a_factors = self.ensure_artifact(&task.lora.a_factors_sha256).await?;
+        let job = TrainJob {
+            model,
+            a_factors,
+            data_dir: self.cfg.data_dir.clone(),
+            spec: local_spec(task, &self.cfg, &self.identity.device_id),
+            task: task.clone(),
+            store: self.checkpoints.clone(),
+        };
+        let started = std::time::Instant::now();
+        let trained = train(job).await?;
+        tracing::info!(task = %id, examples = trained.examples, loss = trained.loss,
+            resumed_from = trained.resumed_from, seconds = started.elapsed().as_secs_f64(), "trained");
+        self.check_deadline(task)?;
+        let private = PrivateUpdate::new(trained.b, task.privacy)?;
+        let pre_clip = private.pre_clip_norm();
+        let signed = SignedUpdate::sign(private, task, &self.identity, trained.examples, trained.loss)?;
+        self.checkpoints.save_update(task, &signed)?;
+        self.checkpoints.mark_sent(task)?;
+        self.upload(task, &signed, Some(pre_clip), trained.resumed_from).await.map(|e| (e, task.base_version))
+    }
+
+    async fn upload(
+        &self,
+        task: &TaskSpec,
+        update: &SignedUpdate,
+        pre_clip_norm: Option<f64>,
+        resumed_from_step: Option<usize>,
+    ) -> Result<HistoryEntry> {
+        let outcome = self.coordinator.submit(update).await?;
+        let update_id = match outcome {
+            SubmitOutcome::Stored { update_id, .. } => update_id,
+            SubmitOutcome::AlreadyStored => 0,
+        };
+        tracing::info!(task = %task.id_hex(), round = task.round_id, update_id, bytes = update.payload().len(), "update accepted");
+        Ok(HistoryEntry {
+            round_id: task.round_id,
+            task_id: task.id_hex(),
+            base_version: task.base_version,
+            update_id,
+            examples: update.header().num_examples,
+            train_loss: update.train_loss(),
+            clip_norm: task.privacy.clip_norm,
+            noise_multiplier: task.privacy.noise_multiplier,
+            pre_clip_norm,
+            payload_bytes: update.payload().len() as u64,
+            resumed_from_step,
+            submitted_unix_ms: crate::now_ms(),
+        })
+    }
+
+    fn check_deadline(&self, task: &TaskSpec) -> Result<()> {
+        match task.late_by(crate::now_ms()) {
+            Some(late_ms) => Err(AgentError::DeadlinePassed { task_id: task.id_hex(), late_ms }),
+            None => Ok(()),
+        }
+    }
+
+    /// The task's base version, from the cache or downloaded and verified (then cached).
+    async fn ensure_model(&self, task: &TaskSpec) -> Result<VerifiedModel> {
+        let key = self.identity.coordinator_public_key;
+        match self.models.load(task.base_version, &key) {
+            Ok(m) if m.manifest_hash == task.base_manifest_hash => return Ok(m),
+            Ok(_) => {
+                tracing::warn!(version = task.base_version, "the cached version differs from the task's; fetching")
+            }
+            Err(AgentError::Io { .. }) => {}
+            Err(e) => tracing::warn!(version = task.base_version, error = %e, "cached version unusable; fetching"),
+        }
+        let signed = self.coordinator.get_manifest(task.base_version).await?;
+        let manifest = VerifiedManifest::verify(
+            &signed.manifest,
+            &signed.signature,
+            &key,
+            task.base_version,
+            Some(&task.base_manifest_hash),
+        )?;
+        let max = self.cfg.max_artifact_bytes;
+        let m = manifest.manifest();
+        tracing::info!(version = m.version, model_bytes = m.model.size, "fetching a verified version");
+        let model = self.coordinator.fetch_artifact(&manifest.model_sha256(), Some(m.model.size), max).await?;
+        let config = self.coordinator.fetch_artifact(&manifest.config_sha256(), Some(m.config.size), max).await?;
+        let stored = self.models.store(&manifest, model, config)?;
+        self.models.prune(self.cfg.keep_versions);
+        Ok(stored)
+    }
+
+    /// An artifact named by its hash, from the cache or downloaded and verified (then cached).
+    async fn ensure_artifact(&self, sha256: &[u8; 32]) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.artifacts.get(sha256) {
+            return Ok(bytes);
+        }
+        let bytes = self.coordinator.fetch_artifact(sha256, None, self.cfg.max_artifact_bytes).await?;
+        self.artifacts.retain(&[]);
+        self.artifacts.put(sha256, &bytes)?;
+        Ok(bytes)
+    }
+}
+
+fn append_history(state_dir: &Path, entry: &HistoryEntry) -> Result<()> {
+    use std::io::Write;
+    let path = state_dir.join(HISTORY_FILE);
+    let mut line = serde_json::to_vec(entry).map_err(|e| AgentError::json(&path, e))?;
+    line.push(b'\n');
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| AgentError::io(&path, e))?;
+    f.write_all(&line).map_err(|e| AgentError::io(&path, e))
+}
+
+/// The entries of `history.jsonl` (an absent file is an empty history; unreadable lines
+/// are skipped).
+pub fn read_history(state_dir: &Path) -> Vec<HistoryEntry> {
+    std::fs::read_to_string(state_dir.join(HISTORY_FILE))
+        .map(|text| text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,128 @@
+//! Local training of one task, on a blocking thread: decode the verified model and the
+//! `A` factors, read the local corpus, and train `B` with `covey_model::train_local_adapter`,
+//! checkpointing as it goes.
+
+use std::path::PathBuf;
+
+use covey_model::{Checkpoint, LocalResult, LocalTrainSpec, LoraConfig, Resume, Tokenizer, TrainConfig};
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::models::VerifiedModel;
+use crate::task::{CheckpointStore, TaskSpec};
+
+/// The local training settings of `task`: its LoRA layout (FFA: `A` frozen), steps, batch
+/// size, sequence length, learning rate (warm-up over the first tenth of the steps, then
+/// cosine decay), FedProx coefficient and seed; `cfg.train_threads` and
+/// `cfg.checkpoint_every` from the agent. The task's seed is mixed with the first 8 bytes
+/// of the device id, so devices given the same seed still draw different batches while a
+/// restart of the same device draws the same ones.
+pub fn local_spec(task: &TaskSpec, cfg: &AgentConfig, device_id: &[u8; 32]) -> LocalTrainSpec {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&device_id[..8]);
+    let t = &task.training;
+    LocalTrainSpec {
+        lora: LoraConfig {
+            rank: task.lora.rank,
+            alpha: task.lora.alpha,
+            dropout: 0.0,
+            targets: task.lora.targets.clone(),
+            ffa: true,
+            seed: 0,
+        },
+        train: TrainConfig {
+            steps: t.steps,
+            batch_size: t.batch_size,
+            seq_len: t.seq_len,
+            grad_accum: 1,
+            lr: t.learning_rate,
+            warmup_steps: t.steps / 10,
+            seed: t.seed ^ u64::from_be_bytes(id),
+            threads: cfg.train_threads,
+            ..TrainConfig::default()
+        },
+        proximal_mu: t.proximal_mu,
+        checkpoint_every: cfg.checkpoint_every,
+    }
+}
+
+/// What one training run needs.
+#[derive(Debug)]
+pub(crate) struct TrainJob {
+    pub model: VerifiedModel,
+    pub a_factors: Vec<u8>,
+    pub data_dir: PathBuf,
+    pub spec: LocalTrainSpec,
+    pub task: TaskSpec,
+    pub store: CheckpointStore,
+}
+
+/// The trained `B` with the figures reported beside it.
+#[derive(Debug)]
+pub(crate) struct Trained {
+    pub b: covey_model::NamedTensors,
+    pub examples: u64,
+    pub loss: f32,
+    pub resumed_from: Option<usize>,
+}
+
+/// Run `job` on a blocking thread of the runtime.
+pub(crate) async fn train(job: TrainJob) -> Result<Trained> {
+    tokio::task::spawn_blocking(move || train_blocking(job)).await.map_err(|e| AgentError::Join(e.to_string()))?
+}
+
+fn train_blocking(job: TrainJob) -> Result<Trained> {
+    let TrainJob { model, a_factors, data_dir, spec, task, store } = job;
+    let examples = (spec.train.steps * spec.train.batch_size * spec.train.grad_accum) as u64;
+    let resume = store.load(&task);
+    if let Some(c) = &resume
+        && c.step >= spec.train.steps
+    {
+        tracing::info!(task = %task.id_hex(), "the checkpoint holds the final B: nothing left to train");
+        return Ok(Trained { b: c.b.clone(), examples, loss: f32::NAN, resumed_from: Some(c.step) });
+    }
+    let base = model.base_tensors()?;
+    let (a, _) =
+        covey_tensors::decode(&a_factors).map_err(|source| AgentError::Tensor { what: "LoRA A factors", source })?;
+    let corpus: Vec<String> = covey_model::data::load_corpus(&data_dir)?.into_iter().map(|d| d.text).collect();
+    let resumed_from = resume.as_ref().map(|c| c.step);
+    if let Some(step) = resumed_from {
+        tracing::info!(task = %task.id_hex(), step, "resuming from a checkpoint");
+    }
+    let device = covey_model::cpu_device();
+    let result: LocalResult = covey_model::train_local_adapter(
+        &model.config,
+        &base,
+        &a,
+        &Tokenizer::Bytes,
+        &corpus,
+        &spec,
+        &device,
+        resume.map(|c| Resume { step: c.step, b: c.b }),
+        |c: Checkpoint| {
+            if let Err(e) = store.save(&task, &c) {
+                tracing::warn!(task = %task.id_hex(), step = c.step, error = %e, "cannot save a checkpoint");
+            }
+        },
+    )?;
+    Ok(Trained { b: result.b, examples: result.examples, loss: result.loss_last, resumed_from })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::sample_task;
+
+    #[test]
+    fn the_local_spec_follows_the_task() {
+        let task = TaskSpec::try_from(sample_task()).expect("task");
+        let cfg = AgentConfig { train_threads: 2, checkpoint_every: 3, ..AgentConfig::default() };
+        let s = local_spec(&task, &cfg, &[0; 32]);
+        s.validate().expect("valid");
+        assert_eq!((s.lora.rank, s.lora.alpha, s.lora.ffa), (4, 8.0, true));
+        assert_eq!((s.train.steps, s.train.batch_size, s.train.seq_len, s.train.threads), (5, 2, 16, 2));
+        assert_eq!((s.train.seed, s.checkpoint_every), (9, 3));
+        let other = local_spec(&task, &cfg, &[1; 32]);
+        assert_ne!(other.train.seed, s.train.seed, "devices draw different batches");
+    }
+}
