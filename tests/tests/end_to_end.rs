@@ -1,0 +1,150 @@
+//! A coordinator and four device agents over real gRPC on 127.0.0.1 for three rounds:
+//! the global model's held-out loss falls, every published version is signed, and an
+//! agent refuses a version whose signature or bytes do not match.
+
+use std::path::Path;
+use std::time::Duration;
+
+use covey_agent::{AgentConfig, RunUntil};
+use covey_coordinator::store::RoundState;
+use covey_coordinator::{CoordinatorConfig, server};
+use covey_model::{LlamaConfig, Tokenizer};
+use covey_proto::manifest::Manifest;
+
+const TOKEN: &str = "end-to-end-token";
+
+fn model_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 128,
+        vocab_size: 256,
+        max_position_embeddings: 128,
+        ..LlamaConfig::default()
+    }
+}
+
+/// Macbeth, from the repository's data, cut into five parts: four devices' local text and
+/// a held-out part.
+fn corpus() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare/macbeth_gut.txt");
+    let text = std::fs::read_to_string(&path).expect("data/shakespeare/macbeth_gut.txt ships with the repository");
+    let lines: Vec<&str> = text.lines().collect();
+    lines.chunks(lines.len().div_ceil(5)).map(|c| c.join("\n")).collect()
+}
+
+fn coordinator_config(root: &Path, model_dir: &Path) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        state_dir: root.join("coordinator"),
+        initial_model: Some(model_dir.to_owned()),
+        ..CoordinatorConfig::default()
+    };
+    c.enrollment.tokens = vec![TOKEN.into()];
+    c.lora.rank = 4;
+    c.lora.alpha = 8.0;
+    c.rounds.target_updates = 4;
+    c.rounds.over_selection = 0.0;
+    c.rounds.min_updates = 4;
+    c.rounds.min_available = 4;
+    c.rounds.max_rounds = 3;
+    c.rounds.deadline = Duration::from_secs(600);
+    c.rounds.pause = Duration::from_millis(10);
+    c.rounds.poll_interval = Duration::from_millis(200);
+    c.training.steps = 12;
+    c.training.batch_size = 4;
+    c.training.seq_len = 64;
+    c.training.learning_rate = 1e-2;
+    c.privacy.clip_norm = 10.0;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_federated_rounds_lower_the_held_out_loss() {
+    let root = tempfile::tempdir().expect("tmp");
+    let device = covey_model::cpu_device();
+    let config = model_config();
+    let base = covey_model::Llama::init(&config, 7, &device).expect("init");
+    let model_dir = root.path().join("base");
+    covey_model::checkpoint::save_model(&base, &Tokenizer::Bytes, &model_dir).expect("save base");
+
+    let parts = corpus();
+    let held_out = vec![parts[4].clone()];
+    let engine = server::open_engine(coordinator_config(root.path(), &model_dir)).await.expect("engine");
+    let running = server::start(engine.clone()).await.expect("start");
+    let url = format!("http://{}", running.addr);
+
+    let mut agents = Vec::new();
+    for (i, part) in parts.iter().take(4).enumerate() {
+        let data = root.path().join(format!("data-{i}"));
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("local.txt"), part).expect("write data");
+        let mut cfg = AgentConfig::new(root.path().join(format!("agent-{i}")), data);
+        cfg.coordinator = Some(url.clone());
+        cfg.max_poll_wait = Duration::from_millis(500);
+        covey_agent::enroll(&cfg, TOKEN, &format!("agent-{i}")).await.expect("enrol");
+        agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(3))));
+    }
+    for a in agents {
+        let summary = tokio::time::timeout(Duration::from_secs(900), a)
+            .await
+            .expect("agents finish")
+            .expect("join")
+            .expect("run");
+        assert_eq!(summary.submitted, 3);
+        assert_eq!(summary.rounds, vec![1, 2, 3]);
+    }
+    let store = engine.store().clone();
+    for _ in 0..600 {
+        if store.rounds(10).await.expect("rounds").iter().filter(|r| r.state == RoundState::Published).count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let versions = store.versions().await.expect("versions");
+    assert_eq!(versions.len(), 4, "the initial version and one per round");
+
+    // Every version is signed by the coordinator; the held-out loss falls.
+    let mut losses = Vec::new();
+    for v in versions.iter().rev() {
+        let m = Manifest::verify(&v.manifest, &v.signature, &engine.public_key()).expect("signed manifest");
+        assert_eq!(m.version, v.version);
+        let master =
+            covey_tensors::decode(&engine.artifacts().get(&v.master_sha256).expect("master")).expect("decode").0;
+        let metrics =
+            covey_model::evaluate_texts(&config, &master, &Tokenizer::Bytes, &held_out, 64, &device).expect("eval");
+        losses.push(metrics.mean_nll);
+    }
+    eprintln!("held-out NLL by version: {losses:?}");
+    assert!(losses[3] < losses[0] - 0.05, "held-out loss did not fall: {losses:?}");
+
+    // An agent refuses a manifest whose signature does not match ...
+    let v = &versions[0];
+    let mut tampered = v.manifest.clone();
+    let i = tampered.iter().position(|&b| b == b'1').expect("a digit");
+    tampered[i] = b'2';
+    let key = engine.public_key();
+    let err = covey_agent::models::VerifiedManifest::verify(&tampered, &v.signature, &key, v.version, None)
+        .expect_err("tampered manifest");
+    assert!(err.to_string().contains("manifest"), "{err}");
+    let other = covey_proto::keys::KeyPair::generate().expect("key");
+    let forged = other.sign(&v.manifest);
+    assert!(covey_agent::models::VerifiedManifest::verify(&v.manifest, &forged, &key, v.version, None).is_err());
+    // ... and an artifact whose bytes do not match the hash it was asked for.
+    let manifest = Manifest::verify(&v.manifest, &v.signature, &key).expect("manifest");
+    let model_hash: [u8; 32] = hex::decode(&manifest.model.sha256).expect("hex").try_into().expect("32 bytes");
+    let blob = root.path().join("coordinator/artifacts").join(&manifest.model.sha256);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&blob, &bytes).expect("corrupt the blob");
+    let mut cfg = AgentConfig::new(root.path().join("agent-x"), root.path().join("data-0"));
+    cfg.backoff.max_attempts = 1;
+    let client = covey_agent::Coordinator::connect(&url, &cfg).expect("client");
+    let err = client.fetch_artifact(&model_hash, None, 1 << 30).await.expect_err("corrupted artifact");
+    assert!(matches!(err, covey_agent::AgentError::ArtifactMismatch { .. }), "{err}");
+    running.abort();
+}
