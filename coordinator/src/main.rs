@@ -84,6 +84,10 @@ async fn admin(args: &AdminArgs) -> Result<(AdminClient<Channel>, String)> {
     Ok((AdminClient::new(channel), format!("Bearer {}", args.token)))
 }
 
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the coordinator refused: {:?}: {}", s.code(), s.message())
+}
+
 fn authed<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert("authorization", token.parse().context("the admin token is not valid metadata")?);
@@ -137,7 +141,7 @@ async fn main() -> Result<()> {
         }
         Command::Status(a) => {
             let (mut c, t) = admin(&a).await?;
-            let s = c.status(authed(pb::StatusRequest {}, &t)?).await?.into_inner();
+            let s = c.status(authed(pb::StatusRequest {}, &t)?).await.map_err(status_error)?.into_inner();
             let json = serde_json::json!({
                 "current_version": s.current_version, "latest_version": s.latest_version,
                 "active_devices": s.active_devices, "revoked_devices": s.revoked_devices,
@@ -163,7 +167,11 @@ async fn main() -> Result<()> {
         }
         Command::Rounds(a) => {
             let (mut c, t) = admin(&a).await?;
-            let r = c.list_rounds(authed(pb::ListRoundsRequest { limit: 0 }, &t)?).await?.into_inner();
+            let r = c
+                .list_rounds(authed(pb::ListRoundsRequest { limit: 0 }, &t)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
             let rows: Vec<Round> = r
                 .rounds
                 .iter()
@@ -192,7 +200,7 @@ async fn main() -> Result<()> {
         }
         Command::Versions(a) => {
             let (mut c, t) = admin(&a).await?;
-            let v = c.list_versions(authed(pb::ListVersionsRequest {}, &t)?).await?.into_inner();
+            let v = c.list_versions(authed(pb::ListVersionsRequest {}, &t)?).await.map_err(status_error)?.into_inner();
             let rows: Vec<_> = v
                 .versions
                 .iter()
@@ -221,7 +229,7 @@ async fn main() -> Result<()> {
         }
         Command::Devices(a) => {
             let (mut c, t) = admin(&a).await?;
-            let d = c.list_devices(authed(pb::ListDevicesRequest {}, &t)?).await?.into_inner();
+            let d = c.list_devices(authed(pb::ListDevicesRequest {}, &t)?).await.map_err(status_error)?.into_inner();
             let rows: Vec<_> = d
                 .devices
                 .iter()
@@ -239,17 +247,24 @@ async fn main() -> Result<()> {
         }
         Command::Revoke { device_id, admin: a } => {
             let (mut c, t) = admin(&a).await?;
-            let r = c.revoke_device(authed(pb::RevokeDeviceRequest { device_id: device_id.clone() }, &t)?).await?;
+            let r = c
+                .revoke_device(authed(pb::RevokeDeviceRequest { device_id: device_id.clone() }, &t)?)
+                .await
+                .map_err(status_error)?;
             println!("{device_id}: {}", if r.into_inner().changed { "revoked" } else { "was already revoked" });
         }
         Command::Promote { version, admin: a } => {
             let (mut c, t) = admin(&a).await?;
-            let r = c.promote(authed(pb::PromoteRequest { version }, &t)?).await?.into_inner();
+            let r = c.promote(authed(pb::PromoteRequest { version }, &t)?).await.map_err(status_error)?.into_inner();
             println!("current version: {}", r.current_version);
         }
         Command::Rollback { version, admin: a } => {
             let (mut c, t) = admin(&a).await?;
-            let r = c.rollback(authed(pb::RollbackRequest { version: version.unwrap_or(0) }, &t)?).await?.into_inner();
+            let r = c
+                .rollback(authed(pb::RollbackRequest { version: version.unwrap_or(0) }, &t)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
             println!("current version: {}", r.current_version);
         }
     }
