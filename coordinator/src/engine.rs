@@ -313,6 +313,7 @@ impl Coordinator {
         }
         let version = self.version(round.base_version).await.map_err(|e| tonic::Status::from(&e))?;
         let round_config = self.strategy.lock().await.configure_round(&self.round_context(&round));
+        let clip_norm = round_config.clip_norm.unwrap_or(self.config.privacy.clip_norm);
         Ok(PollOutcome::Task(Box::new(TaskSpec {
             round_id: round.id,
             task_id: a.task_id,
@@ -321,7 +322,7 @@ impl Coordinator {
             base_manifest_hash: version.manifest_sha256,
             a_factors_sha256: self.a_hash,
             proximal_mu: round_config.proximal_mu,
-            clip_norm: self.config.privacy.clip_norm,
+            clip_norm,
             noise_multiplier: self.config.privacy.local_noise_multiplier,
             deadline_ms: round.deadline_ms,
         })))
@@ -422,13 +423,20 @@ impl Coordinator {
         if header.base_manifest_hash != self.version(round.base_version).await?.manifest_sha256 {
             reject!(Rejection::WrongBaseVersion);
         }
-        let p = &self.config.privacy;
-        if header.clip_norm.to_bits() != p.clip_norm.to_bits()
-            || header.noise_multiplier.to_bits() != p.local_noise_multiplier.to_bits()
-        {
+        // The clip norm of the task: the strategy's (DP-FedAvg, adaptive clipping) or the
+        // configured one.
+        let clip_norm = self
+            .strategy
+            .lock()
+            .await
+            .configure_round(&self.round_context(&round))
+            .clip_norm
+            .unwrap_or(self.config.privacy.clip_norm);
+        let z = self.config.privacy.local_noise_multiplier;
+        if header.clip_norm.to_bits() != clip_norm.to_bits() || header.noise_multiplier.to_bits() != z.to_bits() {
             reject!(Rejection::PrivacyMismatch(format!(
-                "header C = {}, z = {}; task C = {}, z = {}",
-                header.clip_norm, header.noise_multiplier, p.clip_norm, p.local_noise_multiplier
+                "header C = {}, z = {}; task C = {clip_norm}, z = {z}",
+                header.clip_norm, header.noise_multiplier
             )));
         }
         if header.payload_len > self.config.limits.max_payload_bytes {
@@ -443,7 +451,7 @@ impl Coordinator {
         if header.num_examples == 0 {
             reject!(Rejection::NoExamples);
         }
-        if let Err(r) = self.check_payload(payload) {
+        if let Err(r) = self.check_payload(payload, clip_norm) {
             reject!(r);
         }
         // Durable blob first, then the row that makes it part of the round.
@@ -464,7 +472,7 @@ impl Coordinator {
     }
 
     /// Shapes, finiteness and norm of a payload.
-    fn check_payload(&self, payload: &[u8]) -> std::result::Result<NamedTensors, Rejection> {
+    fn check_payload(&self, payload: &[u8], clip_norm: f64) -> std::result::Result<NamedTensors, Rejection> {
         let (tensors, _) = covey_tensors::decode(payload).map_err(|e| Rejection::BadPayload(e.to_string()))?;
         for (name, shape) in &self.expected_b {
             match tensors.get(name) {
@@ -482,11 +490,11 @@ impl Coordinator {
         if let Some(extra) = tensors.keys().find(|n| !self.expected_b.contains_key(*n)) {
             return Err(Rejection::WrongTensors(format!("unexpected tensor `{extra}`")));
         }
-        let p = &self.config.privacy;
-        if p.clip_norm > 0.0 {
+        let z = self.config.privacy.local_noise_multiplier;
+        if clip_norm > 0.0 {
             // Local noise of std z·C per value has norm about z·C·√d; allow a wide margin.
-            let noise = p.local_noise_multiplier * (self.b_values as f64).sqrt() + 5.0 * p.local_noise_multiplier;
-            let bound = p.clip_norm * (self.config.limits.norm_slack + noise) * (1.0 + 1e-6);
+            let noise = z * (self.b_values as f64).sqrt() + 5.0 * z;
+            let bound = clip_norm * (self.config.limits.norm_slack + noise) * (1.0 + 1e-6);
             let norm = covey_tensors::global_norm(&tensors);
             if norm > bound {
                 return Err(Rejection::NormTooLarge { norm, bound });

@@ -108,3 +108,62 @@ async fn too_few_updates_fail_the_round_at_the_deadline() {
     assert_eq!(store.current_version().await.expect("version"), 1, "nothing published");
     driver.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn central_dp_is_accounted_in_the_published_manifest() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.privacy.population = 100;
+    config.privacy.delta = 1e-5;
+    config.privacy.central =
+        Some(covey_strategy::DpConfig { noise_multiplier: 1.0, clip: covey_strategy::ClipConfig::Fixed { norm: 0.5 } });
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let key = KeyPair::generate().expect("key");
+    let public = key.public_key();
+    let engine = Coordinator::open(config, store.clone(), Artifacts::memory(), key, Arc::new(Metrics::default()))
+        .await
+        .expect("engine");
+    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
+    for d in &devices {
+        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
+    }
+    let driver = tokio::spawn(engine.clone().run_rounds());
+    for d in &devices {
+        let t = loop {
+            let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
+            match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
+                PollOutcome::Task(t) => break t,
+                PollOutcome::Wait { retry_after, .. } => tokio::time::sleep(retry_after).await,
+            }
+        };
+        assert_eq!(t.clip_norm, 0.5, "devices clip to the DP-FedAvg clip norm");
+        let task = pb::Task {
+            round_id: t.round_id,
+            task_id: t.task_id.to_vec(),
+            nonce: t.nonce.to_vec(),
+            base_manifest_hash: t.base_manifest_hash.to_vec(),
+            privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
+            ..Default::default()
+        };
+        // The device clips to C before signing.
+        let mut delta = support::delta(5);
+        let scale = (0.4 / covey_tensors::global_norm(&delta)) as f32;
+        delta.values_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= scale));
+        let (h, s, p) = d.update(&task, &delta);
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+    }
+    for _ in 0..100 {
+        if store.current_version().await.expect("version") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = store.version(2).await.expect("version").expect("published");
+    let m = covey_proto::manifest::Manifest::verify(&v.manifest, &v.signature, &public).expect("signed");
+    let (expected, _) = covey_privacy::rdp::epsilon(4.0 / 100.0, 1.0, 1, 1e-5).expect("epsilon");
+    assert_eq!(m.privacy.accountant, "rdp-subsampled-gaussian");
+    assert_eq!(m.privacy.rounds, 1);
+    assert!((m.privacy.epsilon - expected).abs() < 1e-9, "{} vs {expected}", m.privacy.epsilon);
+    assert!((engine.epsilon().await.expect("epsilon") - expected).abs() < 1e-9);
+    driver.abort();
+}
