@@ -108,6 +108,9 @@ pub enum Rejection {
     /// The round's deadline passed.
     #[error("the round's deadline has passed")]
     DeadlinePassed,
+    /// The round closed (aggregating or finished) before the update was stored.
+    #[error("the round is closed")]
+    RoundClosed,
     /// Clip norm or noise settings differ from the task's.
     #[error("privacy settings differ from the task's: {0}")]
     PrivacyMismatch(String),
@@ -165,6 +168,7 @@ impl Rejection {
             Self::WrongTask => "wrong_task",
             Self::Replay => "replay",
             Self::DeadlinePassed => "deadline_passed",
+            Self::RoundClosed => "round_closed",
             Self::PrivacyMismatch(_) => "privacy_mismatch",
             Self::Oversized { .. } => "oversized",
             Self::LengthMismatch { .. } => "length_mismatch",
@@ -197,7 +201,8 @@ impl Rejection {
             | Self::WrongRound { .. }
             | Self::WrongBaseVersion
             | Self::WrongTask
-            | Self::DeadlinePassed => Code::FailedPrecondition,
+            | Self::DeadlinePassed
+            | Self::RoundClosed => Code::FailedPrecondition,
             Self::Replay => Code::AlreadyExists,
             Self::Oversized { .. } => Code::ResourceExhausted,
         };

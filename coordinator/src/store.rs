@@ -453,6 +453,17 @@ impl Store for SqliteStore {
 
     async fn insert_update(&self, up: &UpdateRecord, nonce: &[u8; 32]) -> Result<std::result::Result<u64, Rejection>> {
         let mut tx = self.pool.begin().await?;
+        // The round must still accept updates *in this transaction*: the round driver moves
+        // it to `aggregating` before reading its updates, so an update either commits
+        // before that (and is aggregated) or is refused (and never acknowledged).
+        let open: Option<String> = sqlx::query_scalar("SELECT state FROM rounds WHERE id = ?")
+            .bind(i(up.round_id))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if !matches!(open.as_deref(), Some("open" | "collecting")) {
+            tx.rollback().await?;
+            return Ok(Err(Rejection::RoundClosed));
+        }
         let consumed = sqlx::query(
             "UPDATE assignments SET used = 1 WHERE round_id = ? AND device_id = ? AND nonce = ? AND used = 0",
         )
@@ -682,6 +693,9 @@ impl Store for MemoryStore {
 
     async fn insert_update(&self, up: &UpdateRecord, nonce: &[u8; 32]) -> Result<std::result::Result<u64, Rejection>> {
         let mut m = self.lock();
+        if !m.rounds.get(&up.round_id).is_some_and(|r| r.state.accepts_updates()) {
+            return Ok(Err(Rejection::RoundClosed));
+        }
         match m.assignments.get_mut(&(up.round_id, up.device_id)) {
             Some(a) if &a.nonce == nonce && !a.used => a.used = true,
             _ => return Ok(Err(Rejection::Replay)),
@@ -844,6 +858,11 @@ mod tests {
         s.set_current_version(1).await.expect("rollback");
         assert_eq!(s.current_version().await.expect("current"), 1);
 
+        assert_eq!(
+            s.insert_update(&update(1, 1), &[6; 32]).await.expect("closed"),
+            Err(Rejection::RoundClosed),
+            "a published round takes no update"
+        );
         s.insert_round(&round(2), &[]).await.expect("round 2");
         s.set_round_state(2, RoundState::Failed, "too few").await.expect("fail");
         assert_eq!(s.rounds(1).await.expect("rounds")[0].failure, "too few");

@@ -62,6 +62,12 @@ pub struct AgentConfig {
     pub max_task_failures: Option<u32>,
     /// Model versions kept in the cache besides the newest. Default 1.
     pub keep_versions: usize,
+    /// Lifetime privacy budget of this device (`{ epsilon = 8.0, delta = 1e-5 }`): every
+    /// task is charged to `state/privacy-ledger.json` before training (RDP of the local
+    /// Gaussian, z = the task's noise multiplier, no subsampling credit), tasks without
+    /// local noise are refused, and once the budget would be exceeded the agent stops.
+    /// Default none (no device-side accounting; rely on the coordinator's central DP).
+    pub privacy_budget: Option<covey_privacy::Budget>,
 }
 
 impl Default for AgentConfig {
@@ -80,6 +86,7 @@ impl Default for AgentConfig {
             max_artifact_bytes: 2 << 30,
             max_task_failures: None,
             keep_versions: 1,
+            privacy_budget: None,
         }
     }
 }
@@ -174,6 +181,11 @@ impl AgentConfig {
         if self.max_artifact_bytes == 0 {
             return Err(AgentError::config("max-artifact-bytes", "must be > 0"));
         }
+        if let Some(b) = &self.privacy_budget
+            && !(b.epsilon.is_finite() && b.epsilon > 0.0 && b.delta > 0.0 && b.delta < 1.0)
+        {
+            return Err(AgentError::config("privacy-budget", "epsilon must be > 0 and delta in (0, 1)"));
+        }
         Ok(())
     }
 }
@@ -202,6 +214,16 @@ mod tests {
             ..AgentConfig::default()
         };
         assert_eq!(cfg, defaults, "the example shows the defaults");
+    }
+
+    #[test]
+    fn a_privacy_budget_parses_and_is_checked() {
+        let cfg = AgentConfig::from_toml_str("[privacy-budget]\nepsilon = 8.0\ndelta = 1e-5\n").expect("budget");
+        assert_eq!(cfg.privacy_budget.map(|b| b.epsilon), Some(8.0));
+        let bad = AgentConfig::from_toml_str("[privacy-budget]\nepsilon = -1.0\ndelta = 1e-5\n")
+            .and_then(|c| c.validate())
+            .expect_err("negative budget");
+        assert!(bad.to_string().contains("privacy-budget"), "{bad}");
     }
 
     #[test]

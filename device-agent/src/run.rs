@@ -79,10 +79,14 @@ pub struct HistoryEntry {
     pub submitted_unix_ms: u64,
 }
 
+/// The device's privacy ledger in the state directory.
+pub const LEDGER_FILE: &str = "privacy-ledger.json";
+
 /// Run the agent of `cfg` until `until` is reached or a fatal error occurs.
 ///
 /// Needs an enrolled state directory ([`crate::enroll`]). Fatal: no or corrupt identity,
-/// unusable configuration, and `cfg.max_task_failures` consecutive failed tasks.
+/// unusable configuration, `cfg.max_task_failures` consecutive failed tasks, and a spent
+/// privacy budget (`cfg.privacy_budget`).
 pub async fn run(cfg: AgentConfig, until: RunUntil) -> Result<RunSummary> {
     run_with_shutdown(cfg, until, std::future::pending()).await
 }
@@ -135,6 +139,10 @@ pub async fn run_with_shutdown(
             Ok(None) => {
                 failures = 0;
                 Duration::ZERO
+            }
+            Err(e @ AgentError::Privacy(covey_privacy::PrivacyError::BudgetExceeded { .. })) => {
+                tracing::warn!(error = %e, "the device's privacy budget is spent; stopping");
+                return Err(e);
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -226,6 +234,7 @@ impl Agent {
                 reason: "a noised update of this task already left the device; not sending another".into(),
             });
         }
+        self.charge_budget(task)?;
         let model = self.ensure_model(task).await?;
         let a_factors = self.ensure_artifact(&task.lora.a_factors_sha256).await?;
         let job = TrainJob {
@@ -276,6 +285,29 @@ impl Agent {
             resumed_from_step,
             submitted_unix_ms: crate::now_ms(),
         })
+    }
+
+    /// With a device budget: charge this task's local Gaussian release (z = the task's
+    /// noise multiplier, q = 1: the device's own data is in every update it sends) to the
+    /// persisted ledger before any training, or refuse the task. A task charged before a
+    /// crash is charged again when resumed: the ledger can only over-count.
+    fn charge_budget(&self, task: &TaskSpec) -> Result<()> {
+        let Some(budget) = self.cfg.privacy_budget else { return Ok(()) };
+        let z = task.privacy.noise_multiplier;
+        if z <= 0.0 {
+            return Err(AgentError::InvalidTask {
+                task_id: task.id_hex(),
+                field: "privacy.noise_multiplier",
+                reason: "this device has a privacy budget and the task adds no local noise".into(),
+            });
+        }
+        let path = self.cfg.state_dir.join(LEDGER_FILE);
+        let mut ledger = covey_privacy::BudgetLedger::open(&path, budget)?;
+        let mut cost = covey_privacy::RdpAccountant::default();
+        cost.compose_subsampled_gaussian(1.0, z, 1)?;
+        let spent = ledger.charge(&self.identity.device_id_hex(), &cost)?;
+        tracing::info!(task = %task.id_hex(), epsilon_spent = spent, budget = budget.epsilon, "privacy budget charged");
+        Ok(())
     }
 
     fn check_deadline(&self, task: &TaskSpec) -> Result<()> {

@@ -62,14 +62,20 @@ fn coordinator_config(root: &Path, model_dir: &Path) -> CoordinatorConfig {
     c
 }
 
+/// A randomly initialised byte-level model saved under `root/base`.
+fn base_model(root: &Path, seed: u64) -> std::path::PathBuf {
+    let base = covey_model::Llama::init(&model_config(), seed, &covey_model::cpu_device()).expect("init");
+    let dir = root.join("base");
+    covey_model::checkpoint::save_model(&base, &Tokenizer::Bytes, &dir).expect("save base");
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_federated_rounds_lower_the_held_out_loss() {
     let root = tempfile::tempdir().expect("tmp");
     let device = covey_model::cpu_device();
     let config = model_config();
-    let base = covey_model::Llama::init(&config, 7, &device).expect("init");
-    let model_dir = root.path().join("base");
-    covey_model::checkpoint::save_model(&base, &Tokenizer::Bytes, &model_dir).expect("save base");
+    let model_dir = base_model(root.path(), 7);
 
     let parts = corpus();
     let held_out = vec![parts[4].clone()];
@@ -146,5 +152,51 @@ async fn three_federated_rounds_lower_the_held_out_loss() {
     let client = covey_agent::Coordinator::connect(&url, &cfg).expect("client");
     let err = client.fetch_artifact(&model_hash, None, 1 << 30).await.expect_err("corrupted artifact");
     assert!(matches!(err, covey_agent::AgentError::ArtifactMismatch { .. }), "{err}");
+    running.abort();
+}
+
+/// A device with a lifetime budget that covers one noised update but not two: it takes
+/// part once, then stops with a clear error; its ledger holds the ε spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_never_exceeds_its_privacy_budget() {
+    let root = tempfile::tempdir().expect("tmp");
+    let model_dir = base_model(root.path(), 3);
+    let mut c = coordinator_config(root.path(), &model_dir);
+    c.rounds.target_updates = 1;
+    c.rounds.min_updates = 1;
+    c.rounds.min_available = 1;
+    c.training.steps = 2;
+    c.privacy.clip_norm = 1.0;
+    c.privacy.local_noise_multiplier = 1.0;
+    let engine = server::open_engine(c).await.expect("engine");
+    let running = server::start(engine.clone()).await.expect("start");
+
+    let delta = 1e-5;
+    let (one, _) = covey_privacy::rdp::epsilon(1.0, 1.0, 1, delta).expect("epsilon");
+    let (two, _) = covey_privacy::rdp::epsilon(1.0, 1.0, 2, delta).expect("epsilon");
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("local.txt"), &corpus()[0]).expect("write");
+    let mut cfg = AgentConfig::new(root.path().join("agent"), data);
+    cfg.coordinator = Some(format!("http://{}", running.addr));
+    cfg.max_poll_wait = Duration::from_millis(300);
+    cfg.privacy_budget = Some(covey_privacy::Budget { epsilon: (one + two) / 2.0, delta });
+    let identity = covey_agent::enroll(&cfg, TOKEN, "budgeted").await.expect("enrol");
+    let err = tokio::time::timeout(Duration::from_secs(300), covey_agent::run(cfg, RunUntil::Updates(3)))
+        .await
+        .expect("the agent stops")
+        .expect_err("the budget stops the agent");
+    assert!(
+        matches!(err, covey_agent::AgentError::Privacy(covey_privacy::PrivacyError::BudgetExceeded { .. })),
+        "{err}"
+    );
+    let ledger = covey_privacy::BudgetLedger::open(
+        &root.path().join("agent").join(covey_agent::run::LEDGER_FILE),
+        covey_privacy::Budget { epsilon: (one + two) / 2.0, delta },
+    )
+    .expect("ledger");
+    let spent = ledger.spent(&identity.device_id_hex()).expect("spent");
+    assert!((spent - one).abs() < 1e-9, "spent {spent}, one release costs {one}");
+    assert_eq!(engine.store().device_update_count(&identity.device_id).await.expect("count"), 1);
     running.abort();
 }
