@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use covey_coordinator::CoordinatorConfig;
 use covey_coordinator::artifacts::Artifacts;
-use covey_coordinator::engine::{Coordinator, PollOutcome};
+use covey_coordinator::engine::{Coordinator, PollOutcome, TaskSpec};
 use covey_coordinator::metrics::Metrics;
 use covey_coordinator::store::{MemoryStore, RoundState, Store};
 use covey_proto::keys::KeyPair;
@@ -14,53 +15,63 @@ use covey_proto::signing::DeviceMethod;
 
 use crate::support::{self, Device};
 
+/// An in-memory coordinator (no thread leaves the runtime) with four enrolled devices.
+async fn engine(config: CoordinatorConfig) -> (Arc<Coordinator>, Arc<dyn Store>, [u8; 32], Vec<Device>) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let key = KeyPair::generate().expect("key");
+    let public = key.public_key();
+    let engine = Coordinator::open(config, store.clone(), Artifacts::memory(), key, Arc::new(Metrics::default()))
+        .await
+        .expect("engine");
+    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
+    for d in &devices {
+        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
+    }
+    (engine, store, public, devices)
+}
+
+/// Poll until the device has a task.
+async fn task_for(engine: &Coordinator, d: &Device) -> TaskSpec {
+    loop {
+        let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
+        match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
+            PollOutcome::Task(t) => return *t,
+            PollOutcome::Wait { retry_after, .. } => tokio::time::sleep(retry_after).await,
+        }
+    }
+}
+
+/// The fields of the protobuf task that an update header needs.
+fn as_pb(t: &TaskSpec) -> pb::Task {
+    pb::Task {
+        round_id: t.round_id,
+        task_id: t.task_id.to_vec(),
+        nonce: t.nonce.to_vec(),
+        base_manifest_hash: t.base_manifest_hash.to_vec(),
+        privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_vanished_device_does_not_block_the_round() {
     let root = tempfile::tempdir().expect("tmp");
     let config = support::config(root.path());
     let deadline = config.rounds.deadline;
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    let engine = Coordinator::open(
-        config,
-        store.clone(),
-        Artifacts::memory(),
-        KeyPair::generate().expect("key"),
-        Arc::new(Metrics::default()),
-    )
-    .await
-    .expect("engine");
-    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
-    for d in &devices {
-        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
-    }
+    let (engine, store, _, devices) = engine(config).await;
     let driver = tokio::spawn(engine.clone().run_rounds());
     let started = tokio::time::Instant::now();
 
     // Every device gets its task (the driver opens the round within a poll interval).
     let mut tasks = Vec::new();
     for d in &devices {
-        let task = loop {
-            let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
-            match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
-                PollOutcome::Task(t) => break t,
-                PollOutcome::Wait { retry_after, .. } => tokio::time::sleep(retry_after).await,
-            }
-        };
-        tasks.push(task);
+        tasks.push(task_for(&engine, d).await);
     }
     assert!(tasks.iter().all(|t| t.round_id == 1));
 
     // Three devices deliver; the fourth vanishes.
     for (d, t) in devices.iter().zip(&tasks).take(3) {
-        let task = pb::Task {
-            round_id: t.round_id,
-            task_id: t.task_id.to_vec(),
-            nonce: t.nonce.to_vec(),
-            base_manifest_hash: t.base_manifest_hash.to_vec(),
-            privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
-            ..Default::default()
-        };
-        let (h, s, p) = d.update(&task, &support::delta(3));
+        let (h, s, p) = d.update(&as_pb(t), &support::delta(3));
         engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
     }
     assert_eq!(store.active_round().await.expect("round").expect("open").state, RoundState::Collecting);
@@ -85,20 +96,7 @@ async fn too_few_updates_fail_the_round_at_the_deadline() {
     let root = tempfile::tempdir().expect("tmp");
     let config = support::config(root.path());
     let deadline = config.rounds.deadline;
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    let engine = Coordinator::open(
-        config,
-        store.clone(),
-        Artifacts::memory(),
-        KeyPair::generate().expect("key"),
-        Arc::new(Metrics::default()),
-    )
-    .await
-    .expect("engine");
-    for _ in 0..4 {
-        let d = Device::new();
-        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
-    }
+    let (engine, store, _, _devices) = engine(config).await;
     let driver = tokio::spawn(engine.clone().run_rounds());
     tokio::time::sleep(deadline + Duration::from_secs(5)).await;
     let rounds = store.rounds(10).await.expect("rounds");
@@ -117,39 +115,16 @@ async fn central_dp_is_accounted_in_the_published_manifest() {
     config.privacy.delta = 1e-5;
     config.privacy.central =
         Some(covey_strategy::DpConfig { noise_multiplier: 1.0, clip: covey_strategy::ClipConfig::Fixed { norm: 0.5 } });
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-    let key = KeyPair::generate().expect("key");
-    let public = key.public_key();
-    let engine = Coordinator::open(config, store.clone(), Artifacts::memory(), key, Arc::new(Metrics::default()))
-        .await
-        .expect("engine");
-    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
-    for d in &devices {
-        engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
-    }
+    let (engine, store, public, devices) = engine(config).await;
     let driver = tokio::spawn(engine.clone().run_rounds());
     for d in &devices {
-        let t = loop {
-            let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
-            match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
-                PollOutcome::Task(t) => break t,
-                PollOutcome::Wait { retry_after, .. } => tokio::time::sleep(retry_after).await,
-            }
-        };
+        let t = task_for(&engine, d).await;
         assert_eq!(t.clip_norm, 0.5, "devices clip to the DP-FedAvg clip norm");
-        let task = pb::Task {
-            round_id: t.round_id,
-            task_id: t.task_id.to_vec(),
-            nonce: t.nonce.to_vec(),
-            base_manifest_hash: t.base_manifest_hash.to_vec(),
-            privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
-            ..Default::default()
-        };
         // The device clips to C before signing.
         let mut delta = support::delta(5);
         let scale = (0.4 / covey_tensors::global_norm(&delta)) as f32;
         delta.values_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= scale));
-        let (h, s, p) = d.update(&task, &delta);
+        let (h, s, p) = d.update(&as_pb(&t), &delta);
         engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
     }
     for _ in 0..100 {
