@@ -142,3 +142,47 @@ async fn central_dp_is_accounted_in_the_published_manifest() {
     assert!((engine.epsilon().await.expect("epsilon") - expected).abs() < 1e-9);
     driver.abort();
 }
+
+/// A coordinator that stopped after closing a round to uploads but before publishing
+/// (state `aggregating`) publishes it when it starts again on the same state.
+#[tokio::test(start_paused = true)]
+async fn a_round_left_aggregating_is_published_after_a_restart() {
+    let root = tempfile::tempdir().expect("tmp");
+    let config = support::config(root.path());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let artifacts = Artifacts::memory();
+    let key = KeyPair::generate().expect("key");
+    let pkcs8 = key.pkcs8().to_vec();
+    let first = Coordinator::open(config.clone(), store.clone(), artifacts.clone(), key, Arc::new(Metrics::default()))
+        .await
+        .expect("engine");
+    let devices: Vec<Device> = (0..4).map(|_| Device::new()).collect();
+    for d in &devices {
+        first.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
+    }
+    let round = first.open_round().await.expect("open").expect("a round");
+    for d in &devices {
+        let t = task_for(&first, d).await;
+        let (h, s, p) = d.update(&as_pb(&t), &support::delta(7));
+        first.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+    }
+    // The "crash": the round was moved to aggregating, nothing was published.
+    store.set_round_state(round.id, RoundState::Aggregating, "").await.expect("state");
+    drop(first);
+
+    let second = Coordinator::open(
+        config,
+        store.clone(),
+        artifacts,
+        KeyPair::from_pkcs8(&pkcs8).expect("same key"),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .expect("restart");
+    let active = store.active_round().await.expect("active").expect("the round is still there");
+    assert_eq!(active.state, RoundState::Aggregating);
+    second.drive(active).await.expect("drive");
+    let r = store.rounds(1).await.expect("rounds").remove(0);
+    assert_eq!((r.state, r.published_version), (RoundState::Published, 2));
+    assert_eq!(store.update_count(round.id).await.expect("count"), 4);
+}
