@@ -79,14 +79,11 @@ impl FedAvg {
     }
 
     fn state_named(&self, name: &str) -> StrategyState {
-        let mut s = StrategyState::new(name);
-        s.scalars.insert(ROUNDS.into(), self.rounds as f64);
-        s
+        StrategyState::rounds_only(name, self.rounds)
     }
 
     fn restore_named(&mut self, name: &str, state: &StrategyState) -> Result<(), StrategyError> {
-        state.expect_strategy(name)?;
-        self.rounds = state.count(ROUNDS)?;
+        self.rounds = state.restore_rounds(name)?;
         Ok(())
     }
 }
@@ -94,10 +91,6 @@ impl FedAvg {
 impl Strategy for FedAvg {
     fn name(&self) -> String {
         "fed-avg".into()
-    }
-
-    fn configure_round(&mut self, _ctx: &RoundContext) -> RoundConfig {
-        RoundConfig::default()
     }
 
     fn aggregate(

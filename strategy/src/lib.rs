@@ -130,8 +130,11 @@ pub trait Strategy: Send {
     /// refuses state written under another name.
     fn name(&self) -> String;
 
-    /// What clients should do this round.
-    fn configure_round(&mut self, ctx: &RoundContext) -> RoundConfig;
+    /// What clients should do this round. Default: plain local training, no clip norm.
+    fn configure_round(&mut self, ctx: &RoundContext) -> RoundConfig {
+        let _ = ctx;
+        RoundConfig::default()
+    }
 
     /// Aggregate the round's verified updates into a step.
     ///

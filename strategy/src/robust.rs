@@ -9,8 +9,7 @@ use covey_tensors::{HostTensor, NamedTensors};
 
 use crate::common::collect_checked;
 use crate::config::check_trim_fraction;
-use crate::fedavg::ROUNDS;
-use crate::{Aggregate, ClientUpdate, RoundConfig, RoundContext, Strategy, StrategyError, StrategyState};
+use crate::{Aggregate, ClientUpdate, RoundContext, Strategy, StrategyError, StrategyState};
 
 /// Apply `reduce` to the sorted values of each coordinate across `updates` (non-empty,
 /// validated).
@@ -54,12 +53,6 @@ fn aggregate_with(
     }))
 }
 
-fn rounds_state(name: String, rounds: u64) -> StrategyState {
-    let mut s = StrategyState::new(name);
-    s.scalars.insert(ROUNDS.into(), rounds as f64);
-    s
-}
-
 /// Coordinate-wise trimmed mean: per coordinate, drop the `⌊β n⌋` largest and the
 /// `⌊β n⌋` smallest of the `n` values and average the rest (unweighted), as
 /// `scipy.stats.trim_mean`.
@@ -87,10 +80,6 @@ impl Strategy for TrimmedMean {
         "trimmed-mean".into()
     }
 
-    fn configure_round(&mut self, _ctx: &RoundContext) -> RoundConfig {
-        RoundConfig::default()
-    }
-
     fn aggregate(
         &mut self,
         _ctx: &RoundContext,
@@ -108,12 +97,11 @@ impl Strategy for TrimmedMean {
     }
 
     fn state(&self) -> Result<StrategyState, StrategyError> {
-        Ok(rounds_state(self.name(), self.rounds))
+        Ok(StrategyState::rounds_only(self.name(), self.rounds))
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
-        state.expect_strategy(&self.name())?;
-        self.rounds = state.count(ROUNDS)?;
+        self.rounds = state.restore_rounds(&self.name())?;
         Ok(())
     }
 }
@@ -137,10 +125,6 @@ impl Strategy for CoordinateMedian {
         "median".into()
     }
 
-    fn configure_round(&mut self, _ctx: &RoundContext) -> RoundConfig {
-        RoundConfig::default()
-    }
-
     fn aggregate(
         &mut self,
         _ctx: &RoundContext,
@@ -158,12 +142,11 @@ impl Strategy for CoordinateMedian {
     }
 
     fn state(&self) -> Result<StrategyState, StrategyError> {
-        Ok(rounds_state(self.name(), self.rounds))
+        Ok(StrategyState::rounds_only(self.name(), self.rounds))
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
-        state.expect_strategy(&self.name())?;
-        self.rounds = state.count(ROUNDS)?;
+        self.rounds = state.restore_rounds(&self.name())?;
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ use covey_tensors::{HostTensor, NamedTensors};
 
 use crate::config::{check_positive, check_unit_interval};
 use crate::fedavg::{ROUNDS, aggregate_weighted};
-use crate::{Aggregate, ClientUpdate, RoundConfig, RoundContext, ServerUpdate, Strategy, StrategyError, StrategyState};
+use crate::{Aggregate, ClientUpdate, RoundContext, ServerUpdate, Strategy, StrategyError, StrategyState};
 
 /// Which second-moment rule a [`FedOpt`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,10 +152,6 @@ fn sign(x: f64) -> f64 {
 impl Strategy for FedOpt {
     fn name(&self) -> String {
         self.optimizer.name().into()
-    }
-
-    fn configure_round(&mut self, _ctx: &RoundContext) -> RoundConfig {
-        RoundConfig::default()
     }
 
     fn aggregate(

@@ -40,6 +40,19 @@ pub struct StrategyState {
 }
 
 impl StrategyState {
+    /// The state of a strategy whose only state is its round counter.
+    pub(crate) fn rounds_only(strategy: impl Into<String>, rounds: u64) -> Self {
+        let mut s = Self::new(strategy);
+        s.scalars.insert(crate::fedavg::ROUNDS.into(), rounds as f64);
+        s
+    }
+
+    /// The round counter of a [`StrategyState::rounds_only`] state written by `strategy`.
+    pub(crate) fn restore_rounds(&self, strategy: &str) -> Result<u64, StrategyError> {
+        self.expect_strategy(strategy)?;
+        self.count(crate::fedavg::ROUNDS)
+    }
+
     /// An empty state of the strategy named `strategy`.
     pub fn new(strategy: impl Into<String>) -> Self {
         Self { strategy: strategy.into(), scalars: BTreeMap::new(), tensors: NamedTensors::new(), inner: None }
