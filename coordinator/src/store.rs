@@ -255,6 +255,12 @@ fn i(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// Write transactions take SQLite's write lock up front. A deferred `BEGIN` that reads
+/// first and then writes fails with `SQLITE_BUSY_SNAPSHOT` when another connection
+/// committed in between (WAL mode), which the busy timeout cannot wait out; with
+/// `BEGIN IMMEDIATE` concurrent uploads queue on the busy timeout instead.
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
 impl SqliteStore {
     /// Open (creating it if needed) the database at `path`.
     pub async fn open(path: &Path) -> Result<Self> {
@@ -263,7 +269,8 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(30));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         Ok(Self { pool })
@@ -372,7 +379,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_round(&self, r: &RoundRecord, assignments: &[Assignment]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         sqlx::query(
             "INSERT INTO rounds (id, state, base_version, published_version, cohort_size, target_updates, \
              min_updates, opened_ms, deadline_ms, failure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -452,7 +459,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_update(&self, up: &UpdateRecord, nonce: &[u8; 32]) -> Result<std::result::Result<u64, Rejection>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         // The round must still accept updates *in this transaction*: the round driver moves
         // it to `aggregating` before reading its updates, so an update either commits
         // before that (and is aggregated) or is refused (and never acknowledged).
@@ -524,7 +531,7 @@ impl Store for SqliteStore {
     }
 
     async fn publish(&self, round_id: u64, v: &VersionRecord, state: &[(String, Vec<u8>)]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         sqlx::query(
             "INSERT INTO versions (version, parent, round_id, manifest, signature, manifest_sha256, master_sha256, \
              epsilon, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

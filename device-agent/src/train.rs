@@ -9,7 +9,7 @@ use covey_model::{Checkpoint, LocalResult, LocalTrainSpec, LoraConfig, Resume, T
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::models::VerifiedModel;
-use crate::task::{CheckpointStore, TaskSpec};
+use crate::task::{CheckpointStore, LoraSpec, TaskSpec, TrainingSpec};
 
 /// The local training settings of `task`: its LoRA layout (FFA: `A` frozen), steps, batch
 /// size, sequence length, learning rate (warm-up over the first tenth of the steps, then
@@ -18,15 +18,27 @@ use crate::task::{CheckpointStore, TaskSpec};
 /// of the device id, so devices given the same seed still draw different batches while a
 /// restart of the same device draws the same ones.
 pub fn local_spec(task: &TaskSpec, cfg: &AgentConfig, device_id: &[u8; 32]) -> LocalTrainSpec {
+    spec_for(&task.lora, &task.training, cfg.train_threads, cfg.checkpoint_every, device_id)
+}
+
+/// [`local_spec`] from its parts: the task's LoRA layout and training settings, the
+/// agent's training threads and checkpoint interval, and the device id. Simulations call
+/// this for their virtual devices, so they train exactly as an agent would.
+pub fn spec_for(
+    lora: &LoraSpec,
+    t: &TrainingSpec,
+    train_threads: usize,
+    checkpoint_every: usize,
+    device_id: &[u8; 32],
+) -> LocalTrainSpec {
     let mut id = [0u8; 8];
     id.copy_from_slice(&device_id[..8]);
-    let t = &task.training;
     LocalTrainSpec {
         lora: LoraConfig {
-            rank: task.lora.rank,
-            alpha: task.lora.alpha,
+            rank: lora.rank,
+            alpha: lora.alpha,
             dropout: 0.0,
-            targets: task.lora.targets.clone(),
+            targets: lora.targets.clone(),
             ffa: true,
             seed: 0,
         },
@@ -38,11 +50,11 @@ pub fn local_spec(task: &TaskSpec, cfg: &AgentConfig, device_id: &[u8; 32]) -> L
             lr: t.learning_rate,
             warmup_steps: t.steps / 10,
             seed: t.seed ^ u64::from_be_bytes(id),
-            threads: cfg.train_threads,
+            threads: train_threads,
             ..TrainConfig::default()
         },
         proximal_mu: t.proximal_mu,
-        checkpoint_every: cfg.checkpoint_every,
+        checkpoint_every,
     }
 }
 

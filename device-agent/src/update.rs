@@ -47,6 +47,17 @@ impl PrivateUpdate {
     /// Gaussian noise `N(0, (z·C)²)` from the OS-keyed generator (when `z > 0`), and
     /// reshape. Non-finite values are refused.
     pub fn new(b: NamedTensors, privacy: PrivacySpec) -> Result<Self> {
+        Self::build(b, privacy, None)
+    }
+
+    /// [`PrivateUpdate::new`] with the noise drawn from `rng` instead of a fresh OS-keyed
+    /// generator: for simulations that must be reproducible from a seed
+    /// ([`SecureRng::from_seed`]). A device never calls this.
+    pub fn with_rng(b: NamedTensors, privacy: PrivacySpec, rng: &mut SecureRng) -> Result<Self> {
+        Self::build(b, privacy, Some(rng))
+    }
+
+    fn build(b: NamedTensors, privacy: PrivacySpec, rng: Option<&mut SecureRng>) -> Result<Self> {
         privacy.validate().map_err(|(field, reason)| AgentError::InvalidTask {
             task_id: String::new(),
             field,
@@ -64,8 +75,11 @@ impl PrivateUpdate {
         let flat: Vec<f32> = b.into_values().flat_map(|t| t.data).collect();
         let clipped = clip(flat, ClipNorm::new(privacy.clip_norm)?)?;
         let values = if privacy.noise_multiplier > 0.0 {
-            privatize(clipped, NoiseMultiplier::new(privacy.noise_multiplier)?, &mut SecureRng::from_os()?)
-                .into_values()
+            let z = NoiseMultiplier::new(privacy.noise_multiplier)?;
+            match rng {
+                Some(rng) => privatize(clipped, z, rng).into_values(),
+                None => privatize(clipped, z, &mut SecureRng::from_os()?).into_values(),
+            }
         } else {
             clipped.values().to_vec()
         };

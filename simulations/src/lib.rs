@@ -1,8 +1,23 @@
 //! # covey-sim
 //!
-//! Federated simulations with Covey: datasets (LEAF Shakespeare by speaking role)
-//! and partitioners, many virtual clients in one process or real agents over
-//! loopback gRPC, experiment configs, reports and plots.
+//! Federated simulations with Covey: datasets (LEAF Shakespeare by speaking role, client
+//! text directories, JSONL) and partitioners (IID, Dirichlet, shards, natural), many
+//! virtual clients in one process or real agents over loopback gRPC, experiment configs
+//! in TOML, per-round metrics as CSV and JSON, and SVG plots.
 //!
-//! Not built yet: this crate is a placeholder so the workspace has its final shape.
-//! Architecture invariant: nothing depends on this crate.
+//! Architecture invariant: nothing depends on this crate. Virtual clients run the device
+//! agent's training code (`covey_model::train_local_adapter` with the agent's local
+//! spec and privacy step) and the coordinator's strategies aggregate them.
+
+pub mod config;
+pub mod dataset;
+pub mod error;
+pub mod loopback;
+pub mod partition;
+pub mod plot;
+pub mod prepare;
+pub mod quickstart;
+pub mod report;
+pub mod runner;
+
+pub use error::{Result, SimError};

@@ -1,0 +1,289 @@
+//! The loopback runner: a real `covey-coordinator` (SQLite state, artifact directory,
+//! gRPC on 127.0.0.1) and one real `covey-agent` per client, each with its own key,
+//! state directory and local text, in this process. Everything the fleet does happens:
+//! enrolment, signed polls, verified downloads, local training, clipping and noise,
+//! signed streamed uploads, verification, aggregation, accounting, int8 publishing.
+//!
+//! The runner watches the coordinator's store; each published version is scored on the
+//! held-out texts as devices receive it (the int8 artifact named by its signed manifest).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use covey_agent::{AgentConfig, RunUntil};
+use covey_coordinator::store::RoundState;
+use covey_coordinator::{CoordinatorConfig, server};
+use covey_proto::manifest::Manifest;
+use covey_proto::signing::UpdateHeader;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::watch;
+
+use crate::config::Mode;
+use crate::error::{Result, SimError};
+use crate::prepare::{self, Prepared};
+use crate::report::{Report, RoundMetrics, Summary};
+use crate::runner::UPDATE_OVERHEAD_BYTES;
+
+/// The enrolment token of the loopback fleet (never leaves 127.0.0.1).
+const TOKEN: &str = "covey-sim-loopback";
+
+/// What a loopback run leaves behind besides its report.
+#[derive(Debug)]
+pub struct LoopbackOutcome {
+    /// The report.
+    pub report: Report,
+    /// The final published weights (int8, decoded), as devices hold them.
+    pub published: covey_model::NamedTensors,
+    /// State directory of the first agent (it holds the verified final model).
+    pub agent_state: PathBuf,
+}
+
+/// Run a prepared experiment with a real coordinator and agents over loopback gRPC,
+/// working under `work` (created; state, artifacts, agents' directories).
+pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result<LoopbackOutcome> {
+    let exp = &prepared.experiment;
+    if exp.rounds.centralised {
+        return Err(SimError::config("rounds.centralised", "a centralised baseline runs in-process only"));
+    }
+    let population = prepared.population();
+    let cohort = prepared.cohort();
+    let started = Instant::now();
+
+    let base = work.join("base");
+    std::fs::create_dir_all(&base).map_err(|e| SimError::io(&base, e))?;
+    std::fs::write(base.join("config.json"), &prepared.config_json).map_err(|e| SimError::io(&base, e))?;
+    let master_bytes = covey_tensors::encode(&prepared.master, None)?;
+    std::fs::write(base.join("model.safetensors"), &master_bytes).map_err(|e| SimError::io(&base, e))?;
+
+    let config = coordinator_config(&prepared, work, &base);
+    let engine = server::open_engine(config).await?;
+    let running = server::start(engine.clone()).await?;
+    let url = format!("http://{}", running.addr);
+    tracing::info!(%url, population, cohort, "loopback coordinator started");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut agents = Vec::new();
+    let mut agent_dirs = Vec::new();
+    for (i, client) in prepared.dataset.clients.iter().enumerate() {
+        let data = work.join("data").join(format!("{i:05}"));
+        std::fs::create_dir_all(&data).map_err(|e| SimError::io(&data, e))?;
+        std::fs::write(data.join("local.txt"), client.train.join("\n\n")).map_err(|e| SimError::io(&data, e))?;
+        let state = work.join("agents").join(format!("{i:05}"));
+        let mut cfg = AgentConfig::new(state.clone(), data);
+        cfg.coordinator = Some(url.clone());
+        cfg.max_poll_wait = Duration::from_millis(300);
+        cfg.train_threads = exp.rounds.training_threads;
+        cfg.keep_versions = 1;
+        covey_agent::enroll(&cfg, TOKEN, &client.id).await?;
+        let mut rx = stop_rx.clone();
+        agents.push(tokio::spawn(async move {
+            covey_agent::run_with_shutdown(cfg, RunUntil::Forever, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+        }));
+        agent_dirs.push(state);
+    }
+
+    let bar = progress.then(|| {
+        let bar = ProgressBar::new(exp.rounds.rounds);
+        bar.set_style(
+            ProgressStyle::with_template("loopback gRPC: round {pos}/{len} published [{bar:30}] ({elapsed})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+
+    // Round 0: the initial version.
+    let store = engine.store().clone();
+    let a_bytes =
+        covey_tensors::encode(&covey_coordinator::weights::a_factors(&prepared.master, &exp.lora), None)?.len();
+    let mut seen = std::collections::HashSet::new();
+    let mut rounds = Vec::new();
+    let initial = published_weights(&engine, 1).await?;
+    let m0 = evaluate_blocking(&prepared, initial.0.clone()).await?;
+    rounds.push(RoundMetrics {
+        round: 0,
+        clients: 0,
+        train_loss: f64::NAN,
+        test_loss: m0.mean_nll,
+        test_perplexity: m0.perplexity,
+        top1: m0.top1,
+        top3: m0.top3,
+        epsilon: 0.0,
+        bytes_up_per_client: 0,
+        bytes_down_per_client: 0,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    });
+    let mut published = initial.0;
+    let mut round_started = Instant::now();
+    let mut done = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(6 * 3600);
+    while done < exp.rounds.rounds {
+        if Instant::now() > deadline {
+            return Err(SimError::Data("the loopback fleet made no progress for hours".into()));
+        }
+        if let Some(finished) = agents.iter().position(|a| a.is_finished()) {
+            let handle = agents.swap_remove(finished);
+            let reason = match handle.await {
+                Ok(Ok(summary)) => format!("stopped early after {} updates", summary.submitted),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(SimError::Client { client: format!("agent {finished}"), reason });
+        }
+        let all = store.rounds(exp.rounds.rounds as usize + 8).await?;
+        if let Some(failed) = all.iter().find(|r| r.state == RoundState::Failed) {
+            return Err(SimError::Data(format!("round {} failed on the coordinator", failed.id)));
+        }
+        let Some(round) = all.iter().find(|r| r.state == RoundState::Published && r.id == done + 1) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let updates = store.updates(round.id).await?;
+        let (weights, model_bytes, manifest) = published_weights(&engine, round.published_version).await?;
+        let metrics = evaluate_blocking(&prepared, weights.clone()).await?;
+        let examples: u64 = updates.iter().map(|u| u.num_examples).sum();
+        let train_loss = updates.iter().map(|u| f64::from(u.train_loss) * u.num_examples as f64).sum::<f64>()
+            / examples.max(1) as f64;
+        let base_model_bytes = version_manifest(&engine, round.base_version).await?.model.size;
+        let mut up = 0u64;
+        let mut down = 0u64;
+        for u in &updates {
+            let header =
+                UpdateHeader::parse(&u.header).map_err(|e| SimError::Data(format!("stored update header: {e}")))?;
+            up += header.payload_len + UPDATE_OVERHEAD_BYTES as u64;
+            // The device fetched the round's base version; the A factors once.
+            down += base_model_bytes;
+            if seen.insert(u.device_id) {
+                down += a_bytes as u64;
+            }
+        }
+        let n = updates.len().max(1) as u64;
+        rounds.push(RoundMetrics {
+            round: round.id,
+            clients: updates.len(),
+            train_loss,
+            test_loss: metrics.mean_nll,
+            test_perplexity: metrics.perplexity,
+            top1: metrics.top1,
+            top3: metrics.top3,
+            epsilon: manifest.privacy.epsilon,
+            bytes_up_per_client: up / n,
+            bytes_down_per_client: down / n,
+            wall_seconds: round_started.elapsed().as_secs_f64(),
+        });
+        tracing::info!(
+            round = round.id,
+            version = round.published_version,
+            model_bytes,
+            perplexity = metrics.perplexity,
+            "published"
+        );
+        round_started = Instant::now();
+        published = weights;
+        done += 1;
+        if let Some(bar) = &bar {
+            bar.set_position(done);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let _ = stop_tx.send(true);
+    for a in agents {
+        match tokio::time::timeout(Duration::from_secs(60), a).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "an agent stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "an agent task failed"),
+            Err(_) => tracing::warn!("an agent did not stop within a minute"),
+        }
+    }
+    running.abort();
+
+    let summary = Summary::from_rounds(&rounds, cohort, population, exp.privacy.delta);
+    let mut notes = prepared.notes.clone();
+    notes.push(format!(
+        "loopback gRPC: one coordinator and {population} agents on 127.0.0.1; every update signed, verified and \
+         accounted by the coordinator"
+    ));
+    let report = Report {
+        name: exp.name.clone(),
+        mode: Mode::LoopbackGrpc.name().into(),
+        config: serde_json::to_value(exp).map_err(|e| SimError::Data(format!("experiment as JSON: {e}")))?,
+        rounds,
+        summary,
+        notes,
+    };
+    Ok(LoopbackOutcome { report, published, agent_state: agent_dirs.swap_remove(0) })
+}
+
+/// The coordinator's configuration for the experiment: its sections verbatim, a cohort
+/// of `clients-per-round` from every client, no over-selection, all updates required.
+fn coordinator_config(prepared: &Prepared, work: &Path, base: &Path) -> CoordinatorConfig {
+    let exp = &prepared.experiment;
+    let mut c = CoordinatorConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: None,
+        state_dir: work.join("coordinator"),
+        initial_model: Some(base.to_owned()),
+        lora: exp.lora.clone(),
+        training: exp.training.clone(),
+        privacy: exp.privacy.clone(),
+        strategy: exp.strategy.clone(),
+        ..CoordinatorConfig::default()
+    };
+    c.enrollment.tokens = vec![TOKEN.into()];
+    c.privacy.population = prepared.population();
+    c.training.seed ^= exp.seed;
+    let cohort = prepared.cohort();
+    c.rounds.target_updates = cohort;
+    c.rounds.over_selection = 0.0;
+    c.rounds.min_updates = cohort;
+    c.rounds.min_available = prepared.population();
+    c.rounds.max_rounds = exp.rounds.rounds;
+    c.rounds.seed = exp.seed;
+    c.rounds.deadline = Duration::from_secs(3600);
+    c.rounds.pause = Duration::from_millis(10);
+    c.rounds.poll_interval = Duration::from_millis(200);
+    c
+}
+
+/// The verified manifest of `version`.
+async fn version_manifest(engine: &covey_coordinator::Coordinator, version: u64) -> Result<Manifest> {
+    let record = engine
+        .store()
+        .version(version)
+        .await?
+        .ok_or_else(|| SimError::Data(format!("version {version} is not in the coordinator's store")))?;
+    Manifest::verify(&record.manifest, &record.signature, &engine.public_key())
+        .map_err(|e| SimError::Data(format!("manifest of version {version}: {e}")))
+}
+
+/// The int8 weights of `version` as devices receive them (decoded), the artifact's size,
+/// and its verified manifest.
+async fn published_weights(
+    engine: &covey_coordinator::Coordinator,
+    version: u64,
+) -> Result<(covey_model::NamedTensors, usize, Manifest)> {
+    let manifest = version_manifest(engine, version).await?;
+    let hash: [u8; 32] = hex::decode(&manifest.model.sha256)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| SimError::Data(format!("manifest of version {version}: bad model hash")))?;
+    let bytes = engine.artifacts().get(&hash)?;
+    let (weights, _) = covey_tensors::quant::decode_model(&bytes)?;
+    Ok((weights, bytes.len(), manifest))
+}
+
+async fn evaluate_blocking(
+    prepared: &Arc<Prepared>,
+    weights: covey_model::NamedTensors,
+) -> Result<covey_model::EvalMetrics> {
+    let prepared = prepared.clone();
+    tokio::task::spawn_blocking(move || prepare::evaluate(&prepared, &weights))
+        .await
+        .map_err(|e| SimError::Data(format!("evaluation thread: {e}")))?
+}

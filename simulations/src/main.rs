@@ -1,0 +1,181 @@
+//! `covey-sim`: federated simulations from the command line.
+//!
+//! ```text
+//! covey-sim quickstart                       # the README's main command
+//! covey-sim run EXPERIMENT.toml              # one experiment → report folder
+//! covey-sim compare A.toml B.toml …          # several, side by side (report folders accepted too)
+//! covey-sim data EXPERIMENT.toml             # the clients an experiment would see
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use covey_sim::config::{Experiment, Mode};
+use covey_sim::report::{self, Report};
+use covey_sim::{loopback, prepare, quickstart, runner};
+
+#[derive(Parser)]
+#[command(name = "covey-sim", version, about = "Federated simulations with Covey: datasets, virtual clients, reports")]
+struct Cli {
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Federated LoRA fine-tuning with differential privacy through a real coordinator and
+    /// agents over loopback gRPC, on Shakespeare roles the base model never saw; prints a
+    /// before/after table and a sample, writes a report folder.
+    Quickstart {
+        /// Report folder.
+        #[arg(long, default_value = "runs/quickstart")]
+        out: PathBuf,
+    },
+    /// Run one experiment and write its report folder (report.json, metrics.csv,
+    /// timing.csv, curves.svg).
+    Run {
+        /// Experiment file (TOML; see simulations/experiments/).
+        config: PathBuf,
+        /// Report folder (default: the experiment's report.dir, else runs/sim/NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the experiment's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<u64>,
+    },
+    /// Run several experiments (or read finished report folders) and compare them:
+    /// comparison.csv, comparison.txt, compare.svg.
+    Compare {
+        /// Experiment files, or report folders / report.json files of finished runs.
+        #[arg(required = true, num_args = 2..)]
+        inputs: Vec<PathBuf>,
+        /// Comparison folder.
+        #[arg(long, default_value = "runs/sim/compare")]
+        out: PathBuf,
+    },
+    /// Print the clients an experiment would use: counts and sizes, as JSON.
+    Data {
+        /// Experiment file.
+        config: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let progress = !cli.quiet;
+    match cli.command {
+        Command::Quickstart { out } => quickstart_command(&out, progress),
+        Command::Run { config, out, seed, rounds } => {
+            let mut exp = Experiment::load(&config)?;
+            if let Some(seed) = seed {
+                exp.seed = seed;
+            }
+            if let Some(rounds) = rounds {
+                exp.rounds.rounds = rounds;
+            }
+            if let Some(out) = out {
+                exp.report.dir = Some(out);
+            }
+            let report = run_experiment(&exp, progress)?;
+            println!("{}", report::before_after_table(&report.summary));
+            Ok(())
+        }
+        Command::Compare { inputs, out } => {
+            let mut reports = Vec::new();
+            for input in &inputs {
+                let is_report = input.is_dir() || input.extension().is_some_and(|e| e == "json");
+                let report = if is_report {
+                    report::read_report(input)?
+                } else {
+                    run_experiment(&Experiment::load(input)?, progress)?
+                };
+                reports.push(report);
+            }
+            let files = report::write_comparison(&out, &reports)?;
+            println!("{}", report::comparison_table(&reports));
+            println!("comparison written to {} ({} files)", out.display(), files.paths.len());
+            Ok(())
+        }
+        Command::Data { config } => {
+            let exp = Experiment::load(&config)?;
+            let prepared = prepare::prepare(&exp)?;
+            let summary = prepared.dataset.summary();
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+    }
+}
+
+/// Run `exp` in its mode, write its report folder, and return the report.
+fn run_experiment(exp: &Experiment, progress: bool) -> Result<Report> {
+    let started = Instant::now();
+    println!("{}: preparing ({} mode)", exp.name, exp.mode.name());
+    let prepared = prepare::prepare(exp).with_context(|| format!("experiment {}", exp.name))?;
+    for note in &prepared.notes {
+        println!("  {note}");
+    }
+    let report = match exp.mode {
+        Mode::InProcess => runner::run(&prepared, progress)?,
+        Mode::LoopbackGrpc => {
+            let work = tempfile::tempdir().context("temporary directory")?;
+            let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
+            let prepared = Arc::new(prepared);
+            runtime.block_on(loopback::run(prepared, work.path(), progress))?.report
+        }
+    };
+    let dir = exp.report_dir();
+    report::write_report(&dir, &report)?;
+    println!(
+        "{}: {} rounds in {:.1} s; report in {}",
+        exp.name,
+        exp.rounds.rounds,
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(report)
+}
+
+fn quickstart_command(out: &Path, progress: bool) -> Result<()> {
+    let started = Instant::now();
+    if !Path::new("data/shakespeare").is_dir() {
+        bail!("run the quickstart from the repository root: data/shakespeare/ and models/ ship there");
+    }
+    println!("Covey quickstart: federated LoRA fine-tuning with differential privacy over loopback gRPC");
+    let exp = quickstart::experiment()?;
+    println!(
+        "  base model: {} (byte-level, pretrained by `covey-model pretrain`; these plays held out)",
+        exp.model.base.as_deref().unwrap_or(Path::new("-")).display()
+    );
+    println!(
+        "  {} rounds, {} clients per round, central DP-FedAvg, int8 publishing",
+        exp.rounds.rounds, exp.rounds.clients_per_round
+    );
+    let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    let q = runtime.block_on(quickstart::run(out, progress))?;
+    println!();
+    println!("{}", report::before_after_table(&q.report.summary));
+    println!();
+    println!("Sample from the fine-tuned model on a device (greedy):");
+    println!("---");
+    println!("{}{}", q.prompt, q.sample);
+    println!("---");
+    println!("Report folder: {} (report.json, metrics.csv, curves.svg)", out.display());
+    println!("Done in {:.1} min.", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! What both runners need before round 1: the base model as master weights, the clients'
+//! data, the held-out evaluation texts, the noise calibrated to a target ε, and the
+//! helpers that publish (int8) and evaluate a version as the coordinator would.
+
+use std::path::Path;
+
+use covey_model::{LlamaConfig, NamedTensors, Tokenizer};
+use covey_tensors::quant;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{Experiment, Source};
+use crate::dataset::{self, ClientData, Dataset};
+use crate::error::{Result, SimError};
+use crate::partition;
+
+/// Seed of the choice of evaluation clients: fixed, so runs with different seeds (and
+/// the centralised baseline) are scored on the same texts.
+const EVAL_SEED: u64 = 0x5EED_E7A1;
+
+/// An experiment ready to run.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The experiment, with any calibrated noise multiplier filled in.
+    pub experiment: Experiment,
+    /// Shape of the model.
+    pub config: LlamaConfig,
+    /// `config.json` of the model (what the coordinator imports).
+    pub config_json: Vec<u8>,
+    /// f32 master weights, Hugging Face names.
+    pub master: NamedTensors,
+    /// The clients (after partitioning; one pooled client for a centralised run).
+    pub dataset: Dataset,
+    /// Held-out texts every version is scored on.
+    pub eval_texts: Vec<String>,
+    /// Ids of the clients whose test texts make up `eval_texts`.
+    pub eval_clients: Vec<String>,
+    /// Lines describing what was prepared, for the report.
+    pub notes: Vec<String>,
+}
+
+impl Prepared {
+    /// Clients in the population.
+    pub fn population(&self) -> usize {
+        self.dataset.clients.len()
+    }
+
+    /// Clients per round, at most the population.
+    pub fn cohort(&self) -> usize {
+        self.experiment.rounds.clients_per_round.min(self.population())
+    }
+}
+
+/// Load the model and the data of `exp`, partition, choose the evaluation texts, and
+/// calibrate the noise if asked.
+pub fn prepare(exp: &Experiment) -> Result<Prepared> {
+    exp.validate()?;
+    let mut exp = exp.clone();
+    let mut notes = Vec::new();
+    let (config, config_json, master) = load_model(&exp)?;
+    let raw = match exp.data.source {
+        Source::LeafShakespeare => dataset::leaf_shakespeare(&exp.data.path, &exp.data.leaf)?,
+        Source::ClientDirs => dataset::client_dirs(&exp.data.path, exp.data.train_fraction)?,
+        Source::Jsonl => dataset::jsonl_clients(&exp.data.path, exp.data.train_fraction)?,
+    };
+    let partitioned = partition::partition(&raw, &exp.data.partitioner, exp.seed)?;
+    let (eval_texts, eval_clients) = eval_texts(&partitioned, exp.data.eval_bytes);
+    notes.push(format!(
+        "{} clients ({} training bytes); evaluation on the test texts of {} clients ({} bytes)",
+        partitioned.clients.len(),
+        partitioned.train_bytes(),
+        eval_clients.len(),
+        eval_texts.iter().map(String::len).sum::<usize>(),
+    ));
+    let dataset = if exp.rounds.centralised {
+        notes.push("centralised baseline: every client's training text pooled into one client".into());
+        Dataset {
+            name: format!("{} (pooled)", partitioned.name),
+            clients: vec![ClientData {
+                id: "centralised".into(),
+                train: partitioned.clients.iter().flat_map(|c| c.train.iter().cloned()).collect(),
+                test: partitioned.clients.iter().flat_map(|c| c.test.iter().cloned()).collect(),
+            }],
+        }
+    } else {
+        partitioned
+    };
+    if let Some(target) = exp.calibrate.target_epsilon {
+        let population = dataset.clients.len();
+        let q = exp.rounds.clients_per_round.min(population) as f64 / population as f64;
+        let z = covey_privacy::calibrate::noise_multiplier(target, exp.privacy.delta, q, exp.rounds.rounds)?;
+        match exp.privacy.central.as_mut() {
+            Some(central) => central.noise_multiplier = z,
+            None => exp.privacy.local_noise_multiplier = z,
+        }
+        notes.push(format!(
+            "noise multiplier {z:.4} calibrated for ε = {target} at δ = {} over {} rounds at q = {q:.4}",
+            exp.privacy.delta, exp.rounds.rounds
+        ));
+    }
+    Ok(Prepared { experiment: exp, config, config_json, master, dataset, eval_texts, eval_clients, notes })
+}
+
+/// The model of `exp`: a model directory, or a random initialisation of its preset.
+fn load_model(exp: &Experiment) -> Result<(LlamaConfig, Vec<u8>, NamedTensors)> {
+    let (config, dir_holder);
+    let dir: &Path = match &exp.model.base {
+        Some(dir) => {
+            config = LlamaConfig::load(&dir.join("config.json"))?;
+            dir
+        }
+        None => {
+            config = exp.model.preset_config()?;
+            let device = covey_model::cpu_device();
+            let model = covey_model::Llama::init(&config, exp.model.init_seed, &device)?;
+            dir_holder = tempfile::tempdir().map_err(|e| SimError::io(Path::new("temporary directory"), e))?;
+            covey_model::checkpoint::save_model(&model, &Tokenizer::Bytes, dir_holder.path())?;
+            dir_holder.path()
+        }
+    };
+    if config.vocab_size != Tokenizer::Bytes.vocab_size() {
+        return Err(SimError::config(
+            "model.base",
+            format!("simulations use byte-level models (vocabulary 256); this one has {}", config.vocab_size),
+        ));
+    }
+    let (config_json, master) = covey_coordinator::weights::read_initial_model(dir, &exp.lora)?;
+    Ok((config, config_json, master))
+}
+
+/// Test texts of clients taken in a fixed shuffled order until `max_bytes`, the last
+/// client's texts cut to fit; returned with the clients' ids, in id order.
+fn eval_texts(dataset: &Dataset, max_bytes: usize) -> (Vec<String>, Vec<String>) {
+    let mut order: Vec<usize> = (0..dataset.clients.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(EVAL_SEED));
+    let mut chosen = Vec::new();
+    let mut total = 0;
+    for i in order {
+        if total >= max_bytes {
+            break;
+        }
+        chosen.push(i);
+        total += dataset.clients[i].test.iter().map(String::len).sum::<usize>();
+    }
+    chosen.sort_unstable();
+    let mut texts = Vec::new();
+    let mut budget = max_bytes;
+    for &i in &chosen {
+        for t in &dataset.clients[i].test {
+            if budget == 0 {
+                break;
+            }
+            let cut = floor_char_boundary(t, budget);
+            texts.push(t[..cut].to_owned());
+            budget -= cut;
+        }
+    }
+    (texts, chosen.iter().map(|&i| dataset.clients[i].id.clone()).collect())
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
+}
+
+/// A version as devices receive it: the master quantized to int8 per output channel and
+/// decoded again, with the artifact's size in bytes.
+pub fn publish(master: &NamedTensors) -> Result<(NamedTensors, usize)> {
+    let bytes = quant::encode_int8(master, Default::default())?;
+    let (published, _) = quant::decode_model(&bytes)?;
+    Ok((published, bytes.len()))
+}
+
+/// Held-out metrics of `weights` on the prepared evaluation texts.
+pub fn evaluate(prepared: &Prepared, weights: &NamedTensors) -> Result<covey_model::EvalMetrics> {
+    let device = covey_model::cpu_device();
+    Ok(covey_model::evaluate_texts(
+        &prepared.config,
+        weights,
+        &Tokenizer::Bytes,
+        &prepared.eval_texts,
+        prepared.experiment.eval_seq_len(),
+        &device,
+    )?)
+}
+
+/// `count` bytes generated greedily by `weights` after `prompt`.
+pub fn sample(prepared: &Prepared, weights: &NamedTensors, prompt: &str, count: usize) -> Result<String> {
+    let device = covey_model::cpu_device();
+    let model = covey_model::checkpoint::from_base_tensors(&prepared.config, weights, Path::new("published"), &device)?;
+    let tokenizer = Tokenizer::Bytes;
+    let ids = tokenizer.encode(prompt)?;
+    let sampling = covey_model::SamplingConfig {
+        max_new_tokens: count,
+        temperature: 0.0,
+        ..covey_model::SamplingConfig::default()
+    };
+    let out = covey_model::generate::generate(&model, &ids, &sampling, None, &device)?;
+    Ok(tokenizer.decode(&out)?)
+}
+
+/// A 32-byte seed for [`covey_privacy::SecureRng::from_seed`] from the experiment seed
+/// and a purpose.
+pub fn seed_bytes(seed: u64, purpose: &str, index: u64) -> [u8; 32] {
+    let mut material = Vec::with_capacity(24 + purpose.len());
+    material.extend_from_slice(&seed.to_be_bytes());
+    material.extend_from_slice(&index.to_be_bytes());
+    material.extend_from_slice(purpose.as_bytes());
+    covey_proto::keys::sha256(&material)
+}
