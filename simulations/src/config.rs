@@ -119,6 +119,10 @@ pub struct DataSection {
     pub eval_bytes: usize,
     /// Sequence length of evaluation windows. Default: `training.seq-len`.
     pub eval_seq_len: Option<usize>,
+    /// Score only the test texts of clients whose id starts with one of these (e.g.
+    /// `"hamlet/"`: plays a pretrained base never saw). Empty: every client. Default
+    /// empty.
+    pub eval_client_prefixes: Vec<String>,
 }
 
 impl Default for DataSection {
@@ -131,6 +135,7 @@ impl Default for DataSection {
             partitioner: Partitioner::default(),
             eval_bytes: 60_000,
             eval_seq_len: None,
+            eval_client_prefixes: Vec::new(),
         }
     }
 }

@@ -86,6 +86,7 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
         agent_dirs.push(state);
     }
 
+    let setup_seconds = started.elapsed().as_secs_f64();
     let bar = progress.then(|| {
         let bar = ProgressBar::new(exp.rounds.rounds);
         bar.set_style(
@@ -115,10 +116,10 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
         epsilon: 0.0,
         bytes_up_per_client: 0,
         bytes_down_per_client: 0,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        // Round 0: starting the coordinator and enrolling the agents.
+        wall_seconds: setup_seconds,
     });
     let mut published = initial.0;
-    let mut round_started = Instant::now();
     let mut done = 0u64;
     let deadline = Instant::now() + Duration::from_secs(6 * 3600);
     while done < exp.rounds.rounds {
@@ -173,7 +174,9 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
             epsilon: manifest.privacy.epsilon,
             bytes_up_per_client: up / n,
             bytes_down_per_client: down / n,
-            wall_seconds: round_started.elapsed().as_secs_f64(),
+            // From the round's opening to its version's signing, by the coordinator's clock
+            // (this loop may observe a round late while it scores the previous one).
+            wall_seconds: manifest.created_unix_ms.saturating_sub(round.opened_ms) as f64 / 1000.0,
         });
         tracing::info!(
             round = round.id,
@@ -182,7 +185,6 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
             perplexity = metrics.perplexity,
             "published"
         );
-        round_started = Instant::now();
         published = weights;
         done += 1;
         if let Some(bar) = &bar {

@@ -142,13 +142,21 @@ fn run_experiment(exp: &Experiment, progress: bool) -> Result<Report> {
     let dir = exp.report_dir();
     report::write_report(&dir, &report)?;
     println!(
-        "{}: {} rounds in {:.1} s; report in {}",
+        "{}: {} rounds in {:.1} s, peak RSS {}; report in {}",
         exp.name,
         exp.rounds.rounds,
         started.elapsed().as_secs_f64(),
+        peak_rss().map_or_else(|| "unknown".to_owned(), |kib| format!("{:.1} MiB", kib as f64 / 1024.0)),
         dir.display()
     );
     Ok(report)
+}
+
+/// The process's peak resident set size in KiB (`VmHWM`; Linux only).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn quickstart_command(out: &Path, progress: bool) -> Result<()> {
@@ -171,7 +179,7 @@ fn quickstart_command(out: &Path, progress: bool) -> Result<()> {
     println!();
     println!("{}", report::before_after_table(&q.report.summary));
     println!();
-    println!("Sample from the fine-tuned model on a device (greedy):");
+    println!("Sample from the fine-tuned model on a device (temperature 0.7, top-k 40, seed 0):");
     println!("---");
     println!("{}{}", q.prompt, q.sample);
     println!("---");

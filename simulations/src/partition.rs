@@ -29,7 +29,8 @@ pub enum Partitioner {
     /// Uniformly random assignment with equal sizes (to one example): shuffle the
     /// examples and deal them round robin.
     Iid {
-        /// Number of clients.
+        /// Number of clients. Train and test texts are dealt separately, so each client
+        /// gets a share of both.
         clients: usize,
     },
     /// Label skew after Hsu et al. 2019 ("Measuring the Effects of Non-Identical Data
@@ -117,7 +118,7 @@ pub fn partition(dataset: &Dataset, partitioner: &Partitioner, seed: u64) -> Res
         Partitioner::Natural {} => return Ok(dataset.clone()),
         Partitioner::Iid { clients } => {
             check_clients(clients, n)?;
-            (clients, iid(n, clients, &mut rng))
+            (clients, iid(&examples, clients, &mut rng))
         }
         Partitioner::Dirichlet { clients, alpha, min_examples } => {
             check_clients(clients, n)?;
@@ -176,11 +177,15 @@ fn check_clients(clients: usize, examples: usize) -> Result<()> {
 }
 
 /// Shuffle the examples and deal them round robin: sizes differ by at most one.
-fn iid(n: usize, clients: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(rng);
-    let mut assignment = vec![0; n];
-    for (position, &example) in order.iter().enumerate() {
+fn iid(examples: &[Example<'_>], clients: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    // Train and test texts are dealt separately (stratified), one continuous round robin,
+    // so every client gets its share of both and sizes differ by at most one.
+    let mut train: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].train).collect();
+    let mut test: Vec<usize> = (0..examples.len()).filter(|&i| !examples[i].train).collect();
+    train.shuffle(rng);
+    test.shuffle(rng);
+    let mut assignment = vec![0; examples.len()];
+    for (position, &example) in train.iter().chain(test.iter()).enumerate() {
         assignment[example] = position % clients;
     }
     assignment

@@ -65,7 +65,10 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
         Source::Jsonl => dataset::jsonl_clients(&exp.data.path, exp.data.train_fraction)?,
     };
     let partitioned = partition::partition(&raw, &exp.data.partitioner, exp.seed)?;
-    let (eval_texts, eval_clients) = eval_texts(&partitioned, exp.data.eval_bytes);
+    let (eval_texts, eval_clients) = eval_texts(&partitioned, exp.data.eval_bytes, &exp.data.eval_client_prefixes);
+    if eval_texts.is_empty() {
+        return Err(SimError::config("data.eval-client-prefixes", "no client's test texts match"));
+    }
     notes.push(format!(
         "{} clients ({} training bytes); evaluation on the test texts of {} clients ({} bytes)",
         partitioned.clients.len(),
@@ -129,11 +132,13 @@ fn load_model(exp: &Experiment) -> Result<(LlamaConfig, Vec<u8>, NamedTensors)> 
     Ok((config, config_json, master))
 }
 
-/// Test texts of clients taken in a fixed shuffled order until `max_bytes`, the last
-/// client's texts cut to fit; returned with the clients' ids, in id order.
-fn eval_texts(dataset: &Dataset, max_bytes: usize) -> (Vec<String>, Vec<String>) {
+/// Test texts of clients (those whose id starts with one of `prefixes`, or all) taken in
+/// a fixed shuffled order until `max_bytes`, the last client's texts cut to fit;
+/// returned with the clients' ids, in id order.
+fn eval_texts(dataset: &Dataset, max_bytes: usize, prefixes: &[String]) -> (Vec<String>, Vec<String>) {
     let mut order: Vec<usize> = (0..dataset.clients.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(EVAL_SEED));
+    order.retain(|&i| prefixes.is_empty() || prefixes.iter().any(|p| dataset.clients[i].id.starts_with(p.as_str())));
     let mut chosen = Vec::new();
     let mut total = 0;
     for i in order {

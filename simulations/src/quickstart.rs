@@ -58,7 +58,9 @@ pub async fn run(out: &Path, progress: bool) -> Result<Quickstart> {
     let prompt = prepared.experiment.report.sample_prompt.clone();
     let sampling = covey_model::SamplingConfig {
         max_new_tokens: prepared.experiment.report.sample_bytes,
-        temperature: 0.0,
+        temperature: 0.7,
+        top_k: Some(40),
+        seed: 0,
         ..covey_model::SamplingConfig::default()
     };
     let state = outcome.agent_state.clone();
