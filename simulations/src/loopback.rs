@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::Mode;
 use crate::error::{Result, SimError};
 use crate::prepare::{self, Prepared};
-use crate::report::{Report, RoundMetrics, Summary};
+use crate::report::{Report, RoundMetrics};
 use crate::runner::UPDATE_OVERHEAD_BYTES;
 
 /// The enrolment token of the loopback fleet (never leaves 127.0.0.1).
@@ -205,20 +205,11 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
     }
     running.abort();
 
-    let summary = Summary::from_rounds(&rounds, cohort, population, exp.privacy.delta);
-    let mut notes = prepared.notes.clone();
-    notes.push(format!(
+    let notes = vec![format!(
         "loopback gRPC: one coordinator and {population} agents on 127.0.0.1; every update signed, verified and \
          accounted by the coordinator"
-    ));
-    let report = Report {
-        name: exp.name.clone(),
-        mode: Mode::LoopbackGrpc.name().into(),
-        config: serde_json::to_value(exp).map_err(|e| SimError::Data(format!("experiment as JSON: {e}")))?,
-        rounds,
-        summary,
-        notes,
-    };
+    )];
+    let report = prepare::report(&prepared, Mode::LoopbackGrpc, rounds, notes)?;
     Ok(LoopbackOutcome { report, published, agent_state: agent_dirs.swap_remove(0) })
 }
 

@@ -10,10 +10,11 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{Experiment, Source};
+use crate::config::{Experiment, Mode, Source};
 use crate::dataset::{self, ClientData, Dataset};
 use crate::error::{Result, SimError};
 use crate::partition;
+use crate::report::{Report, RoundMetrics, Summary};
 
 /// Seed of the choice of evaluation clients: fixed, so runs with different seeds (and
 /// the centralised baseline) are scored on the same texts.
@@ -205,6 +206,21 @@ pub fn sample(prepared: &Prepared, weights: &NamedTensors, prompt: &str, count: 
     };
     let out = covey_model::generate::generate(&model, &ids, &sampling, None, &device)?;
     Ok(tokenizer.decode(&out)?)
+}
+
+/// The report of a finished run of `prepared` in `mode`: its rounds, the summary, and
+/// the preparation notes followed by `notes`.
+pub fn report(prepared: &Prepared, mode: Mode, rounds: Vec<RoundMetrics>, notes: Vec<String>) -> Result<Report> {
+    let exp = &prepared.experiment;
+    let summary = Summary::from_rounds(&rounds, prepared.cohort(), prepared.population(), exp.privacy.delta);
+    Ok(Report {
+        name: exp.name.clone(),
+        mode: mode.name().into(),
+        config: serde_json::to_value(exp).map_err(|e| SimError::Data(format!("experiment as JSON: {e}")))?,
+        rounds,
+        summary,
+        notes: prepared.notes.iter().cloned().chain(notes).collect(),
+    })
 }
 
 /// A 32-byte seed for [`covey_privacy::SecureRng::from_seed`] from the experiment seed

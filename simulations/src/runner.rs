@@ -33,7 +33,7 @@ use crate::config::Mode;
 use crate::dataset::ClientData;
 use crate::error::{Result, SimError};
 use crate::prepare::{self, Prepared, seed_bytes};
-use crate::report::{Report, RoundMetrics, Summary};
+use crate::report::{Report, RoundMetrics};
 
 /// Bytes of the signed header and signature sent with every update (the wire format of
 /// `covey_proto::signing`).
@@ -102,8 +102,8 @@ pub fn run(prepared: &Prepared, progress: bool) -> Result<Report> {
             seed: exp.training.seed ^ exp.seed ^ round,
         };
         let bar = progress.then(|| round_bar(round, exp.rounds.rounds, members.len()));
-        let outcomes =
-            train_cohort(prepared, &members, &published, &a, &lora, &training, privacy, round, bar.as_ref())?;
+        let job = RoundJob { prepared, published: &published, a: &a, lora: &lora, training: &training, privacy, round };
+        let outcomes = train_cohort(&job, &members, bar.as_ref())?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
@@ -164,20 +164,12 @@ pub fn run(prepared: &Prepared, progress: bool) -> Result<Report> {
         });
     }
 
-    let summary = Summary::from_rounds(&rounds, cohort, population, exp.privacy.delta);
-    let mut notes = prepared.notes.clone();
+    let mut notes = Vec::new();
     if !exp.report.sample_prompt.is_empty() {
         let text = prepare::sample(prepared, &published, &exp.report.sample_prompt, exp.report.sample_bytes)?;
         notes.push(format!("sample after round {}: {}{}", exp.rounds.rounds, exp.report.sample_prompt, text));
     }
-    Ok(Report {
-        name: exp.name.clone(),
-        mode: Mode::InProcess.name().into(),
-        config: serde_json::to_value(exp).map_err(|e| SimError::Data(format!("experiment as JSON: {e}")))?,
-        rounds,
-        summary,
-        notes,
-    })
+    prepare::report(prepared, Mode::InProcess, rounds, notes)
 }
 
 /// Local steps of one client: `training.steps`, times the cohort for a centralised run.
@@ -214,20 +206,21 @@ fn round_bar(round: u64, rounds: u64, clients: usize) -> ProgressBar {
     bar
 }
 
-/// Train the cohort's clients, `rounds.parallel` at a time; outcomes in cohort order,
-/// `None` for a client that could not train (too little text: a drop-out).
-#[allow(clippy::too_many_arguments)]
-fn train_cohort(
-    prepared: &Prepared,
-    members: &[usize],
-    published: &NamedTensors,
-    a: &NamedTensors,
-    lora: &LoraSpec,
-    training: &TrainingSpec,
+/// What every client of a round trains from.
+struct RoundJob<'a> {
+    prepared: &'a Prepared,
+    published: &'a NamedTensors,
+    a: &'a NamedTensors,
+    lora: &'a LoraSpec,
+    training: &'a TrainingSpec,
     privacy: PrivacySpec,
     round: u64,
-    bar: Option<&ProgressBar>,
-) -> Result<Vec<Option<Outcome>>> {
+}
+
+/// Train the cohort's clients, `rounds.parallel` at a time; outcomes in cohort order,
+/// `None` for a client that could not train (too little text: a drop-out).
+fn train_cohort(job: &RoundJob<'_>, members: &[usize], bar: Option<&ProgressBar>) -> Result<Vec<Option<Outcome>>> {
+    let prepared = job.prepared;
     let exp = &prepared.experiment;
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<Option<Outcome>>>>> = Mutex::new((0..members.len()).map(|_| None).collect());
@@ -241,7 +234,7 @@ fn train_cohort(
                         break;
                     }
                     let client = &prepared.dataset.clients[members[i]];
-                    let outcome = train_client(prepared, client, published, a, lora, training, privacy, round);
+                    let outcome = train_client(job, client);
                     let failed = outcome.is_err();
                     if let Ok(mut r) = results.lock() {
                         r[i] = Some(outcome);
@@ -262,17 +255,8 @@ fn train_cohort(
 }
 
 /// One virtual client's round, as a device agent runs it.
-#[allow(clippy::too_many_arguments)]
-fn train_client(
-    prepared: &Prepared,
-    client: &ClientData,
-    published: &NamedTensors,
-    a: &NamedTensors,
-    lora: &LoraSpec,
-    training: &TrainingSpec,
-    privacy: PrivacySpec,
-    round: u64,
-) -> Result<Option<Outcome>> {
+fn train_client(job: &RoundJob<'_>, client: &ClientData) -> Result<Option<Outcome>> {
+    let RoundJob { prepared, published, a, lora, training, privacy, round } = *job;
     let exp = &prepared.experiment;
     let device_id = covey_proto::keys::sha256(client.id.as_bytes());
     let spec = covey_agent::train::spec_for(lora, training, exp.rounds.training_threads, 0, &device_id);
