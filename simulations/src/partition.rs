@@ -371,6 +371,15 @@ mod tests {
     }
 
     #[test]
+    fn iid_gives_every_client_test_texts_even_when_they_are_scarce() {
+        // 1 test text in 20: dealt without stratification, some of 50 clients would get none.
+        let data = synthetic(10, 95, 5);
+        let out = partition(&data, &Partitioner::Iid { clients: 50 }, 4).expect("iid");
+        assert_preserved(&data, &out);
+        assert!(out.clients.iter().all(|c| c.test.len() == 1 && c.train.len() == 19), "uneven split");
+    }
+
+    #[test]
     fn dirichlet_skew_grows_as_alpha_shrinks() {
         let data = synthetic(20, 40, 10);
         let skew = |alpha: f64| {
