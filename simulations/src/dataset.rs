@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use covey_model::ModelError;
-use covey_model::data::{load_corpus, speeches};
+use covey_model::data::{Speech, load_corpus, speeches};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SimError};
@@ -120,6 +120,52 @@ pub struct DatasetSummary {
     pub max_client_train_bytes: usize,
 }
 
+/// The speeches of a play: speaker tags ending with a period (`Ham.`), or, for a text
+/// where those yield fewer than [`MIN_PLAY_SPEECHES`], tags without one (`THESEUS` on its
+/// own line, as the Gutenberg A Midsummer Night's Dream prints them). Texts with fewer
+/// speeches either way (the sonnets and poems) have none.
+fn play_speeches(text: &str) -> Vec<Speech> {
+    let tagged = speeches(text);
+    if tagged.len() >= MIN_PLAY_SPEECHES {
+        return tagged;
+    }
+    let untagged = untagged_speeches(text);
+    if untagged.len() >= MIN_PLAY_SPEECHES { untagged } else { tagged }
+}
+
+/// Fewest speeches that make a text a play.
+const MIN_PLAY_SPEECHES: usize = 50;
+
+/// Speeches whose speaker tag is an all-capitals line without a final period: a blank
+/// line, the tag, then the speech up to the next blank line.
+fn untagged_speeches(text: &str) -> Vec<Speech> {
+    let is_tag = |line: &str| {
+        let l = line.trim();
+        (2..=40).contains(&l.len())
+            && l.chars().filter(|c| c.is_ascii_alphabetic()).count() >= 2
+            && l.chars().all(|c| c.is_ascii_uppercase() || matches!(c, ' ' | '\'' | '-'))
+            && !l.starts_with("ACT")
+            && !l.starts_with("SCENE")
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 1 < lines.len() {
+        let after_blank = i == 0 || lines[i - 1].trim().is_empty();
+        if after_blank && is_tag(lines[i]) && !lines[i + 1].trim().is_empty() {
+            let mut j = i + 1;
+            while j < lines.len() && !lines[j].trim().is_empty() {
+                j += 1;
+            }
+            out.push(Speech { speaker: lines[i].trim().to_owned(), text: lines[i + 1..j].join("\n") });
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Options of [`leaf_shakespeare`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -200,7 +246,7 @@ pub fn leaf_shakespeare(dir: &Path, opts: &LeafOptions) -> Result<Dataset> {
         let path = dir.join(format!("{stem}{PLAY_SUFFIX}"));
         let text = std::fs::read_to_string(&path).map_err(|e| SimError::io(&path, e))?;
         let mut roles: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for speech in speeches(&text) {
+        for speech in play_speeches(&text) {
             let rendered = format!("{}.\n{}\n", speech.speaker, speech.text);
             roles.entry(speech.speaker).or_default().push(rendered);
         }
@@ -462,6 +508,23 @@ mod tests {
             let found = play[at..].find(&format!("\n{speech}")).unwrap_or_else(|| panic!("speech {i} out of order"));
             at += found + speech.len();
         }
+    }
+
+    #[test]
+    fn plays_without_periods_after_speaker_tags_are_parsed() {
+        let dream = leaf_shakespeare(
+            shakespeare(),
+            &LeafOptions { plays: strings(&["midsummer_nights_dream"]), ..LeafOptions::default() },
+        )
+        .expect("A Midsummer Night's Dream");
+        let ids: Vec<&str> = dream.clients.iter().map(|c| c.id.as_str()).collect();
+        assert!(ids.contains(&"midsummer_nights_dream/THESEUS"), "{ids:?}");
+        assert!(ids.contains(&"midsummer_nights_dream/HERMIA"), "{ids:?}");
+        assert!(dream.clients[0].train[0].contains(".\n"), "speeches rendered with their tag");
+        // The sonnets have numbered headings, not speakers.
+        let err =
+            leaf_shakespeare(shakespeare(), &LeafOptions { plays: strings(&["sonnets"]), ..LeafOptions::default() });
+        assert!(err.is_err(), "the sonnets yield no clients");
     }
 
     #[test]
