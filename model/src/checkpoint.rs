@@ -35,10 +35,11 @@ pub const COVEY_LORA_FILE: &str = "covey_lora.json";
 
 pub use covey_tensors::{HostTensor, NamedTensors};
 
-/// The values of a device tensor, read back to the host.
+/// The values of a device tensor, read back to the host (a quantized tensor, such as a
+/// QLoRA base weight, is dequantized).
 pub fn host_tensor<const D: usize>(t: Tensor<D>) -> HostTensor {
     let shape = t.dims().to_vec();
-    let data = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+    let data = t.dequantize().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
     HostTensor { shape, data }
 }
 

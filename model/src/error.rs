@@ -108,6 +108,44 @@ pub enum ModelError {
         /// The vocabulary size.
         vocab: usize,
     },
+    /// A GGUF file is malformed or holds something this version cannot read.
+    #[error("{path}: {source}")]
+    Gguf {
+        /// The file involved.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: covey_gguf::GgufError,
+    },
+    /// A model file is valid but describes a model Covey does not support.
+    #[error("{path}: unsupported model: {reason}")]
+    UnsupportedModel {
+        /// The file involved.
+        path: PathBuf,
+        /// What is not supported.
+        reason: String,
+    },
+    /// The ONNX exporter refused the model.
+    #[error("ONNX export: {0}")]
+    Onnx(#[source] covey_onnx::OnnxError),
+    /// A chat template could not be rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// The inference engine (`covey-infer`) refused a model or input.
+    #[error(transparent)]
+    Infer(covey_infer::InferError),
+}
+
+impl From<covey_infer::InferError> for ModelError {
+    fn from(e: covey_infer::InferError) -> Self {
+        use covey_infer::InferError as I;
+        match e {
+            I::Io { path, source } => Self::Io { path, source },
+            I::Json { path, source } => Self::Json { path, source },
+            I::InvalidConfig { path, field, reason } => Self::InvalidConfig { path, field, reason },
+            other => Self::Infer(other),
+        }
+    }
 }
 
 fn origin(path: &Option<PathBuf>) -> String {

@@ -31,14 +31,18 @@
 //! aggregation. It exposes plain host tensors ([`NamedTensors`], from `covey-tensors`)
 //! for those layers; [`federated`] runs one client's local FFA-LoRA round on them.
 
+pub mod artifact;
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod federated;
 pub mod generate;
+pub mod gguf_import;
 mod init;
 pub mod llama;
 pub mod lora;
@@ -46,8 +50,10 @@ pub mod pipeline;
 pub mod tokenizer;
 pub mod train;
 
+pub use artifact::LoadedModel;
 pub use checkpoint::{HostTensor, NamedTensors};
 pub use config::{LlamaConfig, LoraConfig, LoraTarget};
+pub use covey_infer::{Model as InferenceModel, Precision};
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;
 pub use federated::{

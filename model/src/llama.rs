@@ -169,6 +169,46 @@ impl Llama {
         Ok(model)
     }
 
+    /// QLoRA: hold every projection's base weight quantized with burn's block
+    /// quantization (symmetric, blocks of 32 along the output dimension — of 16 or 8
+    /// where the output is narrower — f32 scales):
+    /// `Q8S` for 8 bits, `Q4S` packed eight to a `u32` for 4 bits. The weights stay
+    /// frozen; the adapters train in f32 on top. Embedding and norms stay f32.
+    ///
+    /// burn's CPU backend dequantizes a weight for each matmul that uses it, so at rest
+    /// the model holds the quantized base, and during a training step the dequantized
+    /// copies of the layers live until the backward pass has used them.
+    pub fn quantize_base(mut self, bits: u8) -> Result<Self> {
+        use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+        let value = match bits {
+            8 => QuantValue::Q8S,
+            4 => QuantValue::Q4S,
+            other => {
+                return Err(ModelError::Adapter(format!("QLoRA base of {other} bits: only 8 and 4 are supported")));
+            }
+        };
+        // Blocks of 32 along the output dimension; narrower outputs (tiny test models) use
+        // the largest of 16 and 8 that divides them, and are left in f32 otherwise.
+        let scheme = |d_out: usize| {
+            [32u8, 16, 8].into_iter().find(|&b| d_out.is_multiple_of(usize::from(b))).map(|b| {
+                QuantScheme::default()
+                    .with_value(value)
+                    .with_store(QuantStore::PackedU32(0))
+                    .per_block([b], ScaleDtype::F32)
+            })
+        };
+        for layer in self.layers.iter_mut() {
+            for target in LoraTarget::ALL {
+                let proj = layer.proj_mut(target);
+                let (_, d_out) = proj.dims();
+                if let Some(scheme) = scheme(d_out) {
+                    proj.weight = proj.weight.clone().map(|w| w.quantize_dynamic(&scheme));
+                }
+            }
+        }
+        Ok(self)
+    }
+
     /// Fold every adapter into its base weight; the result has no adapters.
     pub fn merge_lora(mut self) -> Self {
         for layer in self.layers.iter_mut() {

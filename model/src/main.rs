@@ -1,5 +1,8 @@
-//! `covey-model`: pretrain, fine-tune, evaluate, generate with, merge and inspect
-//! Covey student models, and measure their training speed.
+//! `covey-model`: pretrain, fine-tune, evaluate, merge and inspect Covey student
+//! models; import real ones (GGUF), quantize, export (safetensors, GGUF, ONNX), generate,
+//! chat, print logits; measure training and inference speed.
+
+mod deploy_cli;
 
 use std::path::{Path, PathBuf};
 
@@ -15,9 +18,12 @@ use covey_model::{LlamaConfig, LoraConfig, LoraTarget, SamplingConfig, Tokenizer
 #[derive(Parser)]
 #[command(name = "covey-model", version, about = "Covey student LM: pretrain, LoRA fine-tune, evaluate, generate")]
 struct Cli {
-    /// Compute device.
+    /// Compute device (training commands).
     #[arg(long, value_enum, default_value_t = Backend::Cpu, global = true)]
     device: Backend,
+    /// Threads of the inference engine (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,8 +44,22 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Held-out NLL, perplexity, bits per byte, top-1 and top-3 accuracy.
     Eval(EvalArgs),
-    /// Generate text from a prompt.
-    Generate(GenerateArgs),
+    /// Import a GGUF file (llama.cpp) into a model directory.
+    Import(deploy_cli::ImportArgs),
+    /// Quantize a model's weights to int8 or int4.
+    Quantize(deploy_cli::QuantizeArgs),
+    /// Export to safetensors (Hugging Face), GGUF (llama.cpp) or ONNX (ONNX Runtime).
+    Export(deploy_cli::ExportArgs),
+    /// Generate text from a prompt (model directory or GGUF file).
+    Generate(deploy_cli::GenerateArgs),
+    /// Chat with an instruct model through its chat template.
+    Chat(deploy_cli::ChatArgs),
+    /// Print the top-k logits at every prompt position (`--json` for scripts).
+    Logits(deploy_cli::LogitsArgs),
+    /// Held-out perplexity of a model in f32, int8 and int4.
+    Perplexity(deploy_cli::PerplexityArgs),
+    /// Decode and prompt tokens/s of a model in f32, int8 and int4.
+    BenchInfer(deploy_cli::InferBenchArgs),
     /// Merge an adapter into the base weights and save the merged model.
     Merge(MergeArgs),
     /// Describe a model (and adapter) directory.
@@ -252,34 +272,6 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
-struct GenerateArgs {
-    /// Model directory.
-    #[arg(long, default_value = "runs/base")]
-    model: PathBuf,
-    /// Adapter directory to apply.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// The prompt.
-    #[arg(long)]
-    prompt: String,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 200)]
-    max_new_tokens: usize,
-    /// Softmax temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Keep the k most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Nucleus sampling threshold.
-    #[arg(long)]
-    top_p: Option<f64>,
-    /// Sampler seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-#[derive(Args)]
 struct MergeArgs {
     /// Base model directory.
     #[arg(long)]
@@ -316,6 +308,23 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Fine-tune this real model (GGUF file or model directory) instead: sequence 128,
+    /// batch 4, rank 8.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// With --model: the base held in f32 (LoRA) or quantized (QLoRA).
+    #[arg(long, value_enum, default_value_t = BaseArg::F32)]
+    base: BaseArg,
+    /// With --model: the text to train on.
+    #[arg(long, default_value = "data/shakespeare/hamlet_gut.txt")]
+    data: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BaseArg {
+    F32,
+    Int8,
+    Int4,
 }
 
 #[derive(Args)]
@@ -343,12 +352,22 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("starting the thread pool")?;
+    }
     let device = device(cli.device)?;
     match cli.command {
         Command::Pretrain(a) => pretrain(a, &device),
         Command::Finetune(a) => finetune(a, &device),
         Command::Eval(a) => eval(a, &device),
-        Command::Generate(a) => generate(a, &device),
+        Command::Import(a) => deploy_cli::import(a),
+        Command::Quantize(a) => deploy_cli::quantize(a),
+        Command::Export(a) => deploy_cli::export(a),
+        Command::Generate(a) => deploy_cli::generate(a),
+        Command::Chat(a) => deploy_cli::chat(a),
+        Command::Logits(a) => deploy_cli::logits(a),
+        Command::Perplexity(a) => deploy_cli::perplexity(a),
+        Command::BenchInfer(a) => deploy_cli::infer_bench(a).map(|_| ()),
         Command::Merge(a) => merge(a, &device),
         Command::Info(a) => info(a, &device),
         Command::Bench(a) => bench(a),
@@ -488,21 +507,6 @@ fn eval(a: EvalArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn generate(a: GenerateArgs, device: &Device) -> Result<()> {
-    let (model, tokenizer) = load(&a.model, a.adapter.as_deref(), device)?;
-    let cfg = SamplingConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    let prompt = tokenizer.encode(&a.prompt)?;
-    let out = covey_model::generate::generate(&model, &prompt, &cfg, None, device)?;
-    println!("{}{}", a.prompt, tokenizer.decode(&out)?);
-    Ok(())
-}
-
 fn merge(a: MergeArgs, device: &Device) -> Result<()> {
     let (model, tokenizer) = load(&a.model, Some(&a.adapter), device)?;
     let merged = model.merge_lora();
@@ -552,7 +556,18 @@ fn info(a: InfoArgs, device: &Device) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let r = covey_model::bench::lora_training(a.steps, a.warmup, a.threads)?;
+    let r = match &a.model {
+        None => covey_model::bench::lora_training(a.steps, a.warmup, a.threads)?,
+        Some(path) => {
+            let text = std::fs::read_to_string(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
+            let base = match a.base {
+                BaseArg::F32 => covey_model::bench::BaseWeights::F32,
+                BaseArg::Int8 => covey_model::bench::BaseWeights::Int8,
+                BaseArg::Int4 => covey_model::bench::BaseWeights::Int4,
+            };
+            covey_model::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads)?
+        }
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -354,3 +354,57 @@ fn gpu_forward_and_lora_training_match_the_cpu() {
     assert!(report.steps.iter().all(|s| s.loss.is_finite()));
     assert_eq!(checkpoint::base_tensors(&m), before);
 }
+fn logits_rows(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
+    let device = cpu_device();
+    let v: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(v, [1, ids.len()]), &device);
+    let out = checkpoint::host_tensor(model.forward(tokens));
+    out.data.chunks(model.config.vocab_size).map(<[f32]>::to_vec).collect()
+}
+
+#[test]
+fn the_inference_engine_computes_what_the_burn_model_computes() {
+    let device = cpu_device();
+    let config = LlamaConfig { tie_word_embeddings: false, ..LlamaConfig::tiny() };
+    let model = Llama::init(&config, 5, &device).expect("init");
+    let ids = [3u32, 250, 17, 17, 99, 0, 128];
+    let want = logits_rows(&model, &ids);
+    let engine = covey_infer::Model::from_tensors(config, &checkpoint::base_tensors(&model), crate::Precision::F32)
+        .expect("engine");
+    let got = engine.logits(&ids).expect("logits");
+    for (p, (a, b)) in got.iter().zip(&want).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4, "position {p}: engine {x} vs burn {y}");
+        }
+    }
+}
+
+#[test]
+fn qlora_trains_adapters_on_a_quantized_base_and_leaves_it_untouched() {
+    let device = cpu_device().autodiff();
+    let config = LlamaConfig::tiny();
+    let lora = LoraConfig { rank: 4, ..LoraConfig::default() };
+    let f32_model = Llama::init(&config, 9, &device).expect("init").with_lora(&lora, &device).expect("lora");
+    let ids: Vec<u32> = (0..64).map(|i| (i * 7 % 50) as u32).collect();
+    let before = logits_rows(&f32_model.clone().valid(), &ids);
+    for bits in [8u8, 4] {
+        let model = f32_model.clone().quantize_base(bits).expect("quantize");
+        let q = logits_rows(&model.clone().valid(), &ids);
+        let err = q.iter().flatten().zip(before.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err > 0.0 && err < if bits == 8 { 0.02 } else { 0.3 }, "{bits}-bit base: max logit change {err}");
+        let base_before = checkpoint::base_tensors(&model);
+        let mut batcher = Batcher::new(ids.repeat(8), 16, 0, Path::new("qlora")).expect("batcher");
+        let tc =
+            TrainConfig { steps: 4, batch_size: 4, seq_len: 16, lr: 1e-2, warmup_steps: 1, ..TrainConfig::default() };
+        let (trained, report) = train(model, &mut batcher, &tc, &device, false, |_, _| {}).expect("train");
+        assert!(report.steps.last().is_some_and(|s| s.loss.is_finite()));
+        let b_norm: f64 = checkpoint::adapter_tensors(&trained)
+            .expect("adapters")
+            .iter()
+            .filter(|(n, _)| n.contains("lora_B"))
+            .map(|(_, t)| t.l2_norm())
+            .sum();
+        assert!(b_norm > 0.0, "{bits}-bit: the adapters moved");
+        assert_eq!(checkpoint::base_tensors(&trained), base_before, "{bits}-bit: the quantized base is frozen");
+    }
+}

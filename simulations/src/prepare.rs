@@ -111,7 +111,7 @@ fn load_model(exp: &Experiment) -> Result<(LlamaConfig, Vec<u8>, NamedTensors)> 
     let (config, dir_holder);
     let dir: &Path = match &exp.model.base {
         Some(dir) => {
-            config = LlamaConfig::load(&dir.join("config.json"))?;
+            config = LlamaConfig::load(&dir.join("config.json")).map_err(covey_model::ModelError::from)?;
             dir
         }
         None => {
