@@ -2,8 +2,10 @@
 //!
 //! A [`Weight`] is `[rows, cols]` (Hugging Face `[out, in]`). [`Weight::matmul`] computes
 //! `y[t] = W · x[t]` for `n` input rows, parallel over blocks of output rows (rayon), and
-//! never expands a quantized weight: int8 rows are converted on the fly inside the dot
-//! product and int4 groups are unpacked 32 values at a time into a stack buffer.
+//! never expands a quantized weight: each task decodes one int8 or int4 row at a time
+//! into a row-sized scratch buffer, then takes its dot products with the inputs (four
+//! inputs per pass over the row, so a weight is read once for four tokens). The SIMD
+//! code is chosen at run time by `pulp` (AVX2/FMA, AVX-512 or NEON; scalar otherwise).
 
 use covey_tensors::quant::{INT4_GROUP, Int4Tensor, Int8Tensor};
 use rayon::prelude::*;
@@ -29,40 +31,6 @@ pub enum Weight {
 /// Output rows per parallel task: large enough to amortise scheduling, small enough to
 /// balance two to sixteen threads.
 const ROWS_PER_TASK: usize = 16;
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-#[inline]
-fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (cq, cx) = (q.chunks_exact(8), x.chunks_exact(8));
-    let (rq, rx) = (cq.remainder(), cx.remainder());
-    for (a, b) in cq.zip(cx) {
-        for i in 0..8 {
-            acc[i] += f32::from(a[i]) * b[i];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    for (a, b) in rq.iter().zip(rx) {
-        s += f32::from(*a) * b;
-    }
-    s
-}
 
 impl Weight {
     /// Output rows.
@@ -117,55 +85,14 @@ impl Weight {
 
     /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for `n` rows of `x` (`[n, cols]` → `[n, rows]`).
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows(), self.cols());
-        debug_assert_eq!(x.len(), n * cols);
+        let rows = self.rows();
+        debug_assert_eq!(x.len(), n * self.cols());
         debug_assert_eq!(out.len(), n * rows);
-        // Per-group sums of x, for the int4 minimum term: Σ (q·d + m)·x = d·Σ q·x + m·Σ x.
-        let xsum: Vec<f32> = match self {
-            Self::Int4(_) => x.chunks_exact(INT4_GROUP).map(|g| g.iter().sum()).collect(),
-            _ => Vec::new(),
-        };
         // Work in a [rows, n] buffer so each task owns a contiguous block of output rows.
         let mut tmp = vec![0.0f32; rows * n];
+        let arch = pulp::Arch::new();
         tmp.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(block, chunk)| {
-            let r0 = block * ROWS_PER_TASK;
-            let mut unpacked = [0.0f32; INT4_GROUP];
-            for (i, acc) in chunk.chunks_exact_mut(n).enumerate() {
-                let r = r0 + i;
-                match self {
-                    Self::F32 { data, .. } => {
-                        let w = &data[r * cols..(r + 1) * cols];
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            *a = dot(w, &x[t * cols..(t + 1) * cols]);
-                        }
-                    }
-                    Self::Int8(q) => {
-                        let w = &q.values[r * cols..(r + 1) * cols];
-                        let s = q.scales[r];
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            *a = s * dot_i8(w, &x[t * cols..(t + 1) * cols]);
-                        }
-                    }
-                    Self::Int4(q) => {
-                        let groups = cols / INT4_GROUP;
-                        acc.iter_mut().for_each(|a| *a = 0.0);
-                        for g in 0..groups {
-                            let gi = r * groups + g;
-                            let bytes = &q.packed[gi * INT4_GROUP / 2..(gi + 1) * INT4_GROUP / 2];
-                            // Codes as f32 (scale and minimum applied after the dot product).
-                            for (j, &b) in bytes.iter().enumerate() {
-                                unpacked[j] = f32::from(b & 0x0f);
-                                unpacked[j + INT4_GROUP / 2] = f32::from(b >> 4);
-                            }
-                            let (d, m) = (q.scales[gi], q.mins[gi]);
-                            for (t, a) in acc.iter_mut().enumerate() {
-                                let xg = &x[t * cols + g * INT4_GROUP..t * cols + (g + 1) * INT4_GROUP];
-                                *a += d * dot(&unpacked, xg) + m * xsum[t * groups + g];
-                            }
-                        }
-                    }
-                }
-            }
+            arch.dispatch(RowBlock { weight: self, x, n, first_row: block * ROWS_PER_TASK, out: chunk });
         });
         for r in 0..rows {
             for t in 0..n {
@@ -173,6 +100,127 @@ impl Weight {
             }
         }
     }
+}
+
+/// One task of [`Weight::matmul`]: a block of output rows for every input row. Run
+/// through `pulp`'s dispatch, so the whole body — the int8/int4 decoding included — is
+/// compiled for the best instruction set the CPU has (AVX2 + FMA, AVX-512, NEON) and
+/// chosen at run time, without `unsafe` here.
+struct RowBlock<'a> {
+    weight: &'a Weight,
+    x: &'a [f32],
+    n: usize,
+    first_row: usize,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for RowBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let Self { weight, x, n, first_row, out } = self;
+        let cols = weight.cols();
+        let mut scratch = match weight {
+            Weight::F32 { .. } => Vec::new(),
+            _ => vec![0.0f32; cols],
+        };
+        for (i, acc) in out.chunks_exact_mut(n).enumerate() {
+            let r = first_row + i;
+            let row: &[f32] = match weight {
+                Weight::F32 { data, .. } => &data[r * cols..(r + 1) * cols],
+                Weight::Int8(q) => {
+                    let s = q.scales[r];
+                    for (o, &v) in scratch.iter_mut().zip(&q.values[r * cols..(r + 1) * cols]) {
+                        *o = f32::from(v) * s;
+                    }
+                    &scratch
+                }
+                Weight::Int4(q) => {
+                    let groups = cols / INT4_GROUP;
+                    let half = INT4_GROUP / 2;
+                    for g in 0..groups {
+                        let gi = r * groups + g;
+                        let (d, m) = (q.scales[gi], q.mins[gi]);
+                        let mut bytes = [0u8; INT4_GROUP / 2];
+                        bytes.copy_from_slice(&q.packed[gi * half..(gi + 1) * half]);
+                        // Fixed-size arrays: the decoding vectorizes.
+                        let mut group = [0.0f32; INT4_GROUP];
+                        for j in 0..INT4_GROUP / 2 {
+                            group[j] = f32::from(bytes[j] & 0x0f);
+                            group[j + INT4_GROUP / 2] = f32::from(bytes[j] >> 4);
+                        }
+                        for v in &mut group {
+                            *v = *v * d + m;
+                        }
+                        scratch[g * INT4_GROUP..(g + 1) * INT4_GROUP].copy_from_slice(&group);
+                    }
+                    &scratch
+                }
+            };
+            let mut t = 0;
+            while t + 4 <= n {
+                let sums = dot4(simd, row, &x[t * cols..(t + 4) * cols]);
+                acc[t..t + 4].copy_from_slice(&sums);
+                t += 4;
+            }
+            while t < n {
+                acc[t] = dot1(simd, row, &x[t * cols..(t + 1) * cols]);
+                t += 1;
+            }
+        }
+    }
+}
+
+/// `Σ a·b`, two accumulators wide.
+#[inline(always)]
+fn dot1<S: pulp::Simd>(simd: S, a: &[f32], b: &[f32]) -> f32 {
+    let (ah, at) = S::as_simd_f32s(a);
+    let (bh, bt) = S::as_simd_f32s(b);
+    let (mut s0, mut s1) = (simd.splat_f32s(0.0), simd.splat_f32s(0.0));
+    let mut pairs_a = ah.chunks_exact(2);
+    let mut pairs_b = bh.chunks_exact(2);
+    for (pa, pb) in (&mut pairs_a).zip(&mut pairs_b) {
+        s0 = simd.mul_add_e_f32s(pa[0], pb[0], s0);
+        s1 = simd.mul_add_e_f32s(pa[1], pb[1], s1);
+    }
+    for (&va, &vb) in pairs_a.remainder().iter().zip(pairs_b.remainder()) {
+        s0 = simd.mul_add_e_f32s(va, vb, s0);
+    }
+    let mut sum = simd.reduce_sum_f32s(simd.add_f32s(s0, s1));
+    for (x, y) in at.iter().zip(bt) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// The dot products of one weight row with four consecutive input rows (`x` is
+/// `[4, cols]`): each weight vector is loaded once for four tokens.
+#[inline(always)]
+fn dot4<S: pulp::Simd>(simd: S, w: &[f32], x: &[f32]) -> [f32; 4] {
+    let cols = w.len();
+    let (wh, wt) = S::as_simd_f32s(w);
+    let (x0, t0) = S::as_simd_f32s(&x[..cols]);
+    let (x1, t1) = S::as_simd_f32s(&x[cols..2 * cols]);
+    let (x2, t2) = S::as_simd_f32s(&x[2 * cols..3 * cols]);
+    let (x3, t3) = S::as_simd_f32s(&x[3 * cols..]);
+    let z = simd.splat_f32s(0.0);
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    for ((((&wv, &v0), &v1), &v2), &v3) in wh.iter().zip(x0).zip(x1).zip(x2).zip(x3) {
+        a0 = simd.mul_add_e_f32s(wv, v0, a0);
+        a1 = simd.mul_add_e_f32s(wv, v1, a1);
+        a2 = simd.mul_add_e_f32s(wv, v2, a2);
+        a3 = simd.mul_add_e_f32s(wv, v3, a3);
+    }
+    let mut out =
+        [simd.reduce_sum_f32s(a0), simd.reduce_sum_f32s(a1), simd.reduce_sum_f32s(a2), simd.reduce_sum_f32s(a3)];
+    for (j, &wv) in wt.iter().enumerate() {
+        out[0] += wv * t0[j];
+        out[1] += wv * t1[j];
+        out[2] += wv * t2[j];
+        out[3] += wv * t3[j];
+    }
+    out
 }
 
 #[cfg(test)]

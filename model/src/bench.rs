@@ -97,7 +97,8 @@ pub enum BaseWeights {
 
 /// LoRA fine-tuning of a real model (a GGUF file or model directory): sequence 128,
 /// batch 4, rank 8 on q and v, AdamW, on Shakespeare text tokenized by the model's own
-/// tokenizer. Peak RSS is reset after loading, so it is the training footprint.
+/// tokenizer. Peak RSS is reset after loading, so it is the training footprint. With
+/// `checkpointing`, burn recomputes memory-bound activations in the backward pass.
 pub fn lora_real(
     model_path: &std::path::Path,
     text: &str,
@@ -105,8 +106,10 @@ pub fn lora_real(
     steps: usize,
     warmup: usize,
     threads: usize,
+    checkpointing: bool,
 ) -> Result<BenchReport> {
     let device = crate::cpu_device().autodiff();
+    let device = if checkpointing { device.gradient_checkpointing() } else { device };
     let (config, tokens, llama) = {
         let loaded = crate::artifact::LoadedModel::open(model_path)?;
         let tokens = loaded.tokenizer.encode(text)?;
@@ -143,8 +146,9 @@ pub fn lora_real(
     let secs = start.elapsed().as_secs_f64();
     Ok(BenchReport {
         config: format!(
-            "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s)",
-            model_path.display()
+            "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s){}",
+            model_path.display(),
+            if checkpointing { ", gradient checkpointing" } else { "" }
         ),
         params: config.num_params(),
         trainable,

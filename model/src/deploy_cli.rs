@@ -205,7 +205,8 @@ pub struct InferBenchArgs {
 
 /// Load a model (and merge an adapter into it on the host).
 pub fn load(run: &RunArgs) -> Result<LoadedModel> {
-    let mut m = LoadedModel::open(&run.model).with_context(|| format!("loading {}", run.model.display()))?;
+    // Every load error names the file already.
+    let mut m = LoadedModel::open(&run.model)?;
     if let Some(dir) = &run.adapter {
         let lora = checkpoint::load_adapter_config(dir)?;
         let factors = checkpoint::read_safetensors(&dir.join(checkpoint::ADAPTER_FILE))?;

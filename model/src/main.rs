@@ -315,6 +315,10 @@ struct BenchArgs {
     /// With --model: the base held in f32 (LoRA) or quantized (QLoRA).
     #[arg(long, value_enum, default_value_t = BaseArg::F32)]
     base: BaseArg,
+    /// With --model: recompute memory-bound activations in the backward pass (burn's
+    /// balanced gradient checkpointing).
+    #[arg(long)]
+    checkpointing: bool,
     /// With --model: the text to train on.
     #[arg(long, default_value = "data/shakespeare/hamlet_gut.txt")]
     data: PathBuf,
@@ -565,7 +569,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 BaseArg::Int8 => covey_model::bench::BaseWeights::Int8,
                 BaseArg::Int4 => covey_model::bench::BaseWeights::Int4,
             };
-            covey_model::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads)?
+            covey_model::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads, a.checkpointing)?
         }
     };
     if a.json {
