@@ -51,25 +51,36 @@ pub fn lora_training(steps: usize, warmup: usize, threads: usize) -> Result<Benc
     // Deterministic pseudo-text: the speed does not depend on the bytes.
     let tokens: Vec<u32> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) % 256).collect();
     let mut batcher = Batcher::new(tokens, 128, 0, std::path::Path::new("bench"))?;
-    let tc = TrainConfig {
-        steps: warmup.max(1),
-        batch_size: 8,
-        seq_len: 128,
-        warmup_steps: 1,
-        threads,
-        ..TrainConfig::default()
-    };
-    let device2 = device.clone();
-    let (model, _) = train(model, &mut batcher, &tc, &device2, false, |_, _| {})?;
-    let tc = TrainConfig { steps, ..tc };
+    let tc = TrainConfig { batch_size: 8, seq_len: 128, warmup_steps: 1, threads, ..TrainConfig::default() };
+    let config_line = format!(
+        "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s)"
+    );
+    timed_training(model, &mut batcher, tc, steps, warmup, &device, config_line, config.num_params(), trainable)
+}
+
+/// Run `warmup` untimed steps (then reset the peak RSS), then `steps` timed ones.
+#[allow(clippy::too_many_arguments)]
+fn timed_training(
+    model: Llama,
+    batcher: &mut Batcher,
+    tc: TrainConfig,
+    steps: usize,
+    warmup: usize,
+    device: &burn::tensor::Device,
+    config: String,
+    params: usize,
+    trainable: usize,
+) -> Result<BenchReport> {
+    let warm = TrainConfig { steps: warmup.max(1), ..tc.clone() };
+    reset_peak_rss();
+    let (model, _) = train(model, batcher, &warm, device, false, |_, _| {})?;
+    let timed = TrainConfig { steps, ..tc };
     let start = Instant::now();
-    let (_, report) = train(model, &mut batcher, &tc, &device, false, |_, _| {})?;
+    let (_, report) = train(model, batcher, &timed, device, false, |_, _| {})?;
     let secs = start.elapsed().as_secs_f64();
     Ok(BenchReport {
-        config: format!(
-            "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s)"
-        ),
-        params: config.num_params(),
+        config,
+        params,
         trainable,
         steps,
         tokens_per_second: report.tokens as f64 / secs,
@@ -129,32 +140,11 @@ pub fn lora_real(
     };
     let trainable = crate::checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
     let mut batcher = Batcher::new(tokens, 128, 0, model_path)?;
-    let tc = TrainConfig {
-        steps: warmup.max(1),
-        batch_size: 4,
-        seq_len: 128,
-        warmup_steps: 1,
-        threads,
-        lr: 1e-4,
-        ..TrainConfig::default()
-    };
-    reset_peak_rss();
-    let (model, _) = train(model, &mut batcher, &tc, &device, false, |_, _| {})?;
-    let tc = TrainConfig { steps, ..tc };
-    let start = Instant::now();
-    let (_, report) = train(model, &mut batcher, &tc, &device, false, |_, _| {})?;
-    let secs = start.elapsed().as_secs_f64();
-    Ok(BenchReport {
-        config: format!(
-            "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s){}",
-            model_path.display(),
-            if checkpointing { ", gradient checkpointing" } else { "" }
-        ),
-        params: config.num_params(),
-        trainable,
-        steps,
-        tokens_per_second: report.tokens as f64 / secs,
-        ms_per_step: secs * 1000.0 / steps as f64,
-        peak_rss_mib: peak_rss_mib(),
-    })
+    let tc = TrainConfig { batch_size: 4, seq_len: 128, warmup_steps: 1, threads, lr: 1e-4, ..TrainConfig::default() };
+    let config_line = format!(
+        "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s){}",
+        model_path.display(),
+        if checkpointing { ", gradient checkpointing" } else { "" }
+    );
+    timed_training(model, &mut batcher, tc, steps, warmup, &device, config_line, config.num_params(), trainable)
 }
