@@ -40,6 +40,11 @@ pub struct LlamaConfig {
     /// Epsilon of RMSNorm. Default 1e-5.
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
+    /// Width of one attention head when it is not `hidden_size / num_attention_heads`
+    /// (Hugging Face's `head_dim`): a model whose heads were pruned keeps their width
+    /// with fewer of them. Default `None` (the quotient).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -65,6 +70,7 @@ impl Default for LlamaConfig {
             max_position_embeddings: 512,
             tie_word_embeddings: true,
             rms_norm_eps: default_rms_eps(),
+            head_dim: None,
         }
     }
 }
@@ -86,7 +92,13 @@ impl LlamaConfig {
 
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Width of the query projection's output (and of the output projection's input):
+    /// heads × head width, `hidden_size` unless heads were pruned.
+    pub fn q_dim(&self) -> usize {
+        self.head_dim() * self.num_attention_heads
     }
 
     /// Width of the key/value projections.
@@ -110,7 +122,10 @@ impl LlamaConfig {
                 return Err(InferError::config(field, "must be at least 1"));
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim == Some(0) {
+            return Err(InferError::config("head_dim", "must be at least 1"));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(InferError::config(
                 "num_attention_heads",
                 format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
@@ -126,7 +141,10 @@ impl LlamaConfig {
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(InferError::config("hidden_size", "head dimension must be even for RoPE"));
+            return Err(InferError::config(
+                "head_dim",
+                format!("{} is odd; RoPE needs an even head width", self.head_dim()),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return Err(InferError::config("rope_theta", format!("{} is not > 1", self.rope_theta)));
@@ -140,7 +158,7 @@ impl LlamaConfig {
     /// Number of parameters of the base model.
     pub fn num_params(&self) -> usize {
         let h = self.hidden_size;
-        let per_layer = 2 * h + h * h + 2 * h * self.kv_dim() + h * h + 3 * h * self.intermediate_size;
+        let per_layer = 2 * h + 2 * h * self.q_dim() + 2 * h * self.kv_dim() + 3 * h * self.intermediate_size;
         let head = if self.tie_word_embeddings { 0 } else { h * self.vocab_size };
         self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
     }
@@ -148,8 +166,16 @@ impl LlamaConfig {
     /// Read a Hugging Face style `config.json` (unknown keys are ignored) and validate it.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| InferError::Io { path: path.to_owned(), source: e })?;
-        let config: Self =
+        let mut config: Self =
             serde_json::from_str(&text).map_err(|source| InferError::Json { path: path.to_owned(), source })?;
+        // `save` always writes `head_dim`, as `transformers` reads it; the usual quotient
+        // is kept implicit so that a config compares equal after a round trip.
+        if config.num_attention_heads > 0
+            && config.head_dim == Some(config.hidden_size / config.num_attention_heads)
+            && config.hidden_size.is_multiple_of(config.num_attention_heads)
+        {
+            config.head_dim = None;
+        }
         config.validate().map_err(|e| e.in_file(path))?;
         Ok(config)
     }
@@ -163,8 +189,7 @@ impl LlamaConfig {
             torch_dtype: "float32".into(),
             attention_bias: false,
             mlp_bias: false,
-            head_dim: self.head_dim(),
-            config: self.clone(),
+            config: Self { head_dim: Some(self.head_dim()), ..self.clone() },
         };
         let text =
             serde_json::to_string_pretty(&file).map_err(|source| InferError::Json { path: path.to_owned(), source })?;
@@ -180,7 +205,6 @@ struct HfConfigFile {
     torch_dtype: String,
     attention_bias: bool,
     mlp_bias: bool,
-    head_dim: usize,
     #[serde(flatten)]
     config: LlamaConfig,
 }
@@ -226,5 +250,22 @@ mod tests {
         std::fs::write(&path, text).expect("write");
         let err = LlamaConfig::load(&path).expect_err("impossible").to_string();
         assert!(err.contains("config.json") && err.contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn an_explicit_head_width_survives_a_round_trip_and_sizes_the_projections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        // Three of four heads of width 8 left in a model of width 32.
+        let c =
+            LlamaConfig { num_attention_heads: 3, num_key_value_heads: 1, head_dim: Some(8), ..LlamaConfig::tiny() };
+        c.validate().expect("valid");
+        assert_eq!((c.head_dim(), c.q_dim(), c.kv_dim()), (8, 24, 8));
+        c.save(&path).expect("save");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains("\"head_dim\": 8"), "{text}");
+        assert_eq!(LlamaConfig::load(&path).expect("load"), c);
+        let odd = LlamaConfig { head_dim: Some(7), ..c };
+        assert!(odd.validate().expect_err("odd").to_string().contains("head_dim"));
     }
 }

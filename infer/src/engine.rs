@@ -102,13 +102,14 @@ fn layer_name(i: usize, part: &str) -> String {
 /// Everything a model with `config` needs, with its shape.
 pub fn expected_shapes(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (h, kv, f, v) = (config.hidden_size, config.kv_dim(), config.intermediate_size, config.vocab_size);
+    let qd = config.q_dim();
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for i in 0..config.num_hidden_layers {
         out.push((layer_name(i, "input_layernorm"), vec![h]));
-        out.push((layer_name(i, "self_attn.q_proj"), vec![h, h]));
+        out.push((layer_name(i, "self_attn.q_proj"), vec![qd, h]));
         out.push((layer_name(i, "self_attn.k_proj"), vec![kv, h]));
         out.push((layer_name(i, "self_attn.v_proj"), vec![kv, h]));
-        out.push((layer_name(i, "self_attn.o_proj"), vec![h, h]));
+        out.push((layer_name(i, "self_attn.o_proj"), vec![h, qd]));
         out.push((layer_name(i, "post_attention_layernorm"), vec![h]));
         out.push((layer_name(i, "mlp.gate_proj"), vec![f, h]));
         out.push((layer_name(i, "mlp.up_proj"), vec![f, h]));
@@ -208,16 +209,17 @@ impl Model {
     ) -> Result<Self> {
         config.validate()?;
         let (h, kv, f, v) = (config.hidden_size, config.kv_dim(), config.intermediate_size, config.vocab_size);
+        let qd = config.q_dim();
         let embed = take_weight(&mut tensors, "model.embed_tokens.weight", &[v, h], precision, true)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut w = |part: &str, shape: [usize; 2]| {
                 take_weight(&mut tensors, &layer_name(i, part), &shape, precision, false)
             };
-            let q = w("self_attn.q_proj", [h, h])?;
+            let q = w("self_attn.q_proj", [qd, h])?;
             let k = w("self_attn.k_proj", [kv, h])?;
             let vv = w("self_attn.v_proj", [kv, h])?;
-            let o = w("self_attn.o_proj", [h, h])?;
+            let o = w("self_attn.o_proj", [h, qd])?;
             let gate = w("mlp.gate_proj", [f, h])?;
             let up = w("mlp.up_proj", [f, h])?;
             let down = w("mlp.down_proj", [h, f])?;
@@ -322,7 +324,7 @@ impl Model {
             *session = self.session();
         }
         let (hd, heads, kvh) = (c.head_dim(), c.num_attention_heads, c.num_key_value_heads);
-        let kv = c.kv_dim();
+        let (kv, qd) = (c.kv_dim(), c.q_dim());
         let group = heads / kvh;
         let start = session.len;
         let mut x = vec![0.0f32; n * h];
@@ -330,10 +332,10 @@ impl Model {
             self.embed.row_into(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         let mut normed = vec![0.0f32; n * h];
-        let mut q = vec![0.0f32; n * h];
+        let mut q = vec![0.0f32; n * qd];
         let mut k = vec![0.0f32; n * kv];
         let mut v = vec![0.0f32; n * kv];
-        let mut attn = vec![0.0f32; n * h];
+        let mut attn = vec![0.0f32; n * qd];
         let mut proj = vec![0.0f32; n * h];
         let mut gate = vec![0.0f32; n * c.intermediate_size];
         let mut up = vec![0.0f32; n * c.intermediate_size];
@@ -350,11 +352,11 @@ impl Model {
             keys.extend_from_slice(&k);
             values.extend_from_slice(&v);
             let (keys, values) = (&*keys, &*values);
-            // Causal attention, parallel over (token, head).
-            attn.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
+            // Causal attention, parallel over (token, head) unless the work is small.
+            let attend = |(idx, out): (usize, &mut [f32])| {
                 let (t, head) = (idx / heads, idx % heads);
                 let kvhead = head / group;
-                let qv = &q[t * h + head * hd..t * h + (head + 1) * hd];
+                let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
                 let upto = start + t + 1;
                 let mut scores: Vec<f32> = (0..upto)
                     .map(|p| dot(qv, &keys[p * kv + kvhead * hd..p * kv + (kvhead + 1) * hd]) * scale)
@@ -373,7 +375,12 @@ impl Model {
                         *o += w * vv;
                     }
                 }
-            });
+            };
+            if n * heads * (start + n) * hd < crate::kernels::PARALLEL_MIN_WORK {
+                attn.chunks_mut(hd).enumerate().for_each(attend);
+            } else {
+                attn.par_chunks_mut(hd).enumerate().for_each(attend);
+            }
             layer.o.matmul(&attn, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             self.rms_norm(&x, &layer.mlp_norm, &mut normed);

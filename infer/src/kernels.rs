@@ -32,6 +32,11 @@ pub enum Weight {
 /// balance two to sixteen threads.
 const ROWS_PER_TASK: usize = 16;
 
+/// Multiply-adds below which a matmul runs on the calling thread: handing a few
+/// microseconds of work to the pool costs more than it saves (a decode step of a
+/// sub-million-parameter student is mostly such matmuls).
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 16;
+
 impl Weight {
     /// Output rows.
     pub fn rows(&self) -> usize {
@@ -91,9 +96,14 @@ impl Weight {
         // Work in a [rows, n] buffer so each task owns a contiguous block of output rows.
         let mut tmp = vec![0.0f32; rows * n];
         let arch = pulp::Arch::new();
-        tmp.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(block, chunk)| {
+        let task = |(block, chunk): (usize, &mut [f32])| {
             arch.dispatch(RowBlock { weight: self, x, n, first_row: block * ROWS_PER_TASK, out: chunk });
-        });
+        };
+        if rows * self.cols() * n < PARALLEL_MIN_WORK {
+            tmp.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
+        } else {
+            tmp.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
+        }
         for r in 0..rows {
             for t in 0..n {
                 out[t * rows + r] = tmp[r * n + t];

@@ -83,7 +83,8 @@ impl LoraTarget {
     pub fn dims(self, c: &LlamaConfig) -> (usize, usize) {
         let h = c.hidden_size;
         match self {
-            Self::Q | Self::O => (h, h),
+            Self::Q => (h, c.q_dim()),
+            Self::O => (c.q_dim(), h),
             Self::K | Self::V => (h, c.kv_dim()),
             Self::Gate | Self::Up => (h, c.intermediate_size),
             Self::Down => (c.intermediate_size, h),

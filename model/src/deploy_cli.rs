@@ -198,6 +198,9 @@ pub struct InferBenchArgs {
     /// Prompt length for the prompt-processing measurement.
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
+    /// Measurements of each figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -430,21 +433,29 @@ pub fn infer_bench(a: InferBenchArgs) -> Result<Vec<InferFigures>> {
     let mut rows = Vec::new();
     for p in [Precision::F32, Precision::Int8, Precision::Int4] {
         let engine = m.engine(p)?;
-        // Prompt processing: one forward over the whole prompt.
-        let mut s = engine.session();
-        let t = Instant::now();
-        engine.forward(&mut s, &prompt, true)?;
-        let prompt_tps = prompt.len() as f64 / t.elapsed().as_secs_f64();
-        // Decode: one token at a time after an 8-token prefix.
-        let mut s = engine.session();
-        engine.forward(&mut s, &prompt[..8.min(prompt.len())], true)?;
-        let t = Instant::now();
-        let mut tok = prompt[0];
-        for _ in 0..a.decode_tokens {
-            let l = engine.forward(&mut s, &[tok], true)?;
-            tok = l.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+        let (mut prompt_runs, mut decode_runs) = (Vec::new(), Vec::new());
+        for _ in 0..a.repeat.max(1) {
+            // Prompt processing: one forward over the whole prompt.
+            let mut s = engine.session();
+            let t = Instant::now();
+            engine.forward(&mut s, &prompt, true)?;
+            prompt_runs.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+            // Decode: one token at a time after an 8-token prefix.
+            let mut s = engine.session();
+            engine.forward(&mut s, &prompt[..8.min(prompt.len())], true)?;
+            let t = Instant::now();
+            let mut tok = prompt[0];
+            for _ in 0..a.decode_tokens {
+                let l = engine.forward(&mut s, &[tok], true)?;
+                tok = l.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+            }
+            decode_runs.push(a.decode_tokens as f64 / t.elapsed().as_secs_f64());
         }
-        let decode_tps = a.decode_tokens as f64 / t.elapsed().as_secs_f64();
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (prompt_tps, decode_tps) = (median(&mut prompt_runs), median(&mut decode_runs));
         rows.push(InferFigures {
             precision: p.to_string(),
             weight_mib: engine.weight_bytes() as f64 / (1024.0 * 1024.0),

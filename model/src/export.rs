@@ -164,6 +164,8 @@ pub fn export_gguf(model: &LoadedModel, path: &Path, ty: GgmlType) -> Result<()>
     meta.push(("llama.attention.head_count_kv", u32v(c.num_key_value_heads)));
     meta.push(("llama.rope.freq_base", Value::F32(c.rope_theta as f32)));
     meta.push(("llama.rope.dimension_count", u32v(c.head_dim())));
+    meta.push(("llama.attention.key_length", u32v(c.head_dim())));
+    meta.push(("llama.attention.value_length", u32v(c.head_dim())));
     meta.push(("llama.attention.layer_norm_rms_epsilon", Value::F32(c.rms_norm_eps as f32)));
     meta.push(("llama.vocab_size", u32v(c.vocab_size)));
     let vocab = vocab_for_gguf(&model.tokenizer, c.vocab_size, path)?;

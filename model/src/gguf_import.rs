@@ -163,7 +163,13 @@ pub fn config_from_gguf(file: &GgufFile, path: &Path) -> Result<LlamaConfig> {
             .map(<[Value]>::len)
             .ok_or_else(|| bad(path, "neither `llama.vocab_size` nor `tokenizer.ggml.tokens` is present"))?,
     };
+    // llama.cpp's `key_length` is the head width when it is not hidden / heads.
+    let head_dim = match file.get("llama.attention.key_length").and_then(Value::as_u64) {
+        Some(k) if heads > 0 && (hidden % heads != 0 || k as usize != hidden / heads) => Some(k as usize),
+        _ => None,
+    };
     let config = LlamaConfig {
+        head_dim,
         hidden_size: hidden,
         num_hidden_layers: meta_u64(file, path, "llama.block_count")?,
         num_attention_heads: heads,

@@ -146,7 +146,7 @@ struct Consts {
     /// `[seq, seq]` bool, true where the key is after the query.
     future: String,
     /// Reshape targets `[0, 0, kv_heads, group, head_dim]`, `[0, 0, kv_heads, 1, head_dim]`,
-    /// `[0, 0, hidden]`.
+    /// `[0, 0, heads · head_dim]`.
     q_shape: String,
     kv_shape: String,
     merged_shape: String,
@@ -218,8 +218,7 @@ pub(crate) fn build(
     opset: i64,
 ) -> Result<GraphProto, OnnxError> {
     let mut b = Builder { opset, nodes: Vec::new(), initializers: Vec::new() };
-    let (hidden, heads, kv_heads, hd) =
-        (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim());
+    let (heads, kv_heads, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim());
     let group = heads / kv_heads;
     let half = hd / 2;
 
@@ -235,7 +234,7 @@ pub(crate) fn build(
     let mask_value = b.f32_init("const.mask_value", &[], &[MASK_VALUE], "score of masked (future) positions");
     let q_shape = b.i64_init("const.q_heads_shape", &[5], &[0, 0, kv_heads as i64, group as i64, hd as i64]);
     let kv_shape = b.i64_init("const.kv_heads_shape", &[5], &[0, 0, kv_heads as i64, 1, hd as i64]);
-    let merged_shape = b.i64_init("const.merged_heads_shape", &[3], &[0, 0, hidden as i64]);
+    let merged_shape = b.i64_init("const.merged_heads_shape", &[3], &[0, 0, (heads * hd) as i64]);
 
     // Positions 0..sequence, from the input's shape.
     let shape = b.node("Shape", "positions.input_shape", &[INPUT], vec![]);
