@@ -43,6 +43,14 @@ pub enum ModelError {
         /// The decoder's explanation.
         reason: String,
     },
+    /// A teacher-logit cache is unreadable, truncated, or was built for other data.
+    #[error("{path}: {reason}")]
+    TeacherCache {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A tensor expected in a checkpoint is absent.
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor {

@@ -310,7 +310,7 @@ fn train_local(
     batcher.skip(start_step * train.grad_accum, train.batch_size);
     let ad = device.clone().autodiff();
     let model = adapter_model(config, base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
-    let options = LoopOptions { start_step, proximal_mu: spec.proximal_mu };
+    let options = LoopOptions { start_step, proximal_mu: spec.proximal_mu, ..LoopOptions::default() };
     let every = spec.checkpoint_every;
     let (model, report) = train_with(model, &mut batcher, train, &options, &ad, false, |s, m| {
         if every > 0

@@ -37,6 +37,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod export;
@@ -47,6 +48,7 @@ mod init;
 pub mod llama;
 pub mod lora;
 pub mod pipeline;
+pub mod prune;
 pub mod tokenizer;
 pub mod train;
 

@@ -89,6 +89,19 @@ impl KvCache {
     }
 }
 
+/// Where [`Llama::forward_probed`] shows activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeSite {
+    /// The attention heads' outputs before `o_proj`: `[batch, seq, heads · head_dim]`,
+    /// head `h` in columns `h · head_dim ..`.
+    AttentionHeads,
+    /// The SwiGLU activations `silu(gate) · up` before `down_proj`: `[batch, seq, intermediate]`.
+    MlpHidden,
+}
+
+/// A callback shown each layer's activations: layer index, site, activation.
+pub type Probe<'a> = dyn FnMut(usize, ProbeSite, &Tensor<3>) + 'a;
+
 /// The Llama-style decoder with optional LoRA adapters on its projections.
 #[derive(Module, Debug)]
 pub struct Llama {
@@ -224,15 +237,30 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for tokens `[batch, seq]`, positions starting at 0.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_inner(tokens, None)
+        self.forward_inner(tokens, None, None)
     }
 
     /// Logits for `tokens`, which continue the sequence held in `cache`; the cache is extended.
     pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
-        self.forward_inner(tokens, Some(cache))
+        self.forward_inner(tokens, Some(cache), None)
     }
 
-    fn forward_inner(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// [`Llama::forward`], showing `probe` the activations of every layer (layer index,
+    /// site, activation) as they are computed: what activation-based pruning scores.
+    pub fn forward_probed(
+        &self,
+        tokens: Tensor<2, Int>,
+        probe: &mut dyn FnMut(usize, ProbeSite, &Tensor<3>),
+    ) -> Tensor<3> {
+        self.forward_inner(tokens, None, Some(probe))
+    }
+
+    fn forward_inner(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+        mut probe: Option<&mut Probe<'_>>,
+    ) -> Tensor<3> {
         let device = tokens.device();
         let [_, t] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len);
@@ -246,10 +274,17 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(x.clone(), &layer.attn_norm, self.config.rms_norm_eps);
-            x = x + self.attention(layer, h, &cos, &sin, start, slot);
+            let heads = self.attention(layer, h, &cos, &sin, start, slot);
+            if let Some(p) = probe.as_mut() {
+                p(i, ProbeSite::AttentionHeads, &heads);
+            }
+            x = x + layer.o_proj.forward(heads);
             let h = rms_norm(x.clone(), &layer.mlp_norm, self.config.rms_norm_eps);
-            let mlp = layer.down_proj.forward(silu(layer.gate_proj.forward(h.clone())) * layer.up_proj.forward(h));
-            x = x + mlp;
+            let hidden = silu(layer.gate_proj.forward(h.clone())) * layer.up_proj.forward(h);
+            if let Some(p) = probe.as_mut() {
+                p(i, ProbeSite::MlpHidden, &hidden);
+            }
+            x = x + layer.down_proj.forward(hidden);
         }
         if let Some(c) = cache {
             c.len += t;
@@ -261,6 +296,7 @@ impl Llama {
         }
     }
 
+    /// The heads' outputs, concatenated: `[batch, seq, heads · head_dim]` (before `o_proj`).
     fn attention(
         &self,
         layer: &DecoderLayer,
@@ -307,8 +343,7 @@ impl Llama {
             scores
         };
         let out = softmax(scores, 3).matmul(v);
-        let out = out.swap_dims(1, 2).reshape([b, t, nh * hd]);
-        layer.o_proj.forward(out)
+        out.swap_dims(1, 2).reshape([b, t, nh * hd])
     }
 }
 

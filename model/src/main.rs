@@ -3,6 +3,7 @@
 //! chat, print logits; measure training and inference speed.
 
 mod deploy_cli;
+mod recipe_cli;
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,12 @@ enum Command {
     Perplexity(deploy_cli::PerplexityArgs),
     /// Decode and prompt tokens/s of a model in f32, int8 and int4.
     BenchInfer(deploy_cli::InferBenchArgs),
+    /// Distil a teacher (GGUF or model directory) into a smaller student.
+    Distill(recipe_cli::DistillArgs),
+    /// Remove attention heads and MLP channels; optionally fine-tune to recover.
+    Prune(recipe_cli::PruneArgs),
+    /// Distillation tokens/s with the teacher live, cached, and absent.
+    BenchDistill(recipe_cli::DistillBenchArgs),
     /// Merge an adapter into the base weights and save the merged model.
     Merge(MergeArgs),
     /// Describe a model (and adapter) directory.
@@ -372,6 +379,9 @@ fn main() -> Result<()> {
         Command::Logits(a) => deploy_cli::logits(a),
         Command::Perplexity(a) => deploy_cli::perplexity(a),
         Command::BenchInfer(a) => deploy_cli::infer_bench(a).map(|_| ()),
+        Command::Distill(a) => recipe_cli::distill(a, &device),
+        Command::Prune(a) => recipe_cli::prune(a, &device),
+        Command::BenchDistill(a) => recipe_cli::bench(a, &device),
         Command::Merge(a) => merge(a, &device),
         Command::Info(a) => info(a, &device),
         Command::Bench(a) => bench(a),

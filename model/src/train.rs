@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Batcher;
+use crate::distill::{DistillLoss, TeacherTargets, distillation_loss};
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 
@@ -201,6 +202,30 @@ impl TrainReport {
     }
 }
 
+/// One micro-batch: inputs and next-token targets `[batch, seq]`, and for distillation
+/// the teacher's view of the same positions.
+pub struct Batch {
+    /// Input token ids.
+    pub inputs: Tensor<2, Int>,
+    /// Target token ids (the inputs shifted by one).
+    pub targets: Tensor<2, Int>,
+    /// The teacher's logits at each position, when distilling.
+    pub teacher: Option<TeacherTargets>,
+}
+
+/// Where the training loop draws its micro-batches from.
+pub trait BatchSource {
+    /// The next micro-batch of `batch` sequences, on `device`.
+    fn next_batch(&mut self, batch: usize, device: &Device) -> Result<Batch>;
+}
+
+impl BatchSource for Batcher {
+    fn next_batch(&mut self, batch: usize, device: &Device) -> Result<Batch> {
+        let (inputs, targets) = Batcher::next_batch(self, batch, device);
+        Ok(Batch { inputs, targets, teacher: None })
+    }
+}
+
 /// Where a training run starts and what it adds to the loss, beyond [`TrainConfig`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct LoopOptions {
@@ -210,6 +235,9 @@ pub(crate) struct LoopOptions {
     /// FedProx coefficient on the LoRA `B` factors: `(mu / 2) · Σ ||B||²` is added to the
     /// objective (not to the reported loss). 0 disables.
     pub proximal_mu: f64,
+    /// Distillation: the loss mixes the teacher's softened distribution with the
+    /// targets (batches must then carry teacher logits). `None`: plain cross-entropy.
+    pub distill: Option<DistillLoss>,
 }
 
 /// `(mu / 2) · Σ ||B||²` over every LoRA `B` factor of `model`; `None` when `mu` is 0 or
@@ -237,16 +265,20 @@ fn proximal_term(model: &Llama, mu: f64) -> Option<Tensor<1>> {
 /// split into `config.threads` shards computed in parallel.
 fn micro_batch(
     model: &Llama,
-    inputs: Tensor<2, Int>,
-    targets: Tensor<2, Int>,
+    data: Batch,
     config: &TrainConfig,
-    proximal_mu: f64,
+    options: &LoopOptions,
     device: &Device,
 ) -> Result<Vec<(f32, GradientsParams)>> {
     let batch = config.batch_size;
     let shards = config.threads.min(batch).max(1);
-    let run = |m: &Llama, x: Tensor<2, Int>, y: Tensor<2, Int>, weight: f64| {
-        let loss = lm_loss(m.forward(x), y);
+    let proximal_mu = options.proximal_mu;
+    let run = |m: &Llama, part: Batch, weight: f64| {
+        let logits = m.forward(part.inputs);
+        let loss = match (&options.distill, &part.teacher) {
+            (Some(d), Some(teacher)) => distillation_loss(logits, teacher, part.targets, d),
+            _ => lm_loss(logits, part.targets),
+        };
         // Shards weigh `rows / batch` and micro-batches `1 / grad_accum`: the proximal
         // term, added to every shard's objective, counts once per optimizer step.
         let objective = match proximal_term(m, proximal_mu) {
@@ -257,25 +289,33 @@ fn micro_batch(
         let grads = GradientsParams::from_grads(scaled.backward(), m);
         (loss.into_scalar::<f32>() * weight as f32, grads)
     };
+    if options.distill.is_some_and(|d| d.alpha > 0.0) && data.teacher.is_none() {
+        return Err(ModelError::config("distill", "a distillation run got a batch without teacher logits"));
+    }
     if shards == 1 {
-        return Ok(vec![run(model, inputs, targets, 1.0)]);
+        return Ok(vec![run(model, data, 1.0)]);
     }
     let mut parts = Vec::with_capacity(shards);
     let mut start = 0;
     for s in 0..shards {
         let rows = batch / shards + usize::from(s < batch % shards);
-        parts.push((inputs.clone().narrow(0, start, rows), targets.clone().narrow(0, start, rows), rows));
+        let part = Batch {
+            inputs: data.inputs.clone().narrow(0, start, rows),
+            targets: data.targets.clone().narrow(0, start, rows),
+            teacher: data.teacher.as_ref().map(|t| t.narrow(start, rows)),
+        };
+        parts.push((part, rows));
         start += rows;
     }
     std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .into_iter()
-            .map(|(x, y, rows)| {
+            .map(|(part, rows)| {
                 // A fork has its own autodiff graph and keeps the parameter ids, so the
                 // shards' gradients add up by id.
                 let m = model.clone().fork(device);
                 let run = &run;
-                scope.spawn(move || run(&m, x, y, rows as f64 / batch as f64))
+                scope.spawn(move || run(&m, part, rows as f64 / batch as f64))
             })
             .collect();
         handles
@@ -291,7 +331,7 @@ fn micro_batch(
 /// `on_step` sees every step's statistics and the model; `progress` shows a bar.
 pub fn train(
     model: Llama,
-    batcher: &mut Batcher,
+    batcher: &mut dyn BatchSource,
     config: &TrainConfig,
     device: &Device,
     progress: bool,
@@ -300,11 +340,26 @@ pub fn train(
     train_with(model, batcher, config, &LoopOptions::default(), device, progress, on_step)
 }
 
+/// [`train`] with a distillation objective over batches that carry teacher logits.
+pub fn train_distill(
+    model: Llama,
+    source: &mut dyn BatchSource,
+    config: &TrainConfig,
+    loss: DistillLoss,
+    device: &Device,
+    progress: bool,
+    on_step: impl FnMut(&StepStats, &Llama),
+) -> Result<(Llama, TrainReport)> {
+    loss.validate()?;
+    let options = LoopOptions { distill: Some(loss), ..LoopOptions::default() };
+    train_with(model, source, config, &options, device, progress, on_step)
+}
+
 /// [`train`] from `options.start_step` (steps `start_step..config.steps`), with an
 /// optional proximal term on the LoRA `B` factors.
 pub(crate) fn train_with(
     mut model: Llama,
-    batcher: &mut Batcher,
+    batcher: &mut dyn BatchSource,
     config: &TrainConfig,
     options: &LoopOptions,
     device: &Device,
@@ -344,8 +399,8 @@ pub(crate) fn train_with(
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut loss_sum = 0.0f32;
         for _ in 0..config.grad_accum {
-            let (inputs, targets) = batcher.next_batch(config.batch_size, device);
-            for (loss, grads) in micro_batch(&model, inputs, targets, config, options.proximal_mu, device)? {
+            let data = batcher.next_batch(config.batch_size, device)?;
+            for (loss, grads) in micro_batch(&model, data, config, options, device)? {
                 accumulator.accumulate(&model, grads);
                 loss_sum += loss;
             }
