@@ -99,17 +99,30 @@ struct ModelShape {
     max_seq: usize,
 }
 
+/// A model shape from the command line's six numbers (hidden, layers, heads, KV heads,
+/// SwiGLU width, context); the rest are the defaults.
+fn shape(
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    intermediate: usize,
+    max_seq: usize,
+) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        intermediate_size: intermediate,
+        max_position_embeddings: max_seq,
+        ..LlamaConfig::default()
+    }
+}
+
 impl ModelShape {
     fn config(&self) -> LlamaConfig {
-        LlamaConfig {
-            hidden_size: self.hidden,
-            num_hidden_layers: self.layers,
-            num_attention_heads: self.heads,
-            num_key_value_heads: self.kv_heads,
-            intermediate_size: self.intermediate,
-            max_position_embeddings: self.max_seq,
-            ..LlamaConfig::default()
-        }
+        shape(self.hidden, self.layers, self.heads, self.kv_heads, self.intermediate, self.max_seq)
     }
 }
 

@@ -38,15 +38,7 @@ pub struct StudentShape {
 
 impl StudentShape {
     fn config(&self) -> LlamaConfig {
-        LlamaConfig {
-            hidden_size: self.hidden,
-            num_hidden_layers: self.layers,
-            num_attention_heads: self.heads,
-            num_key_value_heads: self.kv_heads,
-            intermediate_size: self.intermediate,
-            max_position_embeddings: self.max_seq,
-            ..LlamaConfig::default()
-        }
+        crate::shape(self.hidden, self.layers, self.heads, self.kv_heads, self.intermediate, self.max_seq)
     }
 }
 

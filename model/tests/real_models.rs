@@ -8,36 +8,15 @@
 //!   `$COVEY_SMOLLM2_GGUF`, `models/smollm2/` (`scripts/fetch-smollm2.sh`) or
 //!   `../shared/models/`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
+mod common;
+
+use common::{covey_model, tiny_model_dir};
 use covey_model::artifact::LoadedModel;
-use covey_model::gguf_import::SpecialTokens;
-use covey_model::{Precision, SamplingConfig, Tokenizer};
+use covey_model::{Precision, SamplingConfig};
 use covey_tensors::quant::StoredTensor;
-
-/// A random byte-level model directory (hidden 32, vocabulary 256).
-fn tiny_model_dir(dir: &Path) -> LoadedModel {
-    let config = covey_infer::LlamaConfig::tiny();
-    let tensors = covey_infer::random_tensors(&config, 21);
-    let m = LoadedModel {
-        source: dir.to_owned(),
-        config,
-        tensors: tensors.into_iter().map(|(n, t)| (n, StoredTensor::F32(t))).collect(),
-        tokenizer: Tokenizer::Bytes,
-        chat_template: None,
-        special: SpecialTokens::default(),
-        description: "test".into(),
-    };
-    m.save_dir(dir).expect("save");
-    m
-}
-
-fn covey_model(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_covey-model")).args(args).output().expect("run covey-model");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 #[test]
 fn logits_json_has_one_entry_per_prompt_position_with_the_engines_values() {

@@ -3,34 +3,12 @@
 //! models written at test time and text from the repository's Shakespeare.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+mod common;
+
+use common::{covey_model, tiny_model_dir};
 use covey_model::artifact::LoadedModel;
-use covey_model::gguf_import::SpecialTokens;
-use covey_model::{LlamaConfig, Precision, Tokenizer};
-use covey_tensors::quant::StoredTensor;
-
-fn covey_model(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_covey-model")).args(args).output().expect("run covey-model");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-/// A random byte-level teacher (hidden 32, 4 heads over 2 KV heads, 2 layers).
-fn teacher_dir(dir: &Path) {
-    let config = LlamaConfig::tiny();
-    let tensors = covey_infer::random_tensors(&config, 7);
-    LoadedModel {
-        source: dir.to_owned(),
-        config,
-        tensors: tensors.into_iter().map(|(n, t)| (n, StoredTensor::F32(t))).collect(),
-        tokenizer: Tokenizer::Bytes,
-        chat_template: None,
-        special: SpecialTokens::default(),
-        description: "test teacher".into(),
-    }
-    .save_dir(dir)
-    .expect("save teacher");
-}
+use covey_model::{LlamaConfig, Precision};
 
 /// Training and held-out text cut from Macbeth.
 fn texts(dir: &Path) -> (PathBuf, PathBuf) {
@@ -72,7 +50,7 @@ fn distill(teacher: &Path, train: &Path, held: &Path, out: &Path, extra: &[&str]
 fn a_cache_of_every_logit_trains_the_student_as_the_live_teacher_does() {
     let dir = tempfile::tempdir().expect("tempdir");
     let teacher = dir.path().join("teacher");
-    teacher_dir(&teacher);
+    tiny_model_dir(&teacher);
     let (train, held) = texts(dir.path());
     let cache = dir.path().join("teacher.topk");
 
@@ -134,7 +112,7 @@ fn a_cache_of_every_logit_trains_the_student_as_the_live_teacher_does() {
 fn pruning_gives_a_smaller_model_that_runs_and_exports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let teacher = dir.path().join("model");
-    teacher_dir(&teacher);
+    tiny_model_dir(&teacher);
     let (train, held) = texts(dir.path());
     let pruned = dir.path().join("pruned");
     let (ok, stdout, stderr) = covey_model(&[
