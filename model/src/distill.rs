@@ -254,6 +254,9 @@ impl TeacherCache {
             fingerprint: windows.fingerprint(),
             teacher: description.to_string(),
         };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+        }
         let tmp = path.with_extension("partial");
         let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         let mut out = BufWriter::new(file);

@@ -52,7 +52,8 @@ fn a_cache_of_every_logit_trains_the_student_as_the_live_teacher_does() {
     let teacher = dir.path().join("teacher");
     tiny_model_dir(&teacher);
     let (train, held) = texts(dir.path());
-    let cache = dir.path().join("teacher.topk");
+    // In a directory that does not exist yet: the cache creates it.
+    let cache = dir.path().join("caches/teacher.topk");
 
     let live = dir.path().join("live");
     let (ok, stdout, stderr) = distill(&teacher, &train, &held, &live, &[]);
