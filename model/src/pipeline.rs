@@ -530,7 +530,7 @@ pub struct PruneResult {
 /// Prune heads and MLP channels, optionally fine-tune the result, save it to
 /// `opts.out` with `prune.json`.
 pub fn prune(opts: &PruneOptions, device: &Device) -> Result<PruneResult> {
-    use crate::prune::{Importance, activation_scores, apply, magnitude_scores, plan, require_f32};
+    use crate::prune::{Importance, activation_scores, apply, gradient_scores, magnitude_scores, plan, require_f32};
     opts.prune.validate()?;
     let loaded = crate::LoadedModel::open(&opts.model)?;
     require_f32(
@@ -552,6 +552,12 @@ pub fn prune(opts: &PruneOptions, device: &Device) -> Result<PruneResult> {
             let model = checkpoint::from_base_tensors(&config, &tensors, &opts.model, device)?;
             let calib = tokenizer.encode(&train_text)?;
             activation_scores(&model, &tensors, &calib, seq, 8, opts.calibration_windows, device)?
+        }
+        Importance::Gradient => {
+            let ad = device.clone().autodiff();
+            let model = checkpoint::from_base_tensors(&config, &tensors, &opts.model, &ad)?;
+            let calib = tokenizer.encode(&train_text)?;
+            gradient_scores(&model, &calib, seq, 8, opts.calibration_windows, &ad)?
         }
     };
     let p = plan(&config, &scores, &opts.prune)?;

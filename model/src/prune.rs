@@ -18,6 +18,10 @@
 //! * `Activation`: over calibration text, channel `j` scores
 //!   `E|silu(gate_j(x))·up_j(x)| · ‖down_:,j‖` and head `h` scores
 //!   `E‖attn_h(x)‖ · ‖o_:,h‖` — what the layer's output actually loses without it.
+//! * `Gradient`: the first-order Taylor estimate of the loss change when the group's
+//!   weights go to zero, `(Σ_w w·∂L/∂w)²` over the group (a channel: its `gate` and `up`
+//!   rows and `down` column; a head: its `q` rows and `o` columns), averaged over
+//!   calibration batches.
 //!
 //! Pruning works on host tensors under Hugging Face names ([`apply`]); [`mask`] zeroes
 //! the same heads and channels in place instead, which gives the same outputs (the
@@ -41,6 +45,9 @@ pub enum Importance {
     Magnitude,
     /// Mean activation magnitude on calibration text, times the outgoing weight norm.
     Activation,
+    /// First-order Taylor estimate of the loss change when the head or channel is
+    /// removed, on calibration text (Molchanov et al. 2019).
+    Gradient,
 }
 
 /// What to prune.
@@ -234,6 +241,71 @@ pub fn activation_scores(
         scores.channels.push(chan_sum[i].iter().zip(&down_norms).map(|(a, d)| a / positions as f64 * d).collect());
     }
     Ok(scores)
+}
+
+/// Gradient (first-order Taylor) importance over calibration `tokens` (windows of
+/// `seq_len`, batches of `batch`, at most `max_windows` windows). `model` must be on an
+/// autodiff device with its weights requiring gradients (as `from_base_tensors` makes
+/// them); nothing is updated.
+pub fn gradient_scores(
+    model: &Llama,
+    tokens: &[u32],
+    seq_len: usize,
+    batch: usize,
+    max_windows: usize,
+    device: &Device,
+) -> Result<Scores> {
+    let c = &model.config;
+    if !device.is_autodiff() {
+        return Err(ModelError::config("device", "gradient importance needs an autodiff device"));
+    }
+    if seq_len == 0 || tokens.len() < seq_len + 1 {
+        return Err(ModelError::EmptyCorpus { path: "calibration text".into(), needed: Some(seq_len + 1) });
+    }
+    let (layers, heads, hd, f, h) =
+        (c.num_hidden_layers, c.num_attention_heads, c.head_dim(), c.intermediate_size, c.hidden_size);
+    let mut head_sum = vec![vec![0.0f64; heads]; layers];
+    let mut chan_sum = vec![vec![0.0f64; f]; layers];
+    let windows: Vec<&[u32]> = tokens.windows(seq_len + 1).step_by(seq_len).take(max_windows.max(1)).collect();
+    let mut batches = 0usize;
+    for group in windows.chunks(batch.max(1)) {
+        let b = group.len();
+        let ids = |range: std::ops::Range<usize>| -> Vec<i64> {
+            group.iter().flat_map(|w| w[range.clone()].iter().map(|&t| i64::from(t))).collect()
+        };
+        let x = Tensor::<2, Int>::from_data(TensorData::new(ids(0..seq_len), [b, seq_len]), device);
+        let y = Tensor::<2, Int>::from_data(TensorData::new(ids(1..seq_len + 1), [b, seq_len]), device);
+        let grads = crate::train::lm_loss(model.forward(x), y).backward();
+        // Σ w·g per group; burn's layout is [d_in, d_out].
+        let wg = |p: &burn::module::Param<Tensor<2>>| -> Option<Tensor<2>> {
+            let w = p.val();
+            w.grad(&grads).map(|g| w.inner() * g)
+        };
+        let host = |t: Tensor<1>| -> Vec<f64> {
+            t.into_data().try_into_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect()
+        };
+        for (i, layer) in model.layers.iter().enumerate() {
+            let missing = || ModelError::config("model", "its weights do not require gradients");
+            // q: [h, heads·hd] → per head; o: [heads·hd, h] → per head.
+            let q = wg(&layer.q_proj.weight).ok_or_else(missing)?.reshape([h, heads, hd]).sum_dim(2).sum_dim(0);
+            let o = wg(&layer.o_proj.weight).ok_or_else(missing)?.reshape([heads, hd * h]).sum_dim(1);
+            let per_head = host(q.reshape([heads]) + o.reshape([heads]));
+            // gate, up: [h, f] → per column; down: [f, h] → per row.
+            let gate = wg(&layer.gate_proj.weight).ok_or_else(missing)?.sum_dim(0).reshape([f]);
+            let up = wg(&layer.up_proj.weight).ok_or_else(missing)?.sum_dim(0).reshape([f]);
+            let down = wg(&layer.down_proj.weight).ok_or_else(missing)?.sum_dim(1).reshape([f]);
+            let per_channel = host(gate + up + down);
+            for (acc, v) in head_sum[i].iter_mut().zip(per_head) {
+                *acc += v * v;
+            }
+            for (acc, v) in chan_sum[i].iter_mut().zip(per_channel) {
+                *acc += v * v;
+            }
+        }
+        batches += 1;
+    }
+    let mean = |v: Vec<Vec<f64>>| v.into_iter().map(|l| l.into_iter().map(|x| x / batches as f64).collect()).collect();
+    Ok(Scores { heads: mean(head_sum), channels: mean(chan_sum) })
 }
 
 /// Indices of the `keep` largest scores, ascending (ties: lower index kept).
@@ -525,5 +597,14 @@ mod tests {
         assert!(s.heads[0].iter().all(|&v| v > 0.0));
         let m = magnitude_scores(&config, &t).expect("magnitude");
         assert_eq!(m.channels[0][5], 0.0);
+        // Gradients: the dead channel's weights carry no loss change either (w = 0 on
+        // its gate row, zero gradient on its up row and down column).
+        let ad = device.clone().autodiff();
+        let model = from_base_tensors(&config, &t, Path::new("test"), &ad).expect("model");
+        let g = gradient_scores(&model, &tokens, 16, 2, 8, &ad).expect("gradient scores");
+        assert_eq!(g.channels[0][5], 0.0);
+        assert!(g.channels[0].iter().filter(|&&v| v > 0.0).count() >= 60, "{:?}", g.channels[0]);
+        assert!(g.heads.iter().flatten().all(|&v| v.is_finite() && v >= 0.0));
+        assert!(gradient_scores(&model, &tokens, 16, 2, 8, &device).is_err(), "needs an autodiff device");
     }
 }

@@ -170,6 +170,8 @@ pub enum ImportanceArg {
     Magnitude,
     /// Activations on calibration text times outgoing weight norms.
     Activation,
+    /// First-order Taylor estimate of the loss change (weights × gradients) on calibration text.
+    Gradient,
 }
 
 #[derive(Args)]
@@ -192,7 +194,7 @@ pub struct PruneArgs {
     /// How heads and channels are ranked.
     #[arg(long, value_enum, default_value_t = ImportanceArg::Activation)]
     importance: ImportanceArg,
-    /// Windows of calibration text for activation scores.
+    /// Windows of calibration text for activation and gradient scores.
     #[arg(long, default_value_t = 64)]
     calibration_windows: usize,
     #[command(flatten)]
@@ -216,6 +218,7 @@ pub fn prune(a: PruneArgs, device: &Device) -> Result<()> {
         importance: match a.importance {
             ImportanceArg::Magnitude => Importance::Magnitude,
             ImportanceArg::Activation => Importance::Activation,
+            ImportanceArg::Gradient => Importance::Gradient,
         },
         data: a.data.data.clone(),
         eval_data: a.data.eval_data.clone(),
