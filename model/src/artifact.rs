@@ -129,6 +129,13 @@ impl LoadedModel {
         Ok(Model::from_stored(self.config.clone(), self.tensors.clone(), precision)?)
     }
 
+    /// [`LoadedModel::engine`] without a second copy of the weights: they move into the
+    /// engine, and this model keeps its tokenizer, template and config but no tensors
+    /// (what `generate`, `chat` and `logits` need; an f32 model then needs half the memory).
+    pub fn take_engine(&mut self, precision: Precision) -> Result<Model> {
+        Ok(Model::from_stored(self.config.clone(), std::mem::take(&mut self.tensors), precision)?)
+    }
+
     /// Quantize the f32 weights with `scheme` (already quantized ones are kept).
     pub fn quantize(&mut self, scheme: Scheme) -> Result<()> {
         let plain: NamedTensors = self

@@ -282,8 +282,8 @@ pub fn export(a: ExportArgs) -> Result<()> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let m = load(&a.run)?;
-    let engine = m.engine(a.run.precision.into())?;
+    let mut m = load(&a.run)?;
+    let engine = m.take_engine(a.run.precision.into())?;
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -310,8 +310,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    let m = load(&a.run)?;
-    let engine = m.engine(a.run.precision.into())?;
+    let mut m = load(&a.run)?;
+    let engine = m.take_engine(a.run.precision.into())?;
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -378,8 +378,8 @@ pub fn logits_json(token_ids: &[u32], logits: &[Vec<f32>], top_k: usize) -> serd
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let m = load(&a.run)?;
-    let engine = m.engine(a.run.precision.into())?;
+    let mut m = load(&a.run)?;
+    let engine = m.take_engine(a.run.precision.into())?;
     let ids = m.encode_prompt(&a.prompt, a.chat)?;
     if ids.is_empty() {
         bail!("the prompt has no tokens");
