@@ -26,7 +26,8 @@
 //! weighs or collects updates.
 //!
 //! With fixed clipping `z_Δ = z`. With adaptive clipping, the server also releases a noised
-//! count of the clients whose update norm was at most `C` (a client's own report
+//! centred count (sensitivity ½, see [`covey_privacy::adaptive`]) of the clients whose
+//! update norm was at most `C` (a client's own report
 //! [`ClientUpdate::within_clip`] if present, else the norm the server sees), updates `C`
 //! geometrically toward the target quantile ([`AdaptiveClipper`]), and gives the updates
 //! the larger `z_Δ = update_noise_multiplier(z, σ_b)` so the round as a whole has
@@ -193,7 +194,7 @@ impl<S: ServerUpdate> Strategy for DpFedAvg<S> {
         let (num_updates, total_examples) = (acc.count, acc.total_examples);
         let step = self.inner.server_step(acc.finish(m as f64))?;
         if let Clipping::Adaptive { clipper, .. } = &mut self.clipping {
-            clipper.update(unclipped, m as f64, &mut self.rng);
+            clipper.update(unclipped, num_updates, m as f64, &mut self.rng);
         }
         let privacy = PrivacyEvent {
             noise_multiplier: self.noise_multiplier,
