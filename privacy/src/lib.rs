@@ -15,6 +15,7 @@
 //! * [`zcdp`]: zCDP of the plain Gaussian and its (ε, δ) conversion.
 //! * [`adaptive`]: quantile-tracking adaptive clipping and its noise split.
 //! * [`ledger`]: a persisted per-device budget ledger that refuses overspending.
+//! * [`sampling`]: Poisson sampling of cohorts, the sampling the accountant assumes.
 //!
 //! ## Quick start
 //!
@@ -39,6 +40,7 @@ pub mod error;
 pub mod ledger;
 pub mod noise;
 pub mod rdp;
+pub mod sampling;
 pub mod zcdp;
 
 pub use clip::{ClipNorm, Clipped};

@@ -74,6 +74,11 @@ impl SecureRng {
         Self(ChaCha20Rng::from_seed(seed))
     }
 
+    /// Uniform in `[0, 1)` with 53 bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.0.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
     /// Uniform in `(0, 1)` with 53 bits.
     fn open_unit(&mut self) -> f64 {
         loop {
