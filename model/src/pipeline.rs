@@ -415,14 +415,8 @@ pub fn distill(opts: &DistillOptions, device: &Device) -> Result<DistillResult> 
     let mut batches = DistillBatches::new(&windows, &mut teacher, opts.train.seed);
     let mut curve = Vec::with_capacity(opts.train.steps);
     let mut eval_error = None;
-    let (model, report) = crate::train::train_with(
-        student,
-        &mut batches,
-        &opts.train,
-        &crate::train::LoopOptions { distill: Some(opts.loss), ..Default::default() },
-        &ad,
-        opts.progress,
-        |s, m| {
+    let (model, report) =
+        crate::train::train_distill(student, &mut batches, &opts.train, opts.loss, &ad, opts.progress, |s, m| {
             let scored = opts.eval_every > 0 && (s.step + 1) % opts.eval_every == 0 && s.step + 1 < opts.train.steps;
             let perplexity = if scored {
                 match engine_perplexity(&m.config, &checkpoint::base_tensors(m), &held, eval_window) {
@@ -436,8 +430,7 @@ pub fn distill(opts: &DistillOptions, device: &Device) -> Result<DistillResult> 
                 None
             };
             curve.push(CurvePoint { step: s.step, loss: s.loss, lr: s.lr, perplexity });
-        },
-    )?;
+        })?;
     if let Some(e) = eval_error {
         return Err(e);
     }
