@@ -88,7 +88,7 @@ fn main() {
             payload_sha256: hash,
             num_examples: 64,
             within_clip: Some(true),
-            train_loss: 1.0,
+            train_loss: Some(1.0),
             received_ms: 0,
         });
     }
@@ -107,7 +107,7 @@ fn main() {
         .expect("fedavg");
         reset_peak_rss();
         let t = Instant::now();
-        let mut stream = StoredUpdates::new(&records[..n], &artifacts, &keys_by_device);
+        let mut stream = StoredUpdates::new(&records[..n], &artifacts, &keys_by_device, 160);
         let ctx = RoundContext { round: 1, expected_clients: n, population: n };
         let aggregate = strategy.aggregate(&ctx, &mut stream, 0).expect("aggregate").expect("some");
         let secs = t.elapsed().as_secs_f64();

@@ -77,19 +77,30 @@ pub struct AdminConfig {
 }
 
 /// Device enrolment.
+///
+/// Production fleets enrol with tokens minted by the Admin service
+/// (`covey-coordinator mint-token`): single-use or limited to N devices, expiring, kept
+/// only as their SHA-256. Static `tokens` here are for labs and tests: multi-use and
+/// without expiry. Either kind is burned (enrols no one any more) when a device it
+/// enrolled is revoked, so a revoked holder cannot come back with a new key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct EnrollmentConfig {
-    /// Tokens that admit a device; at least one is required. Default none.
+    /// Static multi-use tokens (at least 8 characters each). Default none.
     pub tokens: Vec<String>,
     /// Largest accepted clock skew of signed device requests. Default `5m`.
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// Enrolments accepted per minute over the whole coordinator (a burst of as many is
+    /// allowed); more are refused with `RESOURCE_EXHAUSTED`. Default 60.
+    pub per_minute: u32,
+    /// Enrolments accepted per minute with any one token. Default 10.
+    pub per_token_per_minute: u32,
 }
 
 impl Default for EnrollmentConfig {
     fn default() -> Self {
-        Self { tokens: Vec::new(), max_clock_skew: Duration::from_secs(300) }
+        Self { tokens: Vec::new(), max_clock_skew: Duration::from_secs(300), per_minute: 60, per_token_per_minute: 10 }
     }
 }
 
@@ -155,8 +166,10 @@ pub struct RoundsConfig {
     pub pause: Duration,
     /// Stop opening rounds after this many published; 0 runs forever. Default 0.
     pub max_rounds: u64,
-    /// Seed of cohort sampling. Default 0.
-    pub seed: u64,
+    /// Seed of cohort sampling, **for simulations only**: with a seed, anyone who knows it
+    /// can tell who was sampled, which voids the amplification by sampling that the
+    /// accountant assumes. Absent (the default), cohorts are drawn from the OS CSPRNG.
+    pub seed: Option<u64>,
     /// Devices are told to poll again after this long. Default `2s`.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -173,7 +186,7 @@ impl Default for RoundsConfig {
             eligibility_window: Duration::from_secs(600),
             pause: Duration::from_secs(1),
             max_rounds: 0,
-            seed: 0,
+            seed: None,
             poll_interval: Duration::from_secs(2),
         }
     }
@@ -213,31 +226,69 @@ pub struct PrivacySection {
     pub central: Option<covey_strategy::DpConfig>,
     /// δ at which ε is reported. Default 1e-5.
     pub delta: f64,
-    /// Size of the population for the sampling rate q = cohort / population; 0 uses the
-    /// number of enrolled devices. Default 0.
+    /// Devices each round samples from, N: every eligible device joins the cohort
+    /// independently with probability q = cohort / N (Poisson sampling), the q the
+    /// accountant uses. 0 (the default) takes N = the eligible devices at the round's
+    /// opening; a value below them is refused (the round does not open), since q would
+    /// then understate each device's chance of being sampled.
     pub population: usize,
+    /// Stop opening rounds before the run's ε (at `delta`) would pass this. Default none.
+    pub target_epsilon: Option<f64>,
+    /// Keep the raw update payloads of finished rounds (audits, debugging). They are
+    /// personal data (clipped but not noised under central DP): by default each round's
+    /// payloads are deleted once it is published or failed. Default false.
+    pub retain_updates: bool,
 }
 
 impl Default for PrivacySection {
     fn default() -> Self {
-        Self { clip_norm: 1.0, local_noise_multiplier: 0.0, central: None, delta: 1e-5, population: 0 }
+        Self {
+            clip_norm: 1.0,
+            local_noise_multiplier: 0.0,
+            central: None,
+            delta: 1e-5,
+            population: 0,
+            target_epsilon: None,
+            retain_updates: false,
+        }
     }
 }
 
-/// Upload limits.
+/// Upload and request limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LimitsConfig {
-    /// Largest update payload in bytes. Default 64 MiB.
+    /// Largest update payload in bytes (the coordinator also refuses anything larger than
+    /// the `B` factors it expects plus 64 KiB of header). Default 64 MiB.
     pub max_payload_bytes: u64,
     /// Largest L2 norm of an accepted update, as a multiple of the clip norm (noise makes
     /// locally-noised updates longer than C). Default 1.0 plus the noise allowance.
     pub norm_slack: f64,
+    /// Uploads in progress at once over all devices; more are answered `UNAVAILABLE`.
+    /// Default 64.
+    pub max_concurrent_uploads: usize,
+    /// Concurrent HTTP/2 streams one connection may open. Default 16.
+    pub max_streams_per_connection: u32,
+    /// Longest any request may take, uploads and downloads included. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Signed requests (polls, heartbeats, manifests, artifact downloads) one device may
+    /// make per minute (a burst of as many is allowed); more are answered
+    /// `RESOURCE_EXHAUSTED`. Never less than twice the polling rate `rounds.poll-interval`
+    /// asks for, plus 30. Default 120.
+    pub device_requests_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_payload_bytes: 64 << 20, norm_slack: 1.0 }
+        Self {
+            max_payload_bytes: 64 << 20,
+            norm_slack: 1.0,
+            max_concurrent_uploads: 64,
+            max_streams_per_connection: 16,
+            request_timeout: Duration::from_secs(600),
+            device_requests_per_minute: 120,
+        }
     }
 }
 
@@ -264,8 +315,20 @@ impl CoordinatorConfig {
     /// Check that every value is possible.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, reason: String| Err(CoordinatorError::Config { field: field.into(), reason });
-        if self.enrollment.tokens.is_empty() || self.enrollment.tokens.iter().any(|t| t.len() < 8) {
-            return bad("enrollment.tokens", "at least one token of 8 or more characters is required".into());
+        if self.enrollment.tokens.iter().any(|t| t.len() < 8) {
+            return bad("enrollment.tokens", "static tokens need 8 or more characters".into());
+        }
+        if self.enrollment.tokens.is_empty() && self.admin.token.is_empty() {
+            return bad(
+                "enrollment.tokens",
+                "no way to enrol a device: give a static token, or an admin token to mint tokens with".into(),
+            );
+        }
+        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
+            return bad("admin.token", "must be empty (Admin service off) or at least 16 characters".into());
+        }
+        if self.enrollment.per_minute == 0 || self.enrollment.per_token_per_minute == 0 {
+            return bad("enrollment", "per-minute and per-token-per-minute must be at least 1".into());
         }
         if self.lora.rank == 0 {
             return bad("lora.rank", "must be at least 1".into());
@@ -326,6 +389,28 @@ impl CoordinatorConfig {
         if !(self.limits.norm_slack.is_finite() && self.limits.norm_slack >= 1.0) {
             return bad("limits.norm-slack", format!("{} is below 1", self.limits.norm_slack));
         }
+        let l = &self.limits;
+        if l.max_concurrent_uploads == 0 || l.max_streams_per_connection == 0 || l.device_requests_per_minute == 0 {
+            return bad(
+                "limits",
+                "max-concurrent-uploads, max-streams-per-connection and device-requests-per-minute must be at least 1"
+                    .into(),
+            );
+        }
+        if l.request_timeout.is_zero() {
+            return bad("limits.request-timeout", "must be positive".into());
+        }
+        if let Some(t) = p.target_epsilon {
+            if !(t.is_finite() && t > 0.0) {
+                return bad("privacy.target-epsilon", format!("{t} is not a positive number"));
+            }
+            if p.central.is_none() && p.local_noise_multiplier == 0.0 {
+                return bad(
+                    "privacy.target-epsilon",
+                    "needs noise: [privacy.central] or local-noise-multiplier".into(),
+                );
+            }
+        }
         covey_strategy::build(
             &self.strategy,
             self.privacy.central.as_ref(),
@@ -358,6 +443,14 @@ mod tests {
     fn defaults_need_a_token() {
         let err = CoordinatorConfig::from_toml("").expect_err("no token");
         assert!(err.to_string().contains("enrollment.tokens"), "{err}");
+        // An admin token alone suffices (tokens are minted), but it must be long.
+        CoordinatorConfig::from_toml("[admin]\ntoken = \"0123456789abcdef\"\n").expect("minted tokens only");
+        let err = CoordinatorConfig::from_toml("[admin]\ntoken = \"short\"\n").expect_err("short admin token");
+        assert!(err.to_string().contains("admin.token"), "{err}");
+        let err =
+            CoordinatorConfig::from_toml("[enrollment]\ntokens = [\"0123456789\"]\n[privacy]\ntarget-epsilon = 8.0\n")
+                .expect_err("target without noise");
+        assert!(err.to_string().contains("target-epsilon"), "{err}");
     }
 
     #[test]

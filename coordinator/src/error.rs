@@ -54,6 +54,12 @@ pub enum CoordinatorError {
     /// An artifact is missing from the artifact store.
     #[error("artifact {0} is missing")]
     MissingArtifact(String),
+    /// An artifact's bytes no longer match its SHA-256 (damaged on disk).
+    #[error("artifact {0} does not match its SHA-256 (damaged)")]
+    CorruptArtifact(String),
+    /// An operator request that cannot be carried out.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl CoordinatorError {
@@ -148,9 +154,20 @@ pub enum Rejection {
         /// Bound.
         bound: f64,
     },
-    /// Zero training examples.
-    #[error("update claims zero training examples")]
-    NoExamples,
+    /// The declared number of examples is not what the task prescribed.
+    #[error("update declares {found} training examples, the task prescribed {expected}")]
+    ExamplesMismatch {
+        /// steps × batch size of the task.
+        expected: u64,
+        /// Declared.
+        found: u64,
+    },
+    /// Another upload of this device is in progress.
+    #[error("another upload of this device is in progress")]
+    UploadInProgress,
+    /// Too many uploads in progress on the coordinator.
+    #[error("too many uploads in progress; retry later")]
+    Busy,
 }
 
 impl Rejection {
@@ -177,7 +194,9 @@ impl Rejection {
             Self::WrongTensors(_) => "wrong_tensors",
             Self::NonFinite(_) => "non_finite",
             Self::NormTooLarge { .. } => "norm_too_large",
-            Self::NoExamples => "no_examples",
+            Self::ExamplesMismatch { .. } => "examples_mismatch",
+            Self::UploadInProgress => "upload_in_progress",
+            Self::Busy => "busy",
         }
     }
 
@@ -194,7 +213,9 @@ impl Rejection {
             | Self::WrongTensors(_)
             | Self::NonFinite(_)
             | Self::NormTooLarge { .. }
-            | Self::NoExamples => Code::InvalidArgument,
+            | Self::ExamplesMismatch { .. } => Code::InvalidArgument,
+            Self::UploadInProgress => Code::Aborted,
+            Self::Busy => Code::Unavailable,
             Self::UnknownDevice | Self::BadSignature => Code::Unauthenticated,
             Self::RevokedDevice => Code::PermissionDenied,
             Self::NoAssignment
@@ -214,8 +235,10 @@ impl From<&CoordinatorError> for tonic::Status {
     fn from(e: &CoordinatorError) -> Self {
         match e {
             CoordinatorError::Config { .. } => tonic::Status::invalid_argument(e.to_string()),
-            CoordinatorError::MissingArtifact(_) => tonic::Status::not_found(e.to_string()),
-            CoordinatorError::Io { .. }
+            CoordinatorError::MissingArtifact(_) => tonic::Status::not_found("no such artifact"),
+            CoordinatorError::Refused(reason) => tonic::Status::failed_precondition(reason.clone()),
+            CoordinatorError::CorruptArtifact(_)
+            | CoordinatorError::Io { .. }
             | CoordinatorError::Store(_)
             | CoordinatorError::Corrupt(_)
             | CoordinatorError::Tensor(_)
@@ -223,7 +246,11 @@ impl From<&CoordinatorError> for tonic::Status {
             | CoordinatorError::Strategy(_)
             | CoordinatorError::Privacy(_)
             | CoordinatorError::Model { .. }
-            | CoordinatorError::Transport(_) => tonic::Status::internal(e.to_string()),
+            | CoordinatorError::Transport(_) => {
+                // Paths and database details stay in the coordinator's log.
+                tracing::error!(error = %e, "internal error answered to a client");
+                tonic::Status::internal("internal error (see the coordinator's log)")
+            }
         }
     }
 }

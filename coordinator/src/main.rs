@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use covey_coordinator::{CoordinatorConfig, server};
 use covey_proto::pb::{self, admin_client::AdminClient};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,15 @@ struct AdminArgs {
     /// PEM CA certificate of a TLS coordinator.
     #[arg(long)]
     ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of `--client-cert`.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Server name to verify in the coordinator's certificate (default: the host of --addr).
+    #[arg(long)]
+    domain_name: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -72,13 +81,46 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Fail the round in progress without publishing.
+    FailRound {
+        /// Round id (see `rounds`).
+        round_id: u64,
+        /// Why (recorded with the round).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Mint an enrolment token (printed once; the coordinator keeps only its hash).
+    MintToken {
+        /// Devices it may enrol.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime ("30m", "24h", "7d").
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Operator note.
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 async fn admin(args: &AdminArgs) -> Result<(AdminClient<Channel>, String)> {
     let mut endpoint = Channel::from_shared(args.addr.clone()).context("--addr is not a URL")?;
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     if let Some(ca) = &args.ca_cert {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &args.domain_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    } else if args.client_cert.is_some() {
+        anyhow::bail!("--client-cert needs --ca-cert (mutual TLS runs over TLS)");
     }
     let channel = endpoint.connect().await.with_context(|| format!("connecting to {}", args.addr))?;
     Ok((AdminClient::new(channel), format!("Bearer {}", args.token)))
@@ -241,7 +283,9 @@ async fn main() -> Result<()> {
             print(a.json, &rows, || {
                 println!("{:<64} {:<16} {:>8} {:>8}", "device", "label", "revoked", "updates");
                 for d in &d.devices {
-                    println!("{:<64} {:<16} {:>8} {:>8}", d.device_id, d.label, d.revoked, d.updates);
+                    // Labels come from devices: print them escaped, never raw.
+                    let label = d.label.escape_debug().to_string();
+                    println!("{:<64} {:<16} {:>8} {:>8}", d.device_id, label, d.revoked, d.updates);
                 }
             })?;
         }
@@ -251,12 +295,18 @@ async fn main() -> Result<()> {
                 .revoke_device(authed(pb::RevokeDeviceRequest { device_id: device_id.clone() }, &t)?)
                 .await
                 .map_err(status_error)?;
-            println!("{device_id}: {}", if r.into_inner().changed { "revoked" } else { "was already revoked" });
+            let r = r.into_inner();
+            println!("{device_id}: {}", if r.changed { "revoked" } else { "was already revoked" });
+            if r.token_burned {
+                println!(
+                    "its enrolment token is withdrawn: devices it enrolled stay enrolled, new ones need a new token"
+                );
+            }
         }
         Command::Promote { version, admin: a } => {
             let (mut c, t) = admin(&a).await?;
             let r = c.promote(authed(pb::PromoteRequest { version }, &t)?).await.map_err(status_error)?.into_inner();
-            println!("current version: {}", r.current_version);
+            print_promoted(&r);
         }
         Command::Rollback { version, admin: a } => {
             let (mut c, t) = admin(&a).await?;
@@ -265,8 +315,37 @@ async fn main() -> Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!("current version: {}", r.current_version);
+            print_promoted(&r);
+        }
+        Command::FailRound { round_id, reason, admin: a } => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c
+                .fail_round(authed(pb::FailRoundRequest { round_id, reason }, &t)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("round {round_id} failed (it was {})", r.previous_state);
+        }
+        Command::MintToken { uses, ttl, label, admin: a } => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c
+                .mint_enrollment_token(authed(
+                    pb::MintEnrollmentTokenRequest { uses, ttl_seconds: ttl.as_secs().max(1), label },
+                    &t,
+                )?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", r.token);
+            eprintln!("enrols {uses} device(s) until {} ms since the epoch; shown once", r.expires_unix_ms);
         }
     }
     Ok(())
+}
+
+fn print_promoted(r: &pb::PromoteResponse) {
+    println!("current version: {}", r.current_version);
+    if r.failed_round > 0 {
+        println!("round {} was failed: it trained on another version", r.failed_round);
+    }
 }

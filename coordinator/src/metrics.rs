@@ -34,6 +34,8 @@ pub struct Metrics {
     pub updates_accepted: Counter,
     /// Updates refused, by reason.
     pub updates_rejected: Family<ReasonLabel, Counter>,
+    /// Other requests refused by a limit (rate, concurrency), by reason.
+    pub requests_refused: Family<ReasonLabel, Counter>,
     /// Payload bytes received in accepted updates.
     pub bytes_received: Counter,
     /// Artifact bytes sent.
@@ -57,6 +59,12 @@ impl Default for Metrics {
         registry.register("updates_accepted", "Updates verified and stored", updates_accepted.clone());
         let updates_rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("updates_rejected", "Updates refused, by reason", updates_rejected.clone());
+        let requests_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "requests_refused",
+            "Requests refused by a rate or concurrency limit",
+            requests_refused.clone(),
+        );
         let bytes_received = Counter::default();
         registry.register("update_bytes_received", "Payload bytes of accepted updates", bytes_received.clone());
         let bytes_sent = Counter::default();
@@ -74,6 +82,7 @@ impl Default for Metrics {
             rounds,
             updates_accepted,
             updates_rejected,
+            requests_refused,
             bytes_received,
             bytes_sent,
             round_seconds,
@@ -96,6 +105,11 @@ impl Metrics {
     /// Count a refused update.
     pub fn reject(&self, reason: &str) {
         self.updates_rejected.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// Count a request refused by a limit.
+    pub fn refuse(&self, reason: &str) {
+        self.requests_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 }
 

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use covey_proto::MAX_MESSAGE_BYTES;
 use covey_proto::keys::KeyPair;
 use covey_proto::pb::{admin_server::AdminServer, fleet_server::FleetServer};
+use covey_proto::{MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{error, info};
@@ -23,7 +23,24 @@ use crate::store::SqliteStore;
 /// Load the coordinator key from `path`, creating it (owner-only permissions) if absent.
 pub fn load_or_create_key(path: &Path) -> Result<KeyPair> {
     match std::fs::read(path) {
-        Ok(bytes) => Ok(KeyPair::from_pkcs8(&bytes)?),
+        Ok(bytes) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path).map_err(|e| CoordinatorError::io(path, e))?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(CoordinatorError::Config {
+                        field: "coordinator.key".into(),
+                        reason: format!(
+                            "{} is readable by others (mode {:o}); `chmod 600` it",
+                            path.display(),
+                            mode & 0o777
+                        ),
+                    });
+                }
+            }
+            Ok(KeyPair::from_pkcs8(&bytes)?)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = KeyPair::generate()?;
             write_secret(path, key.pkcs8())?;
@@ -48,7 +65,11 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `config.state_dir` and build the engine.
 pub async fn open_engine(config: CoordinatorConfig) -> Result<Arc<Coordinator>> {
     let dir = config.state_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| CoordinatorError::io(&dir, e))?;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(&dir).map_err(|e| CoordinatorError::io(&dir, e))?;
     let store = SqliteStore::open(&dir.join("state.sqlite")).await?;
     let artifacts = Artifacts::dir(&dir.join("artifacts"))?;
     let key = load_or_create_key(&dir.join("coordinator.key"))?;
@@ -98,7 +119,18 @@ pub async fn start(engine: Arc<Coordinator>) -> Result<Running> {
         }
         None => None,
     };
-    let mut builder = Server::builder();
+    let limits = &config.limits;
+    let mut builder = Server::builder()
+        .timeout(limits.request_timeout)
+        .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .initial_stream_window_size(Some(256 << 10))
+        .initial_connection_window_size(Some(1 << 20))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "serving plaintext beyond loopback: tokens, tasks and models travel unencrypted; configure [tls]");
+    }
     if let Some(tls) = &config.tls {
         let read = |p: &Path| std::fs::read(p).map_err(|e| CoordinatorError::io(p, e));
         let mut t = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
@@ -108,7 +140,7 @@ pub async fn start(engine: Arc<Coordinator>) -> Result<Running> {
         builder = builder.tls_config(t)?;
     }
     let fleet = FleetServer::new(FleetService::new(engine.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService::new(engine.clone()))
@@ -123,4 +155,26 @@ pub async fn start(engine: Arc<Coordinator>) -> Result<Running> {
     let rounds = tokio::spawn(engine.clone().run_rounds());
     info!(%addr, tls = config.tls.is_some(), "serving covey.v1");
     Ok(Running { addr, metrics_addr, engine, server, rounds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coordinator_key_is_owner_only_and_refused_otherwise() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("coordinator.key");
+        let key = load_or_create_key(&path).expect("created");
+        assert_eq!(load_or_create_key(&path).expect("reloaded").public_key(), key.public_key());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "created owner-only");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            let err = load_or_create_key(&path).expect_err("readable by others");
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+    }
 }

@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use covey_proto::pb::{self, admin_server::Admin, fleet_server::Fleet};
 use covey_proto::{CHUNK_BYTES, signing};
+use tokio::sync::Semaphore;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Coordinator, PollOutcome};
+use crate::artifacts::Artifacts;
+use crate::engine::{Coordinator, PollOutcome, SignedTask};
 use crate::error::Rejection;
 use crate::store::RoundRecord;
 
@@ -18,12 +20,14 @@ use crate::store::RoundRecord;
 #[derive(Debug, Clone)]
 pub struct FleetService {
     engine: Arc<Coordinator>,
+    uploads: Arc<Semaphore>,
 }
 
 impl FleetService {
-    /// Over `engine`.
+    /// Over `engine`, with at most `limits.max-concurrent-uploads` uploads at once.
     pub fn new(engine: Arc<Coordinator>) -> Self {
-        Self { engine }
+        let uploads = Arc::new(Semaphore::new(engine.config().limits.max_concurrent_uploads));
+        Self { engine, uploads }
     }
 }
 
@@ -32,6 +36,91 @@ fn auth(a: Option<pb::DeviceAuth>) -> Result<pb::DeviceAuth, Status> {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ArtifactChunk, Status>> + Send>>;
+
+/// The protobuf task of a signed task.
+pub fn task_message(t: &SignedTask) -> pb::Task {
+    let b = &t.binding;
+    pb::Task {
+        round_id: b.round_id,
+        task_id: b.task_id.to_vec(),
+        nonce: b.nonce.to_vec(),
+        base_version: b.base_version,
+        base_manifest_hash: b.base_manifest_hash.to_vec(),
+        lora: Some(pb::LoraSpec {
+            rank: b.rank,
+            alpha: b.alpha,
+            targets: b.targets.clone(),
+            a_factors_sha256: b.a_factors_sha256.to_vec(),
+        }),
+        training: Some(pb::TrainingSpec {
+            steps: b.steps,
+            batch_size: b.batch_size,
+            seq_len: b.seq_len,
+            learning_rate: b.learning_rate,
+            proximal_mu: b.proximal_mu,
+            seed: b.seed,
+        }),
+        privacy: Some(pb::PrivacySpec { clip_norm: b.clip_norm, noise_multiplier: b.noise_multiplier }),
+        deadline_unix_ms: b.deadline_ms,
+        max_payload_bytes: b.max_payload_bytes,
+        signature: t.signature.to_vec(),
+    }
+}
+
+/// Stream `hash` from `artifacts` in chunks from `offset`, reading on a blocking thread a
+/// chunk ahead of the network (memory stays a few chunks whatever the size). A full
+/// download is re-hashed on the way; bytes that no longer match end the stream with
+/// `DATA_LOSS`.
+fn stream_artifact(artifacts: Artifacts, hash: [u8; 32], offset: u64, total: u64) -> ChunkStream {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ArtifactChunk, Status>>(2);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let send = |item| tx.blocking_send(item).is_ok();
+        let mut reader = match artifacts.reader(&hash, offset) {
+            Ok(r) => r,
+            Err(e) => {
+                send(Err(Status::from(&e)));
+                return;
+            }
+        };
+        let mut digest = (offset == 0).then(covey_proto::keys::Sha256::default);
+        let mut at = offset;
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < buf.len() {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading an artifact to stream it");
+                        send(Err(Status::internal("internal error (see the coordinator's log)")));
+                        return;
+                    }
+                }
+            }
+            buf.truncate(filled);
+            if let Some(d) = digest.as_mut() {
+                d.update(&buf);
+            }
+            let last = at + filled as u64 >= total || filled == 0;
+            if last
+                && let Some(d) = digest.take()
+                && d.finish() != hash
+            {
+                tracing::error!(artifact = %hex::encode(hash), "artifact damaged on disk; download refused");
+                send(Err(Status::data_loss("the artifact is damaged on the coordinator")));
+                return;
+            }
+            if !send(Ok(pb::ArtifactChunk { offset: at, data: buf, total_size: total })) || last {
+                return;
+            }
+            at += filled as u64;
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
 
 #[tonic::async_trait]
 impl Fleet for FleetService {
@@ -51,33 +140,7 @@ impl Fleet for FleetService {
                 retry_after_ms: retry_after.as_millis() as u64,
                 reason,
             }),
-            PollOutcome::Task(t) => {
-                let c = self.engine.config();
-                pb::poll_task_response::Outcome::Task(pb::Task {
-                    round_id: t.round_id,
-                    task_id: t.task_id.to_vec(),
-                    nonce: t.nonce.to_vec(),
-                    base_version: t.base_version,
-                    base_manifest_hash: t.base_manifest_hash.to_vec(),
-                    lora: Some(pb::LoraSpec {
-                        rank: c.lora.rank as u32,
-                        alpha: c.lora.alpha,
-                        targets: c.lora.targets.clone(),
-                        a_factors_sha256: t.a_factors_sha256.to_vec(),
-                    }),
-                    training: Some(pb::TrainingSpec {
-                        steps: c.training.steps,
-                        batch_size: c.training.batch_size,
-                        seq_len: c.training.seq_len,
-                        learning_rate: c.training.learning_rate,
-                        proximal_mu: t.proximal_mu as f32,
-                        seed: c.training.seed ^ t.round_id,
-                    }),
-                    privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
-                    deadline_unix_ms: t.deadline_ms,
-                    max_payload_bytes: c.limits.max_payload_bytes,
-                })
-            }
+            PollOutcome::Task(t) => pb::poll_task_response::Outcome::Task(task_message(&t)),
         };
         Ok(Response::new(pb::PollTaskResponse { outcome: Some(outcome) }))
     }
@@ -86,8 +149,10 @@ impl Fleet for FleetService {
         &self,
         request: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::SignedManifest>, Status> {
-        let v = request.into_inner().version;
-        let record = self.engine.manifest(v).await.map_err(|e| Status::from(&e))?;
+        let r = request.into_inner();
+        let a = auth(r.auth)?;
+        let v = r.version;
+        let record = self.engine.manifest(v, &a.device_id, a.timestamp_ms, &a.signature).await?;
         let record = record.ok_or_else(|| Status::not_found(format!("version {v} does not exist")))?;
         Ok(Response::new(pb::SignedManifest { manifest: record.manifest, signature: record.signature }))
     }
@@ -101,47 +166,56 @@ impl Fleet for FleetService {
         let r = request.into_inner();
         let hash: [u8; 32] =
             signing::fixed("sha256", &r.sha256).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let bytes = self.engine.artifacts().get(&hash).map_err(|e| Status::from(&e))?;
-        let total = bytes.len() as u64;
+        let a = auth(r.auth)?;
+        self.engine.authorize_fetch(&hash, &a.device_id, a.timestamp_ms, &a.signature).await?;
+        let artifacts = self.engine.artifacts().clone();
+        let total = artifacts.size(&hash).map_err(|e| Status::from(&e))?;
         if r.offset > total {
             return Err(Status::out_of_range(format!("offset {} is past the artifact's {total} bytes", r.offset)));
         }
         self.engine.metrics().bytes_sent.inc_by(total - r.offset);
-        let start = r.offset as usize;
-        let chunks: Vec<Result<pb::ArtifactChunk, Status>> = (start..bytes.len().max(start + 1))
-            .step_by(CHUNK_BYTES)
-            .map(|at| {
-                let end = (at + CHUNK_BYTES).min(bytes.len());
-                Ok(pb::ArtifactChunk { offset: at as u64, data: bytes[at.min(end)..end].to_vec(), total_size: total })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        Ok(Response::new(stream_artifact(artifacts, hash, r.offset, total)))
     }
 
     async fn submit_update(
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
-        let mut stream = request.into_inner();
         let refuse = |r: Rejection| {
             self.engine.metrics().reject(r.label());
             tracing::warn!(reason = r.label(), "update refused: {r}");
             Err(r.status())
         };
+        // Before a byte of the stream is read.
+        let Ok(_slot) = self.uploads.clone().try_acquire_owned() else { return refuse(Rejection::Busy) };
+        let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(h)) })) => h,
             Some(Ok(_)) | None => return refuse(Rejection::MalformedStream("the first message must be the header")),
             Some(Err(status)) => return Err(status),
         };
-        let limit = self.engine.config().limits.max_payload_bytes;
-        let mut payload = Vec::new();
+        // The signed header is verified before any payload byte is read.
+        let permit = match self
+            .engine
+            .begin_upload(&header.signed_header, &header.signature)
+            .await
+            .map_err(|e| Status::from(&e))?
+        {
+            Ok(p) => p,
+            Err(r) => return Err(r.status()),
+        };
+        let declared = permit.payload_len();
+        let mut pending = self.engine.uploads().pending().map_err(|e| Status::from(&e))?;
         while let Some(chunk) = stream.next().await {
             match chunk?.part {
                 Some(pb::update_chunk::Part::Data(d)) => {
-                    if payload.len() as u64 + d.len() as u64 > limit {
-                        return refuse(Rejection::Oversized { limit });
+                    if pending.len() + d.len() as u64 > declared {
+                        return refuse(Rejection::LengthMismatch {
+                            expected: declared,
+                            found: pending.len() + d.len() as u64,
+                        });
                     }
-                    payload.extend_from_slice(&d);
+                    pending.write(&d).map_err(|e| Status::from(&e))?;
                 }
                 Some(pb::update_chunk::Part::Header(_)) => {
                     return refuse(Rejection::MalformedStream("a second header"));
@@ -149,12 +223,7 @@ impl Fleet for FleetService {
                 None => return refuse(Rejection::MalformedStream("an empty chunk")),
             }
         }
-        match self
-            .engine
-            .accept_update(&header.signed_header, &header.signature, &payload, header.train_loss)
-            .await
-            .map_err(|e| Status::from(&e))?
-        {
+        match self.engine.finish_upload(permit, pending, header.train_loss).await.map_err(|e| Status::from(&e))? {
             Ok((update_id, round_id)) => Ok(Response::new(pb::SubmitUpdateResponse { update_id, round_id })),
             Err(r) => Err(r.status()),
         }
@@ -183,8 +252,13 @@ impl AdminService {
     }
 }
 
-/// Checks `authorization: Bearer <token>`; an empty token disables the service.
+/// Checks `authorization: Bearer <token>`; an empty token disables the service. Wrong
+/// tokens are rate-limited: after 10 in a minute, every admin request is refused with
+/// `RESOURCE_EXHAUSTED` until the minute has passed.
 pub fn admin_interceptor(token: String) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let failures = Arc::new(governor::RateLimiter::direct(governor::Quota::per_minute(
+        std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN),
+    )));
     move |req: Request<()>| {
         if token.is_empty() {
             return Err(Status::permission_denied("the admin service is disabled (no admin token configured)"));
@@ -193,7 +267,13 @@ pub fn admin_interceptor(token: String) -> impl FnMut(Request<()>) -> Result<Req
         let expected = format!("Bearer {token}");
         let same = given.len() == expected.len()
             && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if same { Ok(req) } else { Err(Status::unauthenticated("missing or wrong admin token")) }
+        if same {
+            return Ok(req);
+        }
+        if failures.check().is_err() {
+            return Err(Status::resource_exhausted("too many wrong admin tokens; retry in a minute"));
+        }
+        Err(Status::unauthenticated("missing or wrong admin token"))
     }
 }
 
@@ -308,17 +388,39 @@ impl Admin for AdminService {
         if self.engine.store().device(&id).await.map_err(internal)?.is_none() {
             return Err(Status::not_found(format!("no device {hex_id}")));
         }
-        let changed = self.engine.revoke(&id).await.map_err(internal)?;
-        Ok(Response::new(pb::RevokeDeviceResponse { changed }))
+        let outcome = self.engine.revoke(&id).await.map_err(internal)?;
+        Ok(Response::new(pb::RevokeDeviceResponse { changed: outcome.changed, token_burned: outcome.token_burned }))
     }
 
     async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
-        let current_version = self.engine.promote(request.into_inner().version).await?;
-        Ok(Response::new(pb::PromoteResponse { current_version }))
+        let (current_version, failed) = self.engine.promote(request.into_inner().version).await?;
+        Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
-        let current_version = self.engine.rollback(request.into_inner().version).await?;
-        Ok(Response::new(pb::PromoteResponse { current_version }))
+        let (current_version, failed) = self.engine.rollback(request.into_inner().version).await?;
+        Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
+    }
+
+    async fn fail_round(
+        &self,
+        request: Request<pb::FailRoundRequest>,
+    ) -> Result<Response<pb::FailRoundResponse>, Status> {
+        let r = request.into_inner();
+        let previous = self.engine.fail_round(r.round_id, &r.reason).await.map_err(internal)?;
+        Ok(Response::new(pb::FailRoundResponse { previous_state: previous.as_str().into() }))
+    }
+
+    async fn mint_enrollment_token(
+        &self,
+        request: Request<pb::MintEnrollmentTokenRequest>,
+    ) -> Result<Response<pb::MintEnrollmentTokenResponse>, Status> {
+        let r = request.into_inner();
+        let ttl = match r.ttl_seconds {
+            0 => std::time::Duration::from_secs(24 * 3600),
+            s => std::time::Duration::from_secs(s),
+        };
+        let (token, expires_unix_ms) = self.engine.mint_token(r.uses, ttl, &r.label).await.map_err(internal)?;
+        Ok(Response::new(pb::MintEnrollmentTokenResponse { token, expires_unix_ms }))
     }
 }

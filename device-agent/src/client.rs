@@ -30,7 +30,7 @@ pub struct Coordinator {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PollOutcome {
     /// Work to do (not yet validated: see [`crate::task::TaskSpec`]).
-    Task(pb::Task),
+    Task(Box<pb::Task>),
     /// Nothing now; ask again after `retry_after`.
     Wait {
         /// How long the coordinator asks the device to wait.
@@ -167,7 +167,7 @@ impl Coordinator {
         })
         .await?;
         match resp.outcome {
-            Some(poll_task_response::Outcome::Task(t)) => Ok(PollOutcome::Task(t)),
+            Some(poll_task_response::Outcome::Task(t)) => Ok(PollOutcome::Task(Box::new(t))),
             Some(poll_task_response::Outcome::Wait(w)) => {
                 Ok(PollOutcome::Wait { retry_after: Duration::from_millis(w.retry_after_ms), reason: w.reason })
             }
@@ -179,21 +179,26 @@ impl Coordinator {
         }
     }
 
-    /// `GetManifest`: the signed manifest bytes and signature of `version` (unverified).
-    pub async fn get_manifest(&self, version: u64) -> Result<pb::SignedManifest> {
+    /// `GetManifest`, signed by the device: the signed manifest bytes and signature of
+    /// `version` (unverified).
+    pub async fn get_manifest(&self, identity: &Identity, version: u64) -> Result<pb::SignedManifest> {
         retry("GetManifest", &self.backoff, |_| {
             let mut c = self.client.clone();
-            async move { self.unary("GetManifest", c.get_manifest(pb::GetManifestRequest { version })).await }
+            let auth = identity.auth(DeviceMethod::GetManifest, &version.to_be_bytes());
+            let req = pb::GetManifestRequest { version, auth: Some(auth) };
+            async move { self.unary("GetManifest", c.get_manifest(req)).await }
         })
         .await
     }
 
-    /// `FetchArtifact`: the whole artifact named by `sha256`, reassembled from its chunks.
+    /// `FetchArtifact`, signed by the device: the whole artifact named by `sha256`,
+    /// reassembled from its chunks.
     /// An interrupted download resumes at the offset reached. The result is checked: every
     /// chunk at the expected offset, the announced size constant, at most `max_bytes`,
     /// equal to `expected_size` when given, and the SHA-256 equal to the one requested.
     pub async fn fetch_artifact(
         &self,
+        identity: &Identity,
         sha256: &[u8; 32],
         expected_size: Option<u64>,
         max_bytes: u64,
@@ -205,7 +210,8 @@ impl Coordinator {
         let mut total: Option<u64> = None;
         let mut attempt = 0u32;
         loop {
-            let result = self.fetch_from(sha256, &mut buf, &mut total, expected_size, max_bytes, &mismatch).await;
+            let result =
+                self.fetch_from(identity, sha256, &mut buf, &mut total, expected_size, max_bytes, &mismatch).await;
             match result {
                 Ok(()) => break,
                 Err(e)
@@ -236,8 +242,10 @@ impl Coordinator {
         Ok(buf)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_from(
         &self,
+        identity: &Identity,
         sha256: &[u8; 32],
         buf: &mut Vec<u8>,
         total: &mut Option<u64>,
@@ -246,7 +254,8 @@ impl Coordinator {
         mismatch: &impl Fn(String) -> AgentError,
     ) -> Result<()> {
         let mut c = self.client.clone();
-        let req = pb::FetchArtifactRequest { sha256: sha256.to_vec(), offset: buf.len() as u64 };
+        let auth = identity.auth(DeviceMethod::FetchArtifact, sha256);
+        let req = pb::FetchArtifactRequest { sha256: sha256.to_vec(), offset: buf.len() as u64, auth: Some(auth) };
         let mut stream = self.unary("FetchArtifact", c.fetch_artifact(req)).await?;
         loop {
             let next = tokio::time::timeout(self.request_timeout, stream.message()).await;

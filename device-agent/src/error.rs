@@ -58,6 +58,12 @@ pub enum AgentError {
         /// Hex device id found there.
         device_id: String,
     },
+    /// Another agent runs on this state directory.
+    #[error("{state_dir}: another agent is running on this state directory (it holds agent.lock)")]
+    StateLocked {
+        /// The state directory.
+        state_dir: PathBuf,
+    },
     /// The stored identity is inconsistent (key and device id disagree, bad hex...).
     #[error("{path}: corrupt identity: {reason}")]
     CorruptIdentity {
@@ -218,6 +224,7 @@ impl AgentError {
             | Self::Config { .. }
             | Self::NotEnrolled { .. }
             | Self::AlreadyEnrolled { .. }
+            | Self::StateLocked { .. }
             | Self::CorruptIdentity { .. }
             | Self::Proto { .. }
             | Self::Transport { .. }

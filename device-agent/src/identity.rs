@@ -150,7 +150,27 @@ impl Identity {
 
     /// Sign a device request (poll, heartbeat) at `timestamp_ms`.
     pub fn sign_request(&self, method: covey_proto::signing::DeviceMethod, timestamp_ms: u64) -> [u8; 64] {
-        self.key.sign(&covey_proto::signing::device_request_bytes(method, &self.device_id, timestamp_ms))
+        self.sign_request_for(method, timestamp_ms, &[])
+    }
+
+    /// Sign a request about `subject` (the version of a manifest, the hash of an artifact).
+    pub fn sign_request_for(
+        &self,
+        method: covey_proto::signing::DeviceMethod,
+        timestamp_ms: u64,
+        subject: &[u8],
+    ) -> [u8; 64] {
+        self.key.sign(&covey_proto::signing::device_request_bytes_for(method, &self.device_id, timestamp_ms, subject))
+    }
+
+    /// The signed authentication of a request about `subject`, timestamped now.
+    pub fn auth(&self, method: covey_proto::signing::DeviceMethod, subject: &[u8]) -> covey_proto::pb::DeviceAuth {
+        let timestamp_ms = crate::now_ms();
+        covey_proto::pb::DeviceAuth {
+            device_id: self.device_id.to_vec(),
+            timestamp_ms,
+            signature: self.sign_request_for(method, timestamp_ms, subject).to_vec(),
+        }
     }
 
     /// Verify a signature of the coordinator's key (`keys::verify`).

@@ -101,6 +101,9 @@ pub async fn run_with_shutdown(
 ) -> Result<RunSummary> {
     cfg.validate()?;
     let identity = Identity::load(&cfg.state_dir)?;
+    // One agent per state directory: two would race on the ledger, the checkpoints and
+    // the same tasks (two independently noised updates of one task).
+    let _lock = StateLock::acquire(&cfg.state_dir)?;
     let url = cfg.coordinator.clone().unwrap_or_else(|| identity.coordinator_url.clone());
     let coordinator = Coordinator::connect(&url, &cfg)?;
     tracing::info!(device = %identity.device_id_hex(), coordinator = %url, "agent started");
@@ -192,7 +195,8 @@ impl Agent {
             }
             PollOutcome::Task(task) => task,
         };
-        let task = TaskSpec::try_from(task)?;
+        crate::task::verify_task(&task, &self.identity.device_id, &self.identity.coordinator_public_key)?;
+        let task = TaskSpec::try_from(*task)?;
         self.checkpoints.remove_others(&task.task_id);
         match self.run_task(&task).await {
             Ok((entry, version)) => {
@@ -234,7 +238,9 @@ impl Agent {
                 reason: "a noised update of this task already left the device; not sending another".into(),
             });
         }
-        self.charge_budget(task)?;
+        // Refuse early (before any download or training) what the budget cannot pay for;
+        // the charge itself comes just before the update is noised and signed.
+        self.check_budget(task)?;
         let model = self.ensure_model(task).await?;
         let a_factors = self.ensure_artifact(&task.lora.a_factors_sha256).await?;
         let job = TrainJob {
@@ -250,6 +256,7 @@ impl Agent {
         tracing::info!(task = %id, examples = trained.examples, loss = trained.loss,
             resumed_from = trained.resumed_from, seconds = started.elapsed().as_secs_f64(), "trained");
         self.check_deadline(task)?;
+        self.charge_budget(task)?;
         let private = PrivateUpdate::new(trained.b, task.privacy)?;
         let pre_clip = private.pre_clip_norm();
         let signed = SignedUpdate::sign(private, task, &self.identity, trained.examples, trained.loss)?;
@@ -287,26 +294,57 @@ impl Agent {
         })
     }
 
-    /// With a device budget: charge this task's local Gaussian release (z = the task's
-    /// noise multiplier, q = 1: the device's own data is in every update it sends) to the
-    /// persisted ledger before any training, or refuse the task. A task charged before a
-    /// crash is charged again when resumed: the ledger can only over-count.
-    fn charge_budget(&self, task: &TaskSpec) -> Result<()> {
-        let Some(budget) = self.cfg.privacy_budget else { return Ok(()) };
-        let z = task.privacy.noise_multiplier;
-        if z <= 0.0 {
-            return Err(AgentError::InvalidTask {
-                task_id: task.id_hex(),
-                field: "privacy.noise_multiplier",
-                reason: "this device has a privacy budget and the task adds no local noise".into(),
-            });
+    /// The ledger and the cost of this task's local Gaussian release (z = the task's noise
+    /// multiplier, q = 1: the device's own data is in every update it sends), when the
+    /// device has a budget. A task without clipping or without noise is refused then.
+    fn budget_and_cost(
+        &self,
+        task: &TaskSpec,
+    ) -> Result<Option<(covey_privacy::BudgetLedger, covey_privacy::RdpAccountant)>> {
+        let Some(budget) = self.cfg.privacy_budget else { return Ok(None) };
+        for (field, value) in
+            [("privacy.clip_norm", task.privacy.clip_norm), ("privacy.noise_multiplier", task.privacy.noise_multiplier)]
+        {
+            if value <= 0.0 {
+                return Err(AgentError::InvalidTask {
+                    task_id: task.id_hex(),
+                    field,
+                    reason: "this device has a privacy budget and the task does not clip and noise its update".into(),
+                });
+            }
         }
-        let path = self.cfg.state_dir.join(LEDGER_FILE);
-        let mut ledger = covey_privacy::BudgetLedger::open(&path, budget)?;
+        let ledger = covey_privacy::BudgetLedger::open(&self.cfg.state_dir.join(LEDGER_FILE), budget)?;
         let mut cost = covey_privacy::RdpAccountant::default();
-        cost.compose_subsampled_gaussian(1.0, z, 1)?;
+        cost.compose_subsampled_gaussian(1.0, task.privacy.noise_multiplier, 1)?;
+        Ok(Some((ledger, cost)))
+    }
+
+    /// Refuse, before any work, a task the budget cannot pay for (nothing is charged).
+    fn check_budget(&self, task: &TaskSpec) -> Result<()> {
+        let Some((ledger, cost)) = self.budget_and_cost(task)? else { return Ok(()) };
+        let budget = ledger.budget();
+        let would = ledger.would_spend(&self.identity.device_id_hex(), &cost)?;
+        if would > budget.epsilon {
+            return Err(AgentError::Privacy(covey_privacy::PrivacyError::BudgetExceeded {
+                device: self.identity.device_id_hex(),
+                would_spend: would,
+                budget: budget.epsilon,
+                delta: budget.delta,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Charge the task's release to the persisted ledger, just before the update is
+    /// noised and signed: download or training failures, retried, charge nothing; once
+    /// signed, the update is persisted and re-sent as it is, never noised again. A crash
+    /// between the charge and the persisted update charges the retrained task again: the
+    /// ledger can only over-count.
+    fn charge_budget(&self, task: &TaskSpec) -> Result<()> {
+        let Some((mut ledger, cost)) = self.budget_and_cost(task)? else { return Ok(()) };
         let spent = ledger.charge(&self.identity.device_id_hex(), &cost)?;
-        tracing::info!(task = %task.id_hex(), epsilon_spent = spent, budget = budget.epsilon, "privacy budget charged");
+        let budget = ledger.budget().epsilon;
+        tracing::info!(task = %task.id_hex(), epsilon_spent = spent, budget, "privacy budget charged");
         Ok(())
     }
 
@@ -328,7 +366,7 @@ impl Agent {
             Err(AgentError::Io { .. }) => {}
             Err(e) => tracing::warn!(version = task.base_version, error = %e, "cached version unusable; fetching"),
         }
-        let signed = self.coordinator.get_manifest(task.base_version).await?;
+        let signed = self.coordinator.get_manifest(&self.identity, task.base_version).await?;
         let manifest = VerifiedManifest::verify(
             &signed.manifest,
             &signed.signature,
@@ -339,8 +377,9 @@ impl Agent {
         let max = self.cfg.max_artifact_bytes;
         let m = manifest.manifest();
         tracing::info!(version = m.version, model_bytes = m.model.size, "fetching a verified version");
-        let model = self.coordinator.fetch_artifact(&manifest.model_sha256(), Some(m.model.size), max).await?;
-        let config = self.coordinator.fetch_artifact(&manifest.config_sha256(), Some(m.config.size), max).await?;
+        let id = &self.identity;
+        let model = self.coordinator.fetch_artifact(id, &manifest.model_sha256(), Some(m.model.size), max).await?;
+        let config = self.coordinator.fetch_artifact(id, &manifest.config_sha256(), Some(m.config.size), max).await?;
         let stored = self.models.store(&manifest, model, config)?;
         self.models.prune(self.cfg.keep_versions);
         Ok(stored)
@@ -351,10 +390,38 @@ impl Agent {
         if let Some(bytes) = self.artifacts.get(sha256) {
             return Ok(bytes);
         }
-        let bytes = self.coordinator.fetch_artifact(sha256, None, self.cfg.max_artifact_bytes).await?;
+        let bytes = self.coordinator.fetch_artifact(&self.identity, sha256, None, self.cfg.max_artifact_bytes).await?;
         self.artifacts.retain(&[]);
         self.artifacts.put(sha256, &bytes)?;
         Ok(bytes)
+    }
+}
+
+/// An exclusive lock on `state/agent.lock`, held while the agent runs (released by the
+/// operating system when the process ends, however it ends).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// File locked by a running agent in its state directory.
+pub const LOCK_FILE: &str = "agent.lock";
+
+impl StateLock {
+    /// Take the lock, or fail with [`AgentError::StateLocked`] when another agent holds it.
+    pub fn acquire(state_dir: &Path) -> Result<Self> {
+        let path = state_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| AgentError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::StateLocked { state_dir: state_dir.to_owned() }),
+            Err(std::fs::TryLockError::Error(e)) => Err(AgentError::io(&path, e)),
+        }
     }
 }
 

@@ -190,6 +190,23 @@ impl TryFrom<pb::Task> for TaskSpec {
     }
 }
 
+/// Check the coordinator's signature over a task: the task framing of `covey.proto`
+/// rebuilt from the received fields, bound to this device, verified with the coordinator
+/// key recorded at enrolment. A task someone else wrote (or altered on the way: clip
+/// norm, noise, `A` factors) is [`AgentError::InvalidTask`] and is not trained on.
+pub fn verify_task(t: &pb::Task, device_id: &[u8; 32], coordinator_key: &[u8; 32]) -> Result<()> {
+    let bad = |field: &'static str, reason: String| AgentError::InvalidTask {
+        task_id: hex::encode(&t.task_id),
+        field,
+        reason,
+    };
+    let bytes = covey_proto::signing::TaskBinding::of_task(*device_id, t)
+        .and_then(|b| b.to_bytes())
+        .map_err(|e| bad("task", e.to_string()))?;
+    covey_proto::keys::verify(coordinator_key, &bytes, &t.signature)
+        .map_err(|_| bad("signature", "does not verify with the coordinator key recorded at enrolment".into()))
+}
+
 /// Directory of the per-task checkpoints, under the state directory.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 const TASK_FILE: &str = "task.json";
@@ -434,6 +451,7 @@ pub(crate) fn sample_task() -> pb::Task {
         privacy: Some(pb::PrivacySpec { clip_norm: 1.0, noise_multiplier: 0.0 }),
         deadline_unix_ms: 0,
         max_payload_bytes: 1 << 20,
+        signature: Vec::new(),
     }
 }
 

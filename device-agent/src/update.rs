@@ -157,6 +157,7 @@ impl SignedUpdate {
                 reason: "the update was privatized with other settings than the task's".into(),
             });
         }
+        let local_noise = task.privacy.noise_multiplier > 0.0;
         let payload = covey_tensors::encode(update.tensors(), None)
             .map_err(|source| AgentError::Tensor { what: "update payload", source })?;
         if task.max_payload_bytes > 0 && payload.len() as u64 > task.max_payload_bytes {
@@ -177,11 +178,14 @@ impl SignedUpdate {
             clip_norm: task.privacy.clip_norm,
             noise_multiplier: task.privacy.noise_multiplier,
             num_examples,
-            within_clip: update.within_clip(),
+            // Under local noise the exact within-clip bit and loss of private data would
+            // bypass the noise: neither is sent.
+            within_clip: if local_noise { None } else { update.within_clip() },
         };
         let header_bytes = header.to_bytes();
         let signature = identity.key().sign(&header_bytes);
-        Ok(Self { header, header_bytes, signature, payload, train_loss: sanitize_loss(train_loss) })
+        let train_loss = if local_noise { 0.0 } else { sanitize_loss(train_loss) };
+        Ok(Self { header, header_bytes, signature, payload, train_loss })
     }
 
     /// A persisted update, accepted only if its signature verifies with this device's key,

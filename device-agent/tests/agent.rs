@@ -15,7 +15,7 @@ use covey_proto::keys::{self, KeyPair};
 use covey_proto::manifest::{ArtifactRef, Manifest, PrivacySpent};
 use covey_proto::pb::fleet_server::{Fleet, FleetServer};
 use covey_proto::pb::{self, poll_task_response, update_chunk};
-use covey_proto::signing::{DeviceMethod, UpdateHeader, device_request_bytes};
+use covey_proto::signing::{DeviceMethod, TaskBinding, UpdateHeader, device_request_bytes, device_request_bytes_for};
 use tonic::{Request, Response, Status};
 
 const TOKEN: &str = "let-me-in";
@@ -40,6 +40,10 @@ struct Faults {
     rejected_submits: u32,
     /// Serve the model artifact with one byte flipped.
     tamper_model: bool,
+    /// Sign tasks with another key than the one given at enrolment.
+    forge_task: bool,
+    /// GetManifest calls answered `Unavailable` (a transient failure of the task).
+    unavailable_manifests: u32,
 }
 
 struct State {
@@ -160,9 +164,29 @@ impl Mock {
             privacy: Some(self.privacy),
             deadline_unix_ms: covey_agent::now_ms() + 600_000,
             max_payload_bytes: 1 << 20,
+            signature: Vec::new(),
         };
+        let mut t = t;
+        let bytes = TaskBinding::of_task(device, &t).and_then(|b| b.to_bytes()).expect("binding");
+        let signer = if st.faults.forge_task { KeyPair::generate().expect("key") } else { self.signer() };
+        t.signature = signer.sign(&bytes).to_vec();
         st.tasks.insert(device, t.clone());
         t
+    }
+
+    fn signer(&self) -> KeyPair {
+        KeyPair::from_pkcs8(self.key.pkcs8()).expect("key")
+    }
+}
+
+impl Mock {
+    /// Downloads need a signed request of an enrolled device, as the coordinator's do.
+    fn check_auth(&self, auth: Option<&pb::DeviceAuth>, method: DeviceMethod, subject: &[u8]) -> Result<(), Status> {
+        let auth = auth.ok_or_else(|| Status::invalid_argument("auth"))?;
+        let id: [u8; 32] = auth.device_id.as_slice().try_into().map_err(|_| Status::invalid_argument("id"))?;
+        let pk = *self.state().devices.get(&id).ok_or_else(|| Status::unauthenticated("unknown device"))?;
+        keys::verify(&pk, &device_request_bytes_for(method, &id, auth.timestamp_ms, subject), &auth.signature)
+            .map_err(|_| Status::unauthenticated("bad signature"))
     }
 }
 
@@ -207,7 +231,16 @@ impl Fleet for Svc {
         &self,
         request: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::SignedManifest>, Status> {
-        match request.into_inner().version {
+        let r = request.into_inner();
+        self.check_auth(r.auth.as_ref(), DeviceMethod::GetManifest, &r.version.to_be_bytes())?;
+        {
+            let mut st = self.state();
+            if st.faults.unavailable_manifests > 0 {
+                st.faults.unavailable_manifests -= 1;
+                return Err(Status::unavailable("coordinator restarting"));
+            }
+        }
+        match r.version {
             0 | 1 => Ok(Response::new(self.manifest.clone())),
             v => Err(Status::not_found(format!("no version {v}"))),
         }
@@ -221,6 +254,7 @@ impl Fleet for Svc {
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
         let r = request.into_inner();
         let sha: [u8; 32] = r.sha256.as_slice().try_into().map_err(|_| Status::invalid_argument("sha"))?;
+        self.check_auth(r.auth.as_ref(), DeviceMethod::FetchArtifact, &sha)?;
         let mut bytes = self.artifacts.get(&sha).ok_or_else(|| Status::not_found("artifact"))?.clone();
         let mut st = self.state();
         st.fetches += 1;
@@ -585,4 +619,74 @@ async fn mutual_tls_with_a_pinned_ca() {
     let summary = within(covey_agent::run(run_cfg, RunUntil::Updates(1))).await.expect("run over TLS");
     assert_eq!(summary.submitted, 1);
     assert_eq!(mock.state().received.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_not_signed_by_the_coordinator_is_refused_before_any_work() {
+    let faults = Faults { forge_task: true, ..Faults::default() };
+    let mock = Arc::new(Mock::new(2, clip(1.0, 0.0), faults, false));
+    let addr = serve(mock.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = AgentConfig { max_task_failures: Some(2), ..config(dir.path(), addr) };
+    covey_agent::enroll(&cfg, TOKEN, "").await.expect("enrol");
+    let err = within(covey_agent::run(cfg, RunUntil::Updates(1))).await.expect_err("refused");
+    let AgentError::TooManyFailures { last, .. } = err else { panic!("{err}") };
+    assert!(matches!(*last, AgentError::InvalidTask { field: "signature", .. }), "{last}");
+    let st = mock.state();
+    assert_eq!(st.fetches, 0, "nothing is downloaded for an unsigned task");
+    assert!(st.received.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_state_directory_is_refused() {
+    let mock = Arc::new(Mock::new(2, clip(1.0, 0.0), Faults::default(), false));
+    let addr = serve(mock.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), addr);
+    covey_agent::enroll(&cfg, TOKEN, "").await.expect("enrol");
+    let held = covey_agent::run::StateLock::acquire(&cfg.state_dir).expect("first agent's lock");
+    let err = within(covey_agent::run(cfg.clone(), RunUntil::Updates(1))).await.expect_err("locked");
+    assert!(matches!(err, AgentError::StateLocked { .. }), "{err}");
+    assert!(err.to_string().contains("another agent"), "{err}");
+    assert!(mock.state().received.is_empty());
+    drop(held);
+    within(covey_agent::run(cfg, RunUntil::Updates(1))).await.expect("runs once the lock is free");
+}
+
+/// With a budget, a task whose first attempt fails before the update is signed (here the
+/// manifest download, beyond its retries) is charged once, when its update is signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_before_signing_charges_nothing() {
+    let faults = Faults { unavailable_manifests: 6, ..Faults::default() };
+    let mock = Arc::new(Mock::new(2, clip(1.0, 2.0), faults, false));
+    let addr = serve(mock.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = covey_privacy::Budget { epsilon: 50.0, delta: 1e-5 };
+    let cfg = AgentConfig { privacy_budget: Some(budget), ..config(dir.path(), addr) };
+    let identity = covey_agent::enroll(&cfg, TOKEN, "").await.expect("enrol");
+    let summary = within(covey_agent::run(cfg.clone(), RunUntil::Updates(1))).await.expect("run");
+    assert_eq!(summary.submitted, 1);
+    assert!(summary.polls >= 2, "the first attempt failed and the task was polled again");
+    let ledger =
+        covey_privacy::BudgetLedger::open(&cfg.state_dir.join(covey_agent::run::LEDGER_FILE), budget).expect("ledger");
+    assert_eq!(ledger.participations(&identity.device_id_hex()), 1, "one update left the device: one charge");
+    // Under local noise the loss and the within-clip bit are not sent.
+    let st = mock.state();
+    assert_eq!(st.received[0].header.within_clip, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_refuses_tasks_without_clipping_or_noise() {
+    for privacy in [clip(0.0, 0.0), clip(1.0, 0.0)] {
+        let mock = Arc::new(Mock::new(2, privacy, Faults::default(), false));
+        let addr = serve(mock.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = covey_privacy::Budget { epsilon: 50.0, delta: 1e-5 };
+        let cfg = AgentConfig { privacy_budget: Some(budget), max_task_failures: Some(1), ..config(dir.path(), addr) };
+        covey_agent::enroll(&cfg, TOKEN, "").await.expect("enrol");
+        let err = within(covey_agent::run(cfg, RunUntil::Updates(1))).await.expect_err("refused");
+        let AgentError::TooManyFailures { last, .. } = err else { panic!("{err}") };
+        assert!(matches!(*last, AgentError::InvalidTask { .. }), "{last}");
+        assert_eq!(mock.state().fetches, 0, "{privacy:?}: refused before any download");
+    }
 }

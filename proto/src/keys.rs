@@ -19,6 +19,7 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// Incremental SHA-256 (for streamed payloads).
+#[derive(Clone)]
 pub struct Sha256(ring::digest::Context);
 
 impl Default for Sha256 {
@@ -73,11 +74,20 @@ impl KeyPair {
         Self::from_pkcs8(doc.as_ref())
     }
 
-    /// A key pair from a PKCS#8 (v1 or v2) document.
+    /// A key pair from a PKCS#8 v2 document (with its public key, which ring checks
+    /// against the private one).
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self> {
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
-            .map_err(|e| ProtoError::Key(format!("not an Ed25519 PKCS#8 document: {e}")))?;
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
+            .map_err(|e| ProtoError::Key(format!("not an Ed25519 PKCS#8 v2 document: {e}")))?;
         Ok(Self { pkcs8: pkcs8.to_vec(), pair })
+    }
+
+    /// The signing-only key pair of a raw 32-byte Ed25519 seed (RFC 8032), for published
+    /// test vectors: it has no PKCS#8 document ([`KeyPair::pkcs8`] is empty).
+    pub fn from_seed(seed: &[u8; 32]) -> Result<Self> {
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed)
+            .map_err(|e| ProtoError::Key(format!("not an Ed25519 seed: {e}")))?;
+        Ok(Self { pkcs8: Vec::new(), pair })
     }
 
     /// The PKCS#8 document (secret: store with owner-only permissions).

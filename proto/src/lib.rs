@@ -41,6 +41,9 @@ pub mod pb {
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Size of the chunks artifacts and updates are streamed in (1 MiB).
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// Largest request message the coordinator decodes: one chunk and its framing. Every
+/// device request is small except `UpdateChunk.data`, which is at most [`CHUNK_BYTES`].
+pub const MAX_REQUEST_BYTES: usize = CHUNK_BYTES + (16 << 10);
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

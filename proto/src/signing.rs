@@ -22,8 +22,21 @@
 //! | 8 | number of training examples |
 //! | 1 | 0: pre-clip norm above C, 1: within C, 2: not reported |
 //!
-//! Device request (73 bytes): `"covey/device-request/v1\0"` (24) ‖ method (1) ‖ device id
-//! (32) ‖ timestamp in ms (8) ‖ 8 zero bytes reserved.
+//! Device request (73 bytes and the method's subject): `"covey/device-request/v1\0"` (24)
+//! ‖ method (1: poll, 2: heartbeat, 3: get-manifest, 4: fetch-artifact) ‖ device id (32) ‖
+//! timestamp in ms (8) ‖ 8 zero bytes reserved ‖ subject: nothing for poll and heartbeat,
+//! the version (8) for get-manifest, the artifact's SHA-256 (32) for fetch-artifact.
+//!
+//! Task (signed by the coordinator, [`TaskBinding`]): `"covey/task/v1\0"` (14) ‖ device id
+//! (32) ‖ round id (8) ‖ task id (16) ‖ nonce (32) ‖ base version (8) ‖ base manifest
+//! SHA-256 (32) ‖ A-factors SHA-256 (32) ‖ rank (u32) ‖ alpha (f32 bits) ‖ number of
+//! targets (u8) ‖ each target as its length (u8) and ASCII bytes ‖ steps (u32) ‖ batch
+//! size (u32) ‖ sequence length (u32) ‖ learning rate (f32 bits) ‖ proximal μ (f32 bits) ‖
+//! seed (u64) ‖ clip norm (f64 bits) ‖ noise multiplier (f64 bits) ‖ deadline in ms (u64)
+//! ‖ largest payload (u64).
+//!
+//! `proto/covey/v1/signing-vectors.json` holds golden vectors of every signed string
+//! (key, fields, bytes, signature); `tests/vectors.rs` checks them.
 
 use crate::{ProtoError, Result};
 
@@ -33,8 +46,12 @@ pub const UPDATE_DOMAIN: &[u8; 23] = b"covey/adapter-delta/v1\0";
 pub const REQUEST_DOMAIN: &[u8; 24] = b"covey/device-request/v1\0";
 /// Length of an update header.
 pub const UPDATE_HEADER_LEN: usize = 23 + 32 + 8 + 16 + 32 + 32 + 8 + 32 + 8 + 8 + 8 + 1;
-/// Length of a device request.
+/// Length of a device request without its subject.
 pub const DEVICE_REQUEST_LEN: usize = 24 + 1 + 32 + 8 + 8;
+/// Domain tag of a manifest signature (the manifest's JSON follows it).
+pub const MANIFEST_SIGNING_DOMAIN: &[u8; 18] = crate::manifest::MANIFEST_DOMAIN;
+/// Domain tag of a task.
+pub const TASK_DOMAIN: &[u8; 14] = b"covey/task/v1\0";
 
 /// What a device signs for one update.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,17 +150,150 @@ pub enum DeviceMethod {
     Poll = 1,
     /// `Fleet.Heartbeat`.
     Heartbeat = 2,
+    /// `Fleet.GetManifest` (subject: the version, u64 big-endian).
+    GetManifest = 3,
+    /// `Fleet.FetchArtifact` (subject: the artifact's SHA-256).
+    FetchArtifact = 4,
 }
 
-/// The byte string a device signs to authenticate a poll or heartbeat.
+/// The byte string a device signs to authenticate a poll or heartbeat (no subject).
 pub fn device_request_bytes(method: DeviceMethod, device_id: &[u8; 32], timestamp_ms: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(DEVICE_REQUEST_LEN);
+    device_request_bytes_for(method, device_id, timestamp_ms, &[])
+}
+
+/// The byte string a device signs to authenticate a request about `subject`: the
+/// version's 8 big-endian bytes for [`DeviceMethod::GetManifest`], the artifact's SHA-256
+/// for [`DeviceMethod::FetchArtifact`], nothing for the others.
+pub fn device_request_bytes_for(
+    method: DeviceMethod,
+    device_id: &[u8; 32],
+    timestamp_ms: u64,
+    subject: &[u8],
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(DEVICE_REQUEST_LEN + subject.len());
     b.extend_from_slice(REQUEST_DOMAIN);
     b.push(method as u8);
     b.extend_from_slice(device_id);
     b.extend_from_slice(&timestamp_ms.to_be_bytes());
     b.extend_from_slice(&[0u8; 8]);
+    b.extend_from_slice(subject);
     b
+}
+
+/// Everything a task prescribes, bound to one device: what the coordinator signs so a
+/// device trains only on settings (clip norm, noise, `A` factors, ...) the coordinator
+/// vouched for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskBinding {
+    /// The device the task is for.
+    pub device_id: [u8; 32],
+    /// Round.
+    pub round_id: u64,
+    /// Task id.
+    pub task_id: [u8; 16],
+    /// Single-use nonce.
+    pub nonce: [u8; 32],
+    /// Base version.
+    pub base_version: u64,
+    /// SHA-256 of the base version's signed manifest.
+    pub base_manifest_hash: [u8; 32],
+    /// SHA-256 of the `A` factors.
+    pub a_factors_sha256: [u8; 32],
+    /// LoRA rank.
+    pub rank: u32,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// LoRA targets (ASCII, at most 255 of at most 255 bytes).
+    pub targets: Vec<String>,
+    /// Optimizer steps.
+    pub steps: u32,
+    /// Sequences per step.
+    pub batch_size: u32,
+    /// Tokens per sequence.
+    pub seq_len: u32,
+    /// Learning rate.
+    pub learning_rate: f32,
+    /// FedProx μ.
+    pub proximal_mu: f32,
+    /// Batch-sampling seed.
+    pub seed: u64,
+    /// Clip norm C.
+    pub clip_norm: f64,
+    /// Local noise multiplier z.
+    pub noise_multiplier: f64,
+    /// Deadline, ms since the Unix epoch.
+    pub deadline_ms: u64,
+    /// Largest accepted payload.
+    pub max_payload_bytes: u64,
+}
+
+impl TaskBinding {
+    /// The binding of a received protobuf task for `device_id` (to verify its signature).
+    pub fn of_task(device_id: [u8; 32], t: &crate::pb::Task) -> Result<Self> {
+        let missing = |field| ProtoError::Field { field, reason: "missing".into() };
+        let lora = t.lora.as_ref().ok_or_else(|| missing("lora"))?;
+        let training = t.training.as_ref().ok_or_else(|| missing("training"))?;
+        let privacy = t.privacy.as_ref().ok_or_else(|| missing("privacy"))?;
+        Ok(Self {
+            device_id,
+            round_id: t.round_id,
+            task_id: fixed("task_id", &t.task_id)?,
+            nonce: fixed("nonce", &t.nonce)?,
+            base_version: t.base_version,
+            base_manifest_hash: fixed("base_manifest_hash", &t.base_manifest_hash)?,
+            a_factors_sha256: fixed("lora.a_factors_sha256", &lora.a_factors_sha256)?,
+            rank: lora.rank,
+            alpha: lora.alpha,
+            targets: lora.targets.clone(),
+            steps: training.steps,
+            batch_size: training.batch_size,
+            seq_len: training.seq_len,
+            learning_rate: training.learning_rate,
+            proximal_mu: training.proximal_mu,
+            seed: training.seed,
+            clip_norm: privacy.clip_norm,
+            noise_multiplier: privacy.noise_multiplier,
+            deadline_ms: t.deadline_unix_ms,
+            max_payload_bytes: t.max_payload_bytes,
+        })
+    }
+
+    /// The signed byte string; refuses targets that do not fit their length bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if self.targets.len() > 255 || self.targets.iter().any(|t| t.len() > 255 || !t.is_ascii()) {
+            return Err(ProtoError::Field {
+                field: "targets",
+                reason: "at most 255 ASCII names of at most 255 bytes".into(),
+            });
+        }
+        let mut b = Vec::with_capacity(320);
+        b.extend_from_slice(TASK_DOMAIN);
+        b.extend_from_slice(&self.device_id);
+        b.extend_from_slice(&self.round_id.to_be_bytes());
+        b.extend_from_slice(&self.task_id);
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(&self.base_version.to_be_bytes());
+        b.extend_from_slice(&self.base_manifest_hash);
+        b.extend_from_slice(&self.a_factors_sha256);
+        b.extend_from_slice(&self.rank.to_be_bytes());
+        b.extend_from_slice(&self.alpha.to_bits().to_be_bytes());
+        b.push(self.targets.len() as u8);
+        for t in &self.targets {
+            b.push(t.len() as u8);
+            b.extend_from_slice(t.as_bytes());
+        }
+        b.extend_from_slice(&self.steps.to_be_bytes());
+        b.extend_from_slice(&self.batch_size.to_be_bytes());
+        b.extend_from_slice(&self.seq_len.to_be_bytes());
+        b.extend_from_slice(&self.learning_rate.to_bits().to_be_bytes());
+        b.extend_from_slice(&self.proximal_mu.to_bits().to_be_bytes());
+        b.extend_from_slice(&self.seed.to_be_bytes());
+        b.extend_from_slice(&self.clip_norm.to_bits().to_be_bytes());
+        b.extend_from_slice(&self.noise_multiplier.to_bits().to_be_bytes());
+        b.extend_from_slice(&self.deadline_ms.to_be_bytes());
+        b.extend_from_slice(&self.max_payload_bytes.to_be_bytes());
+        Ok(b)
+    }
 }
 
 struct Reader<'a> {

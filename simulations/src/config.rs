@@ -146,7 +146,9 @@ impl Default for DataSection {
 pub struct RoundsSection {
     /// Rounds to run. Default 10.
     pub rounds: u64,
-    /// Clients sampled (uniformly, without replacement) per round. Default 10.
+    /// Expected clients per round: each client joins a round independently with
+    /// probability clients-per-round / population (Poisson sampling, as the coordinator
+    /// samples and the accountant assumes). Default 10.
     pub clients_per_round: usize,
     /// Clients trained at once (in-process mode); each uses `training-threads` threads.
     /// Memory grows with this, not with the population. Default 2.

@@ -146,9 +146,12 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
         let updates = store.updates(round.id).await?;
         let (weights, model_bytes, manifest) = published_weights(&engine, round.published_version).await?;
         let metrics = evaluate_blocking(&prepared, weights.clone()).await?;
-        let examples: u64 = updates.iter().map(|u| u.num_examples).sum();
-        let train_loss = updates.iter().map(|u| f64::from(u.train_loss) * u.num_examples as f64).sum::<f64>()
-            / examples.max(1) as f64;
+        // Devices under local noise report no loss.
+        let reported: Vec<(f64, f64)> =
+            updates.iter().filter_map(|u| u.train_loss.map(|l| (f64::from(l), u.num_examples as f64))).collect();
+        let examples: f64 = reported.iter().map(|(_, n)| n).sum();
+        let train_loss =
+            if reported.is_empty() { f64::NAN } else { reported.iter().map(|(l, n)| l * n).sum::<f64>() / examples };
         let base_model_bytes = version_manifest(&engine, round.base_version).await?.model.size;
         let mut up = 0u64;
         let mut down = 0u64;
@@ -229,15 +232,23 @@ fn coordinator_config(prepared: &Prepared, work: &Path, base: &Path) -> Coordina
         ..CoordinatorConfig::default()
     };
     c.enrollment.tokens = vec![TOKEN.into()];
+    // Every agent of the simulation enrols at once with the one static token.
+    let agents = u32::try_from(prepared.population()).unwrap_or(u32::MAX).max(1);
+    c.enrollment.per_minute = agents.saturating_mul(2);
+    c.enrollment.per_token_per_minute = agents.saturating_mul(2);
+    c.limits.device_requests_per_minute = c.limits.device_requests_per_minute.max(600);
     c.privacy.population = prepared.population();
     c.training.seed ^= exp.seed;
     let cohort = prepared.cohort();
     c.rounds.target_updates = cohort;
     c.rounds.over_selection = 0.0;
-    c.rounds.min_updates = cohort;
+    // Poisson cohorts vary around `cohort`; a round publishes with whoever was sampled.
+    c.rounds.min_updates = 1;
     c.rounds.min_available = prepared.population();
     c.rounds.max_rounds = exp.rounds.rounds;
-    c.rounds.seed = exp.seed;
+    // A simulation: cohorts from the experiment's seed (a coordinator of devices draws
+    // them from the OS CSPRNG).
+    c.rounds.seed = Some(exp.seed);
     c.rounds.deadline = Duration::from_secs(3600);
     c.rounds.pause = Duration::from_millis(10);
     c.rounds.poll_interval = Duration::from_millis(200);

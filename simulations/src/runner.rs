@@ -1,8 +1,8 @@
 //! The in-process runner: virtual clients trained in parallel on this machine's cores,
 //! aggregated by the coordinator's strategy code.
 //!
-//! Each round mirrors the coordinator: sample a cohort (seeded, uniform without
-//! replacement), ask the strategy for the round's clip norm and proximal term, train
+//! Each round mirrors the coordinator: sample a cohort (Poisson sampling at
+//! q = clients-per-round / population, keyed from the seed), ask the strategy for the round's clip norm and proximal term, train
 //! every client exactly as a device agent does (`covey_agent::train::spec_for` →
 //! `covey_model::train_local_adapter` on the published int8 model with the coordinator's
 //! frozen `A`, then `covey_agent::update::PrivateUpdate` clips and noises `B`), aggregate
@@ -25,9 +25,6 @@ use covey_model::{LoraTarget, NamedTensors, Tokenizer};
 use covey_privacy::{RdpAccountant, SecureRng};
 use covey_strategy::{ClientUpdate, RoundContext};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand::seq::index::sample;
-use rand_chacha::ChaCha8Rng;
 
 use crate::config::Mode;
 use crate::dataset::ClientData;
@@ -84,9 +81,13 @@ pub fn run(prepared: &Prepared, progress: bool) -> Result<Report> {
 
     for round in 1..=exp.rounds.rounds {
         let t0 = Instant::now();
-        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut members: Vec<usize> = sample(&mut rng, population, cohort).into_vec();
-        members.sort_unstable();
+        // Poisson sampling at q = cohort / population, as the coordinator samples and as
+        // the accountant assumes; keyed from the experiment's seed (simulations only).
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&exp.seed.to_be_bytes());
+        key[8..16].copy_from_slice(&round.to_be_bytes());
+        let q = cohort as f64 / population.max(1) as f64;
+        let members = covey_privacy::sampling::poisson(population, q.min(1.0), &mut SecureRng::from_seed(key))?;
         let ctx = RoundContext { round, expected_clients: cohort, population };
         let round_config = strategy.configure_round(&ctx);
         let privacy = PrivacySpec {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use covey_coordinator::CoordinatorConfig;
 use covey_coordinator::artifacts::Artifacts;
-use covey_coordinator::engine::{Coordinator, PollOutcome, TaskSpec};
+use covey_coordinator::engine::{Coordinator, PollOutcome, SignedTask};
 use covey_coordinator::metrics::Metrics;
 use covey_coordinator::store::{MemoryStore, RoundState, Store};
 use covey_proto::keys::KeyPair;
@@ -31,7 +31,7 @@ async fn engine(config: CoordinatorConfig) -> (Arc<Coordinator>, Arc<dyn Store>,
 }
 
 /// Poll until the device has a task.
-async fn task_for(engine: &Coordinator, d: &Device) -> TaskSpec {
+async fn task_for(engine: &Coordinator, d: &Device) -> SignedTask {
     loop {
         let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
         match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
@@ -41,16 +41,9 @@ async fn task_for(engine: &Coordinator, d: &Device) -> TaskSpec {
     }
 }
 
-/// The fields of the protobuf task that an update header needs.
-fn as_pb(t: &TaskSpec) -> pb::Task {
-    pb::Task {
-        round_id: t.round_id,
-        task_id: t.task_id.to_vec(),
-        nonce: t.nonce.to_vec(),
-        base_manifest_hash: t.base_manifest_hash.to_vec(),
-        privacy: Some(pb::PrivacySpec { clip_norm: t.clip_norm, noise_multiplier: t.noise_multiplier }),
-        ..Default::default()
-    }
+/// The protobuf task, as a device receives it.
+fn as_pb(t: &SignedTask) -> pb::Task {
+    covey_coordinator::service::task_message(t)
 }
 
 #[tokio::test(start_paused = true)]
@@ -67,7 +60,7 @@ async fn a_vanished_device_does_not_block_the_round() {
     for d in &devices {
         tasks.push(task_for(&engine, d).await);
     }
-    assert!(tasks.iter().all(|t| t.round_id == 1));
+    assert!(tasks.iter().all(|t| t.binding.round_id == 1));
 
     // Three devices deliver; the fourth vanishes.
     for (d, t) in devices.iter().zip(&tasks).take(3) {
@@ -111,7 +104,6 @@ async fn too_few_updates_fail_the_round_at_the_deadline() {
 async fn central_dp_is_accounted_in_the_published_manifest() {
     let root = tempfile::tempdir().expect("tmp");
     let mut config = support::config(root.path());
-    config.privacy.population = 100;
     config.privacy.delta = 1e-5;
     config.privacy.central =
         Some(covey_strategy::DpConfig { noise_multiplier: 1.0, clip: covey_strategy::ClipConfig::Fixed { norm: 0.5 } });
@@ -119,7 +111,7 @@ async fn central_dp_is_accounted_in_the_published_manifest() {
     let driver = tokio::spawn(engine.clone().run_rounds());
     for d in &devices {
         let t = task_for(&engine, d).await;
-        assert_eq!(t.clip_norm, 0.5, "devices clip to the DP-FedAvg clip norm");
+        assert_eq!(t.binding.clip_norm, 0.5, "devices clip to the DP-FedAvg clip norm");
         // The device clips to C before signing.
         let mut delta = support::delta(5);
         let scale = (0.4 / covey_tensors::global_norm(&delta)) as f32;
@@ -135,7 +127,8 @@ async fn central_dp_is_accounted_in_the_published_manifest() {
     }
     let v = store.version(2).await.expect("version").expect("published");
     let m = covey_proto::manifest::Manifest::verify(&v.manifest, &v.signature, &public).expect("signed");
-    let (expected, _) = covey_privacy::rdp::epsilon(4.0 / 100.0, 1.0, 1, 1e-5).expect("epsilon");
+    // The cohort was drawn from the 4 eligible devices with q = 4 / 4: no amplification.
+    let (expected, _) = covey_privacy::rdp::epsilon(1.0, 1.0, 1, 1e-5).expect("epsilon");
     assert_eq!(m.privacy.accountant, "rdp-subsampled-gaussian");
     assert_eq!(m.privacy.rounds, 1);
     assert!((m.privacy.epsilon - expected).abs() < 1e-9, "{} vs {expected}", m.privacy.epsilon);
@@ -160,7 +153,7 @@ async fn a_round_left_aggregating_is_published_after_a_restart() {
     for d in &devices {
         first.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
     }
-    let round = first.open_round().await.expect("open").expect("a round");
+    let round = first.open_round().await.expect("open").round().expect("a round");
     for d in &devices {
         let t = task_for(&first, d).await;
         let (h, s, p) = d.update(&as_pb(&t), &support::delta(7));

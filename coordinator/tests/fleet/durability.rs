@@ -1,10 +1,6 @@
 //! Kill the coordinator process with SIGKILL after some updates were acknowledged; a new
 //! process on the same state completes the round with every acknowledged update.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use covey_proto::manifest::Manifest;
@@ -12,41 +8,10 @@ use covey_proto::pb::{self, admin_client::AdminClient, fleet_client::FleetClient
 use covey_tensors::NamedTensors;
 use tonic::transport::Channel;
 
-use crate::support::{self, Device, connect, submit};
+use crate::support::{self, Device, connect, spawn, submit};
 
-fn spawn(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_covey-coordinator"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn covey-coordinator");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && let Some(addr) = line.strip_prefix("covey-coordinator listening on ") {
-                sent = tx.send(addr.trim().to_owned()).is_ok();
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator did not start");
-    (child, addr.parse().expect("address"))
-}
-
-async fn fetch(c: &mut FleetClient<Channel>, hash: &[u8]) -> Vec<u8> {
-    let mut stream = c
-        .fetch_artifact(pb::FetchArtifactRequest { sha256: hash.to_vec(), offset: 0 })
-        .await
-        .expect("fetch")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("chunk") {
-        assert_eq!(chunk.offset as usize, out.len());
-        out.extend_from_slice(&chunk.data);
-    }
+async fn fetch(c: &mut FleetClient<Channel>, device: &Device, hash: &[u8]) -> Vec<u8> {
+    let out = device.fetch(c, hash).await.expect("fetch");
     assert_eq!(covey_proto::keys::sha256(&out).to_vec(), hash.to_vec(), "artifact hash");
     out
 }
@@ -115,15 +80,20 @@ async fn acknowledged_updates_survive_sigkill() {
     assert_eq!(round.published_version, 2);
 
     // The published master weights are exactly initial + (alpha/r)·mean(B)·A.
-    let signed = c.get_manifest(pb::GetManifestRequest { version: 2 }).await.expect("manifest").into_inner();
+    let signed = devices[0].manifest(&mut c, 2).await.expect("manifest");
     let manifest = Manifest::verify(&signed.manifest, &signed.signature, &coordinator_key).expect("signed manifest");
     assert_eq!((manifest.version, manifest.parent, manifest.round_id), (2, 1, 1));
-    let master = covey_tensors::decode(&fetch(&mut c, &hex::decode(&manifest.master_sha256).expect("hex")).await)
-        .expect("master")
-        .0;
-    let a = covey_tensors::decode(&fetch(&mut c, &tasks[0].lora.as_ref().expect("lora").a_factors_sha256).await)
-        .expect("A")
-        .0;
+    // The f32 master is never served: read it from the coordinator's artifact directory.
+    let master_path = root.path().join("state/artifacts").join(&manifest.master_sha256);
+    let master = covey_tensors::decode(&std::fs::read(master_path).expect("master blob")).expect("master").0;
+    let master_hash = hex::decode(&manifest.master_sha256).expect("hex");
+    let err = devices[0].fetch(&mut c, &master_hash).await.expect_err("the master is not served");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let a = covey_tensors::decode(
+        &fetch(&mut c, &devices[0], &tasks[0].lora.as_ref().expect("lora").a_factors_sha256).await,
+    )
+    .expect("A")
+    .0;
     let initial = covey_tensors::decode(&std::fs::read(root.path().join("model/model.safetensors")).expect("read"))
         .expect("init")
         .0;
@@ -150,10 +120,11 @@ async fn acknowledged_updates_survive_sigkill() {
     }
     assert_ne!(master, initial, "the round changed the weights");
     // The devices' artifact is int8 and decodes close to the master.
-    let model =
-        covey_tensors::quant::decode_model(&fetch(&mut c, &hex::decode(&manifest.model.sha256).expect("hex")).await)
-            .expect("int8 model")
-            .0;
+    let model = covey_tensors::quant::decode_model(
+        &fetch(&mut c, &devices[0], &hex::decode(&manifest.model.sha256).expect("hex")).await,
+    )
+    .expect("int8 model")
+    .0;
     let q = &model["model.layers.0.self_attn.q_proj.weight"];
     let m = &master["model.layers.0.self_attn.q_proj.weight"];
     let err = q.data.iter().zip(&m.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);

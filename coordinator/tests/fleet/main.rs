@@ -4,5 +4,6 @@
 mod dropout;
 mod durability;
 mod security;
+mod soundness;
 mod support;
 mod tls;

@@ -1,6 +1,9 @@
 //! Test support: a tiny model on disk, a configuration, and a raw device client.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use covey_coordinator::CoordinatorConfig;
@@ -47,6 +50,29 @@ pub fn write_tiny_model(dir: &Path) -> PathBuf {
     dir
 }
 
+/// Start the `covey-coordinator` binary on `config`; returns the child and its address.
+pub fn spawn(config: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_covey-coordinator"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn covey-coordinator");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && let Some(addr) = line.strip_prefix("covey-coordinator listening on ") {
+                sent = tx.send(addr.trim().to_owned()).is_ok();
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator did not start");
+    (child, addr.parse().expect("address"))
+}
+
 /// A configuration for tests: 4 devices per round, 3 needed, rank 2 on q and v.
 pub fn config(root: &Path) -> CoordinatorConfig {
     let mut c = CoordinatorConfig {
@@ -70,6 +96,10 @@ pub fn config(root: &Path) -> CoordinatorConfig {
     c.rounds.poll_interval = Duration::from_millis(100);
     c.privacy.clip_norm = 1.0;
     c.limits.max_payload_bytes = 64 << 10;
+    // Tests poll in tight loops (paused clocks make sleeps instant).
+    c.limits.device_requests_per_minute = 100_000;
+    c.enrollment.per_minute = 10_000;
+    c.enrollment.per_token_per_minute = 10_000;
     c
 }
 
@@ -113,8 +143,37 @@ impl Device {
     }
 
     pub fn auth(&self, method: DeviceMethod, ts: u64) -> pb::DeviceAuth {
-        let sig = self.key.sign(&signing::device_request_bytes(method, &self.id(), ts));
+        self.auth_for(method, ts, &[])
+    }
+
+    pub fn auth_for(&self, method: DeviceMethod, ts: u64, subject: &[u8]) -> pb::DeviceAuth {
+        let sig = self.key.sign(&signing::device_request_bytes_for(method, &self.id(), ts, subject));
         pb::DeviceAuth { device_id: self.id().to_vec(), timestamp_ms: ts, signature: sig.to_vec() }
+    }
+
+    /// `FetchArtifact`, signed by this device.
+    pub async fn fetch(&self, c: &mut FleetClient<Channel>, hash: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        let auth = self.auth_for(DeviceMethod::FetchArtifact, now_ms(), hash);
+        let mut stream = c
+            .fetch_artifact(pb::FetchArtifactRequest { sha256: hash.to_vec(), offset: 0, auth: Some(auth) })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            assert_eq!(chunk.offset as usize, out.len());
+            out.extend_from_slice(&chunk.data);
+        }
+        Ok(out)
+    }
+
+    /// `GetManifest`, signed by this device.
+    pub async fn manifest(
+        &self,
+        c: &mut FleetClient<Channel>,
+        version: u64,
+    ) -> Result<pb::SignedManifest, tonic::Status> {
+        let auth = self.auth_for(DeviceMethod::GetManifest, now_ms(), &version.to_be_bytes());
+        Ok(c.get_manifest(pb::GetManifestRequest { version, auth: Some(auth) }).await?.into_inner())
     }
 
     pub async fn enroll(&self, c: &mut FleetClient<Channel>) -> Vec<u8> {
@@ -161,7 +220,8 @@ impl Device {
             payload_sha256: keys::sha256(&payload),
             clip_norm: privacy.clip_norm,
             noise_multiplier: privacy.noise_multiplier,
-            num_examples: 16,
+            // What the task prescribes: steps × batch size.
+            num_examples: task.training.map_or(16, |t| u64::from(t.steps) * u64::from(t.batch_size)),
             within_clip: Some(true),
         };
         let sig = self.key.sign(&header.to_bytes());

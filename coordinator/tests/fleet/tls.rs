@@ -85,5 +85,24 @@ async fn mutual_tls_admits_only_certified_devices() {
         };
     assert!(plain.is_err(), "plaintext must be refused");
     assert_eq!(running.engine.store().devices().await.expect("devices").len(), 1);
+
+    // The operator's CLI presents a client certificate too (before, it could not reach a
+    // coordinator that requires mutual TLS).
+    let admin = |with_cert: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_covey-coordinator"));
+        cmd.args(["status", "--addr", &url, "--domain-name", "localhost", "--json", "--ca-cert"])
+            .arg(root.path().join("ca.pem"))
+            .env("COVEY_ADMIN_TOKEN", support::ADMIN);
+        if with_cert {
+            cmd.arg("--client-cert").arg(write("admin.pem", &pki.client.0));
+            cmd.arg("--client-key").arg(write("admin.key", &pki.client.1));
+        }
+        cmd.output().expect("run the admin CLI")
+    };
+    let out = admin(true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["current_version"], 1);
+    assert!(!admin(false).status.success(), "without a client certificate the CLI is refused");
     running.abort();
 }
