@@ -449,19 +449,8 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_device(&self, d: &DeviceRecord) -> Result<bool> {
-        let r = sqlx::query(
-            "INSERT OR IGNORE INTO devices (id, public_key, label, enrolled_ms, last_seen_ms, revoked, seq) \
-             VALUES (?, ?, ?, ?, ?, ?, (SELECT COUNT(*) FROM devices))",
-        )
-        .bind(&d.id[..])
-        .bind(&d.public_key[..])
-        .bind(&d.label)
-        .bind(i(d.enrolled_ms))
-        .bind(i(d.last_seen_ms))
-        .bind(i64::from(d.revoked))
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let mut conn = self.pool.acquire().await?;
+        Ok(insert_device_row(&mut conn, d, None).await? == 1)
     }
 
     async fn device(&self, id: &[u8; 32]) -> Result<Option<DeviceRecord>> {
@@ -528,19 +517,7 @@ impl Store for SqliteStore {
             .bind(&token_hash[..])
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO devices (id, public_key, label, enrolled_ms, last_seen_ms, revoked, seq, token_hash) \
-             VALUES (?, ?, ?, ?, ?, ?, (SELECT COUNT(*) FROM devices), ?)",
-        )
-        .bind(&d.id[..])
-        .bind(&d.public_key[..])
-        .bind(&d.label)
-        .bind(i(d.enrolled_ms))
-        .bind(i(d.last_seen_ms))
-        .bind(i64::from(d.revoked))
-        .bind(&token_hash[..])
-        .execute(&mut *tx)
-        .await?;
+        insert_device_row(&mut tx, d, Some(token_hash)).await?;
         tx.commit().await?;
         Ok(EnrollOutcome::Enrolled)
     }
@@ -810,6 +787,28 @@ impl Store for SqliteStore {
     async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = ?").bind(key).fetch_optional(&self.pool).await?)
     }
+}
+
+/// Insert a device (ignored when its id exists); returns the rows inserted.
+async fn insert_device_row(
+    conn: &mut sqlx::SqliteConnection,
+    d: &DeviceRecord,
+    token_hash: Option<&[u8; 32]>,
+) -> Result<u64> {
+    let r = sqlx::query(
+        "INSERT OR IGNORE INTO devices (id, public_key, label, enrolled_ms, last_seen_ms, revoked, seq, token_hash) \
+         VALUES (?, ?, ?, ?, ?, ?, (SELECT COUNT(*) FROM devices), ?)",
+    )
+    .bind(&d.id[..])
+    .bind(&d.public_key[..])
+    .bind(&d.label)
+    .bind(i(d.enrolled_ms))
+    .bind(i(d.last_seen_ms))
+    .bind(i64::from(d.revoked))
+    .bind(token_hash.map(|h| h.to_vec()))
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 fn decode_u64(b: &[u8]) -> u64 {
