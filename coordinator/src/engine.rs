@@ -1138,9 +1138,10 @@ impl Coordinator {
         )?;
         let state = serde_json::to_vec(&strategy.state()?).map_err(|e| CoordinatorError::Corrupt(e.to_string()))?;
         let events = serde_json::to_vec(&events).map_err(|e| CoordinatorError::Corrupt(e.to_string()))?;
-        self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(model_sha256);
         let current =
             self.store.publish(round.id, &v, &[(KEY_STRATEGY.into(), state), (KEY_PRIVACY.into(), events)]).await?;
+        // Served from now on, not before: an aggregate whose publish was refused never is.
+        self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(model_sha256);
         if current {
             self.metrics.current_version.set(version as i64);
         } else {
