@@ -93,8 +93,8 @@ enum Command {
     },
     /// Mint an enrolment token (printed once; the coordinator keeps only its hash).
     MintToken {
-        /// Devices it may enrol.
-        #[arg(long, default_value_t = 1)]
+        /// Devices it may enrol (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         uses: u32,
         /// Lifetime ("30m", "24h", "7d").
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
