@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use covey_tensors::lora::LoraTarget;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordinatorError, Result};
@@ -134,12 +135,22 @@ pub struct LoraSection {
 
 impl Default for LoraSection {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, targets: ALL_TARGETS.iter().map(|s| (*s).to_owned()).collect(), seed: 0 }
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTarget::ALL.iter().map(|t| t.hf_name().to_owned()).collect(),
+            seed: 0,
+        }
     }
 }
 
-/// Projection names a LoRA target may have, with their module (`self_attn` or `mlp`).
-pub const ALL_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+impl LoraSection {
+    /// The targets, in the configured order (a name that is not a projection, which
+    /// validation refuses, is skipped).
+    pub fn lora_targets(&self) -> Vec<LoraTarget> {
+        self.targets.iter().filter_map(|t| LoraTarget::from_hf_name(t)).collect()
+    }
+}
 
 /// Round policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,8 +351,9 @@ impl CoordinatorConfig {
             return bad("lora.targets", "at least one target is required".into());
         }
         for t in &self.lora.targets {
-            if !ALL_TARGETS.contains(&t.as_str()) {
-                return bad("lora.targets", format!("unknown target `{t}` (known: {})", ALL_TARGETS.join(", ")));
+            if LoraTarget::from_hf_name(t).is_none() {
+                let known: Vec<&str> = LoraTarget::ALL.iter().map(|t| t.hf_name()).collect();
+                return bad("lora.targets", format!("unknown target `{t}` (known: {})", known.join(", ")));
             }
         }
         let r = &self.rounds;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 /// Errors of the coordinator library.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CoordinatorError {
     /// File-system failure.
     #[error("{path}: {source}")]
@@ -60,6 +61,12 @@ pub enum CoordinatorError {
     /// An operator request that cannot be carried out.
     #[error("{0}")]
     Refused(String),
+    /// No version has this number.
+    #[error("version {0} does not exist")]
+    NoSuchVersion(u64),
+    /// A device's request or upload was refused (counted and logged where refused).
+    #[error("refused: {0}")]
+    Rejected(#[from] Rejection),
 }
 
 impl CoordinatorError {
@@ -67,15 +74,63 @@ impl CoordinatorError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_owned(), source }
     }
+
+    /// The refusal, when this is one.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Self::Rejected(r) => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// Result of the coordinator library.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
 
-/// Why an upload was refused. Every variant maps to one gRPC status code and one metric
-/// label; nothing is stored for a refused upload.
+/// Why a device's request or upload was refused. Every variant maps to one gRPC status
+/// code (in the service, [`Rejection::status`]) and one metric label; nothing is stored
+/// for a refused upload.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Rejection {
+    /// A request field has the wrong length or form.
+    #[error("{field}: {reason}")]
+    BadRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Too many enrolments on the coordinator this minute.
+    #[error("too many enrolments; retry in a minute")]
+    EnrolmentRate,
+    /// Too many enrolments with this token this minute.
+    #[error("too many enrolments with this token; retry in a minute")]
+    EnrolmentTokenRate,
+    /// No enrolment token has this value.
+    #[error("invalid enrolment token")]
+    TokenUnknown,
+    /// The enrolment token expired.
+    #[error("the enrolment token expired")]
+    TokenExpired,
+    /// The enrolment token has enrolled as many devices as it may.
+    #[error("the enrolment token has no uses left")]
+    TokenUsedUp,
+    /// The enrolment token was burned (a device it enrolled was revoked).
+    #[error("the enrolment token was withdrawn (a device it enrolled was revoked)")]
+    TokenBurned,
+    /// A device request's signature does not verify under the device's key.
+    #[error("request signature does not verify")]
+    BadRequestSignature,
+    /// A device request's timestamp is too far from the coordinator's clock.
+    #[error("request timestamp is outside the allowed clock skew")]
+    ClockSkew,
+    /// The device sends requests faster than its rate limit.
+    #[error("too many requests from this device; slow down")]
+    DeviceRate,
+    /// The artifact is not one the coordinator serves.
+    #[error("no such artifact")]
+    NoSuchArtifact,
     /// The stream did not start with exactly one header.
     #[error("malformed update stream: {0}")]
     MalformedStream(&'static str),
@@ -174,6 +229,17 @@ impl Rejection {
     /// Stable metric label.
     pub fn label(&self) -> &'static str {
         match self {
+            Self::BadRequest { .. } => "bad_request",
+            Self::EnrolmentRate => "enrolment_rate",
+            Self::EnrolmentTokenRate => "enrolment_token_rate",
+            Self::TokenUnknown => "token_unknown",
+            Self::TokenExpired => "token_expired",
+            Self::TokenUsedUp => "token_used_up",
+            Self::TokenBurned => "token_burned",
+            Self::BadRequestSignature => "bad_request_signature",
+            Self::ClockSkew => "clock_skew",
+            Self::DeviceRate => "device_rate",
+            Self::NoSuchArtifact => "no_such_artifact",
             Self::MalformedStream(_) => "malformed_stream",
             Self::MalformedHeader(_) => "malformed_header",
             Self::UnknownDevice => "unknown_device",
@@ -204,7 +270,8 @@ impl Rejection {
     pub fn status(&self) -> tonic::Status {
         use tonic::Code;
         let code = match self {
-            Self::MalformedStream(_)
+            Self::BadRequest { .. }
+            | Self::MalformedStream(_)
             | Self::MalformedHeader(_)
             | Self::PrivacyMismatch(_)
             | Self::LengthMismatch { .. }
@@ -216,8 +283,14 @@ impl Rejection {
             | Self::ExamplesMismatch { .. } => Code::InvalidArgument,
             Self::UploadInProgress => Code::Aborted,
             Self::Busy => Code::Unavailable,
-            Self::UnknownDevice | Self::BadSignature => Code::Unauthenticated,
-            Self::RevokedDevice => Code::PermissionDenied,
+            Self::UnknownDevice | Self::BadSignature | Self::BadRequestSignature | Self::ClockSkew => {
+                Code::Unauthenticated
+            }
+            Self::RevokedDevice | Self::TokenUnknown | Self::TokenExpired | Self::TokenUsedUp | Self::TokenBurned => {
+                Code::PermissionDenied
+            }
+            Self::EnrolmentRate | Self::EnrolmentTokenRate | Self::DeviceRate => Code::ResourceExhausted,
+            Self::NoSuchArtifact => Code::NotFound,
             Self::NoAssignment
             | Self::WrongRound { .. }
             | Self::WrongBaseVersion
@@ -237,6 +310,8 @@ impl From<&CoordinatorError> for tonic::Status {
             CoordinatorError::Config { .. } => tonic::Status::invalid_argument(e.to_string()),
             CoordinatorError::MissingArtifact(_) => tonic::Status::not_found("no such artifact"),
             CoordinatorError::Refused(reason) => tonic::Status::failed_precondition(reason.clone()),
+            CoordinatorError::Rejected(r) => r.status(),
+            CoordinatorError::NoSuchVersion(_) => tonic::Status::not_found(e.to_string()),
             CoordinatorError::CorruptArtifact(_)
             | CoordinatorError::Io { .. }
             | CoordinatorError::Store(_)

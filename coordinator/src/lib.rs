@@ -10,6 +10,8 @@
 //! * [`config`]: TOML configuration with defaults and validation.
 //! * [`store`]: durable state ([`store::SqliteStore`] by default, [`store::MemoryStore`]).
 //! * [`artifacts`]: content-addressed blobs.
+//! * [`round`]: the round policy, pure: cohort sampling, each round's plan and task,
+//!   the privacy a round spends (shared with `covey-sim`).
 //! * [`engine`]: the behaviour, transport-free ([`engine::Coordinator`]).
 //! * [`service`]: the tonic `Fleet` and `Admin` services over the engine.
 //! * [`server`]: binding, TLS, the round driver and `/metrics`, for the binary and tests.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod round;
 pub mod server;
 pub mod service;
 pub mod store;

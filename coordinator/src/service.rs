@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::Artifacts;
 use crate::engine::{Coordinator, PollOutcome, SignedTask};
-use crate::error::Rejection;
+use crate::error::{CoordinatorError, Rejection};
 use crate::store::RoundRecord;
 
 /// `covey.v1.Fleet`.
@@ -39,32 +39,7 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ArtifactChunk, Status>> 
 
 /// The protobuf task of a signed task.
 pub fn task_message(t: &SignedTask) -> pb::Task {
-    let b = &t.binding;
-    pb::Task {
-        round_id: b.round_id,
-        task_id: b.task_id.to_vec(),
-        nonce: b.nonce.to_vec(),
-        base_version: b.base_version,
-        base_manifest_hash: b.base_manifest_hash.to_vec(),
-        lora: Some(pb::LoraSpec {
-            rank: b.rank,
-            alpha: b.alpha,
-            targets: b.targets.clone(),
-            a_factors_sha256: b.a_factors_sha256.to_vec(),
-        }),
-        training: Some(pb::TrainingSpec {
-            steps: b.steps,
-            batch_size: b.batch_size,
-            seq_len: b.seq_len,
-            learning_rate: b.learning_rate,
-            proximal_mu: b.proximal_mu,
-            seed: b.seed,
-        }),
-        privacy: Some(pb::PrivacySpec { clip_norm: b.clip_norm, noise_multiplier: b.noise_multiplier }),
-        deadline_unix_ms: b.deadline_ms,
-        max_payload_bytes: b.max_payload_bytes,
-        signature: t.signature.to_vec(),
-    }
+    t.task.to_message(&t.signature)
 }
 
 /// Stream `hash` from `artifacts` in chunks from `offset`, reading on a blocking thread a
@@ -126,7 +101,7 @@ fn stream_artifact(artifacts: Artifacts, hash: [u8; 32], offset: u64, total: u64
 impl Fleet for FleetService {
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
         let r = request.into_inner();
-        let id = self.engine.enroll(&r.public_key, &r.enrollment_token, &r.label).await?;
+        let id = self.engine.enroll(&r.public_key, &r.enrollment_token, &r.label).await.map_err(status)?;
         Ok(Response::new(pb::EnrollResponse {
             device_id: id.to_vec(),
             coordinator_public_key: self.engine.public_key().to_vec(),
@@ -135,7 +110,7 @@ impl Fleet for FleetService {
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::PollTaskResponse>, Status> {
         let a = auth(request.into_inner().auth)?;
-        let outcome = match self.engine.poll(&a.device_id, a.timestamp_ms, &a.signature).await? {
+        let outcome = match self.engine.poll(&a.device_id, a.timestamp_ms, &a.signature).await.map_err(status)? {
             PollOutcome::Wait { retry_after, reason } => pb::poll_task_response::Outcome::Wait(pb::Wait {
                 retry_after_ms: retry_after.as_millis() as u64,
                 reason,
@@ -152,7 +127,7 @@ impl Fleet for FleetService {
         let r = request.into_inner();
         let a = auth(r.auth)?;
         let v = r.version;
-        let record = self.engine.manifest(v, &a.device_id, a.timestamp_ms, &a.signature).await?;
+        let record = self.engine.manifest(v, &a.device_id, a.timestamp_ms, &a.signature).await.map_err(status)?;
         let record = record.ok_or_else(|| Status::not_found(format!("version {v} does not exist")))?;
         Ok(Response::new(pb::SignedManifest { manifest: record.manifest, signature: record.signature }))
     }
@@ -167,7 +142,7 @@ impl Fleet for FleetService {
         let hash: [u8; 32] =
             signing::fixed("sha256", &r.sha256).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let a = auth(r.auth)?;
-        self.engine.authorize_fetch(&hash, &a.device_id, a.timestamp_ms, &a.signature).await?;
+        self.engine.authorize_fetch(&hash, &a.device_id, a.timestamp_ms, &a.signature).await.map_err(status)?;
         let artifacts = self.engine.artifacts().clone();
         let total = artifacts.size(&hash).map_err(|e| Status::from(&e))?;
         if r.offset > total {
@@ -181,11 +156,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
-        let refuse = |r: Rejection| {
-            self.engine.metrics().reject(r.label());
-            tracing::warn!(reason = r.label(), "update refused: {r}");
-            Err(r.status())
-        };
+        let refuse = |r: Rejection| Err(status(self.engine.reject(r)));
         // Before a byte of the stream is read.
         let Ok(_slot) = self.uploads.clone().try_acquire_owned() else { return refuse(Rejection::Busy) };
         let mut stream = request.into_inner();
@@ -195,15 +166,7 @@ impl Fleet for FleetService {
             Some(Err(status)) => return Err(status),
         };
         // The signed header is verified before any payload byte is read.
-        let permit = match self
-            .engine
-            .begin_upload(&header.signed_header, &header.signature)
-            .await
-            .map_err(|e| Status::from(&e))?
-        {
-            Ok(p) => p,
-            Err(r) => return Err(r.status()),
-        };
+        let permit = self.engine.begin_upload(&header.signed_header, &header.signature).await.map_err(status)?;
         let declared = permit.payload_len();
         let mut pending = self.engine.uploads().pending().map_err(|e| Status::from(&e))?;
         while let Some(chunk) = stream.next().await {
@@ -223,10 +186,9 @@ impl Fleet for FleetService {
                 None => return refuse(Rejection::MalformedStream("an empty chunk")),
             }
         }
-        match self.engine.finish_upload(permit, pending, header.train_loss).await.map_err(|e| Status::from(&e))? {
-            Ok((update_id, round_id)) => Ok(Response::new(pb::SubmitUpdateResponse { update_id, round_id })),
-            Err(r) => Err(r.status()),
-        }
+        let (update_id, round_id) =
+            self.engine.finish_upload(permit, pending, header.train_loss).await.map_err(status)?;
+        Ok(Response::new(pb::SubmitUpdateResponse { update_id, round_id }))
     }
 
     async fn heartbeat(
@@ -234,7 +196,8 @@ impl Fleet for FleetService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let a = auth(request.into_inner().auth)?;
-        let current_version = self.engine.heartbeat(&a.device_id, a.timestamp_ms, &a.signature).await?;
+        let current_version =
+            self.engine.heartbeat(&a.device_id, a.timestamp_ms, &a.signature).await.map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse { server_time_ms: self.engine.now_ms(), current_version }))
     }
 }
@@ -291,8 +254,14 @@ fn round_info(r: &RoundRecord, updates: u64) -> pb::RoundInfo {
     }
 }
 
-fn internal(e: crate::error::CoordinatorError) -> Status {
+/// The status of an engine error: a refusal's own code, an operator error's, or
+/// `INTERNAL` (details stay in the coordinator's log).
+fn status(e: CoordinatorError) -> Status {
     Status::from(&e)
+}
+
+fn internal(e: CoordinatorError) -> Status {
+    status(e)
 }
 
 #[tonic::async_trait]
@@ -393,12 +362,12 @@ impl Admin for AdminService {
     }
 
     async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
-        let (current_version, failed) = self.engine.promote(request.into_inner().version).await?;
+        let (current_version, failed) = self.engine.promote(request.into_inner().version).await.map_err(status)?;
         Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
-        let (current_version, failed) = self.engine.rollback(request.into_inner().version).await?;
+        let (current_version, failed) = self.engine.rollback(request.into_inner().version).await.map_err(status)?;
         Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
     }
 

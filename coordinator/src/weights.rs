@@ -5,34 +5,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use covey_tensors::{HostTensor, NamedTensors};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use covey_tensors::NamedTensors;
 
 use crate::config::LoraSection;
 use crate::error::{CoordinatorError, Result};
 
-/// `self_attn` or `mlp`, the module of a projection.
-pub fn module_of(target: &str) -> &'static str {
-    match target {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        _ => "mlp",
-    }
-}
-
-/// PEFT name of factor `A` or `B` of `target` in `layer`.
-pub fn peft_name(layer: usize, target: &str, factor: char) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{target}.lora_{factor}.weight", module_of(target))
-}
-
-/// Base weight name of `target` in `layer`.
-pub fn weight_name(layer: usize, target: &str) -> String {
-    format!("model.layers.{layer}.{}.{target}.weight", module_of(target))
-}
-
 /// Number of decoder layers in a set of master weights.
 pub fn num_layers(master: &NamedTensors) -> usize {
-    (0..).take_while(|i| master.contains_key(&format!("model.layers.{i}.input_layernorm.weight"))).count()
+    covey_tensors::lora::num_layers(master)
 }
 
 /// Read the initial model directory: `config.json` bytes and the f32 master weights, checked
@@ -51,8 +31,8 @@ pub fn read_initial_model(dir: &Path, lora: &LoraSection) -> Result<(Vec<u8>, Na
         return Err(CoordinatorError::Model { path: weights_path, reason: "no decoder layers found".into() });
     }
     for l in 0..layers {
-        for t in &lora.targets {
-            let name = weight_name(l, t);
+        for t in lora.lora_targets() {
+            let name = t.weight_name(l);
             match master.get(&name) {
                 Some(w) if w.shape.len() == 2 && w.is_finite() => {}
                 Some(_) => {
@@ -70,32 +50,18 @@ pub fn read_initial_model(dir: &Path, lora: &LoraSection) -> Result<(Vec<u8>, Na
     Ok((config, master))
 }
 
-/// The frozen `A` factors (PEFT names, `[r, in]`), uniform in ±1/√in (PEFT's
-/// Kaiming-uniform), from a seeded ChaCha8 stream: public, identical for every device.
+/// The frozen `A` factors devices train against ([`covey_tensors::lora::frozen_a`]).
 pub fn a_factors(master: &NamedTensors, lora: &LoraSection) -> NamedTensors {
-    let mut out = NamedTensors::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(lora.seed);
-    for l in 0..num_layers(master) {
-        for t in &lora.targets {
-            let Some(w) = master.get(&weight_name(l, t)) else { continue };
-            let d_in = w.shape[1];
-            let bound = 1.0 / (d_in as f32).sqrt();
-            let data = (0..lora.rank * d_in)
-                .map(|_| (rand::Rng::next_u32(&mut rng) as f32 / u32::MAX as f32 * 2.0 - 1.0) * bound)
-                .collect();
-            out.insert(peft_name(l, t, 'A'), HostTensor { shape: vec![lora.rank, d_in], data });
-        }
-    }
-    out
+    covey_tensors::lora::frozen_a(master, lora.rank, &lora.lora_targets(), lora.seed)
 }
 
 /// The `B` tensors an update must hold: name → `[out, r]`.
 pub fn expected_b_shapes(master: &NamedTensors, lora: &LoraSection) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();
     for l in 0..num_layers(master) {
-        for t in &lora.targets {
-            if let Some(w) = master.get(&weight_name(l, t)) {
-                out.insert(peft_name(l, t, 'B'), vec![w.shape[0], lora.rank]);
+        for t in lora.lora_targets() {
+            if let Some(w) = master.get(&t.weight_name(l)) {
+                out.insert(t.peft_name(l, 'B'), vec![w.shape[0], lora.rank]);
             }
         }
     }
@@ -121,6 +87,7 @@ pub fn merge_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use covey_tensors::HostTensor;
 
     fn master() -> NamedTensors {
         let mut m = NamedTensors::new();

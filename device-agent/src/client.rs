@@ -29,7 +29,7 @@ pub struct Coordinator {
 /// What a poll answered.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PollOutcome {
-    /// Work to do (not yet validated: see [`crate::task::TaskSpec`]).
+    /// Work to do (not yet validated: see [`crate::task::Task`]).
     Task(Box<pb::Task>),
     /// Nothing now; ask again after `retry_after`.
     Wait {

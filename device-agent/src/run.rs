@@ -13,12 +13,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
+use crate::checkpoint::CheckpointStore;
 use crate::client::{Coordinator, PollOutcome, SubmitOutcome};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::identity::Identity;
 use crate::models::{ArtifactCache, ModelCache, VerifiedManifest, VerifiedModel};
-use crate::task::{CheckpointStore, TaskSpec};
+use crate::task::Task;
 use crate::train::{TrainJob, local_spec, train};
 use crate::update::{PrivateUpdate, SignedUpdate};
 
@@ -196,7 +197,7 @@ impl Agent {
             PollOutcome::Task(task) => task,
         };
         crate::task::verify_task(&task, &self.identity.device_id, &self.identity.coordinator_public_key)?;
-        let task = TaskSpec::try_from(*task)?;
+        let task = crate::task::validate(&task)?;
         self.checkpoints.remove_others(&task.task_id);
         match self.run_task(&task).await {
             Ok((entry, version)) => {
@@ -221,7 +222,7 @@ impl Agent {
     }
 
     /// Carry out one task to an accepted upload.
-    async fn run_task(&self, task: &TaskSpec) -> Result<(HistoryEntry, u64)> {
+    async fn run_task(&self, task: &Task) -> Result<(HistoryEntry, u64)> {
         let id = task.id_hex();
         tracing::info!(task = %id, round = task.round_id, version = task.base_version, "task received");
         self.check_deadline(task)?;
@@ -267,7 +268,7 @@ impl Agent {
 
     async fn upload(
         &self,
-        task: &TaskSpec,
+        task: &Task,
         update: &SignedUpdate,
         pre_clip_norm: Option<f64>,
         resumed_from_step: Option<usize>,
@@ -299,7 +300,7 @@ impl Agent {
     /// device has a budget. A task without clipping or without noise is refused then.
     fn budget_and_cost(
         &self,
-        task: &TaskSpec,
+        task: &Task,
     ) -> Result<Option<(covey_privacy::BudgetLedger, covey_privacy::RdpAccountant)>> {
         let Some(budget) = self.cfg.privacy_budget else { return Ok(None) };
         for (field, value) in
@@ -320,7 +321,7 @@ impl Agent {
     }
 
     /// Refuse, before any work, a task the budget cannot pay for (nothing is charged).
-    fn check_budget(&self, task: &TaskSpec) -> Result<()> {
+    fn check_budget(&self, task: &Task) -> Result<()> {
         let Some((ledger, cost)) = self.budget_and_cost(task)? else { return Ok(()) };
         let budget = ledger.budget();
         let would = ledger.would_spend(&self.identity.device_id_hex(), &cost)?;
@@ -340,7 +341,7 @@ impl Agent {
     /// signed, the update is persisted and re-sent as it is, never noised again. A crash
     /// between the charge and the persisted update charges the retrained task again: the
     /// ledger can only over-count.
-    fn charge_budget(&self, task: &TaskSpec) -> Result<()> {
+    fn charge_budget(&self, task: &Task) -> Result<()> {
         let Some((mut ledger, cost)) = self.budget_and_cost(task)? else { return Ok(()) };
         let spent = ledger.charge(&self.identity.device_id_hex(), &cost)?;
         let budget = ledger.budget().epsilon;
@@ -348,7 +349,7 @@ impl Agent {
         Ok(())
     }
 
-    fn check_deadline(&self, task: &TaskSpec) -> Result<()> {
+    fn check_deadline(&self, task: &Task) -> Result<()> {
         match task.late_by(crate::now_ms()) {
             Some(late_ms) => Err(AgentError::DeadlinePassed { task_id: task.id_hex(), late_ms }),
             None => Ok(()),
@@ -356,7 +357,7 @@ impl Agent {
     }
 
     /// The task's base version, from the cache or downloaded and verified (then cached).
-    async fn ensure_model(&self, task: &TaskSpec) -> Result<VerifiedModel> {
+    async fn ensure_model(&self, task: &Task) -> Result<VerifiedModel> {
         let key = self.identity.coordinator_public_key;
         match self.models.load(task.base_version, &key) {
             Ok(m) if m.manifest_hash == task.base_manifest_hash => return Ok(m),

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 
 use covey_model::{Checkpoint, LocalResult, LocalTrainSpec, LoraConfig, Resume, Tokenizer, TrainConfig};
 
+use crate::checkpoint::CheckpointStore;
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::models::VerifiedModel;
-use crate::task::{CheckpointStore, LoraSpec, TaskSpec, TrainingSpec};
+use crate::task::{LoraSpec, Task, TrainingSpec};
 
 /// The local training settings of `task`: its LoRA layout (FFA: `A` frozen), steps, batch
 /// size, sequence length, learning rate (warm-up over the first tenth of the steps, then
@@ -17,7 +18,7 @@ use crate::task::{CheckpointStore, LoraSpec, TaskSpec, TrainingSpec};
 /// `cfg.checkpoint_every` from the agent. The task's seed is mixed with the first 8 bytes
 /// of the device id, so devices given the same seed still draw different batches while a
 /// restart of the same device draws the same ones.
-pub fn local_spec(task: &TaskSpec, cfg: &AgentConfig, device_id: &[u8; 32]) -> LocalTrainSpec {
+pub fn local_spec(task: &Task, cfg: &AgentConfig, device_id: &[u8; 32]) -> LocalTrainSpec {
     spec_for(&task.lora, &task.training, cfg.train_threads, cfg.checkpoint_every, device_id)
 }
 
@@ -65,7 +66,7 @@ pub(crate) struct TrainJob {
     pub a_factors: Vec<u8>,
     pub data_dir: PathBuf,
     pub spec: LocalTrainSpec,
-    pub task: TaskSpec,
+    pub task: Task,
     pub store: CheckpointStore,
 }
 
@@ -127,7 +128,7 @@ mod tests {
 
     #[test]
     fn the_local_spec_follows_the_task() {
-        let task = TaskSpec::try_from(sample_task()).expect("task");
+        let task = crate::task::validate(&sample_task()).expect("task");
         let cfg = AgentConfig { train_threads: 2, checkpoint_every: 3, ..AgentConfig::default() };
         let s = local_spec(&task, &cfg, &[0; 32]);
         s.validate().expect("valid");

@@ -18,7 +18,7 @@ use covey_tensors::{HostTensor, TensorError, global_norm};
 
 use crate::error::{AgentError, Result};
 use crate::identity::Identity;
-use crate::task::{PrivacySpec, TaskSpec};
+use crate::task::{PrivacySpec, Task};
 
 /// `B` factors after the task's privacy step: clipped to `C` when `C > 0`, then noised
 /// with standard deviation `z·C` when `z > 0`. Only [`PrivateUpdate::new`] builds one.
@@ -58,10 +58,10 @@ impl PrivateUpdate {
     }
 
     fn build(b: NamedTensors, privacy: PrivacySpec, rng: Option<&mut SecureRng>) -> Result<Self> {
-        privacy.validate().map_err(|(field, reason)| AgentError::InvalidTask {
+        privacy.validate().map_err(|e| AgentError::InvalidTask {
             task_id: String::new(),
-            field,
-            reason,
+            field: e.field(),
+            reason: e.to_string(),
         })?;
         if let Some((name, _)) = b.iter().find(|(_, t)| !t.is_finite()) {
             return Err(AgentError::Tensor { what: "trained update", source: TensorError::NonFinite(name.clone()) });
@@ -145,7 +145,7 @@ impl SignedUpdate {
     /// key. Refuses a payload over the task's `max_payload_bytes`.
     pub fn sign(
         update: PrivateUpdate,
-        task: &TaskSpec,
+        task: &Task,
         identity: &Identity,
         num_examples: u64,
         train_loss: f32,
@@ -195,7 +195,7 @@ impl SignedUpdate {
         signature: &[u8],
         payload: Vec<u8>,
         train_loss: f32,
-        task: &TaskSpec,
+        task: &Task,
         identity: &Identity,
     ) -> Result<Self> {
         let proto = |what, source| AgentError::Proto { what, source };
@@ -265,7 +265,8 @@ mod tests {
     use covey_proto::keys::KeyPair;
 
     use super::*;
-    use crate::task::{sample_b, sample_task};
+    use crate::checkpoint::sample_b;
+    use crate::task::{sample_task, validate};
 
     fn identity() -> Identity {
         Identity::new(KeyPair::generate().expect("key"), [0; 32], "http://x".into(), String::new())
@@ -312,7 +313,7 @@ mod tests {
     #[test]
     fn the_signed_header_parses_and_verifies() {
         let id = identity();
-        let task = TaskSpec::try_from(sample_task()).expect("task");
+        let task = validate(&sample_task()).expect("task");
         let private = PrivateUpdate::new(sample_b(), task.privacy).expect("private");
         let signed = SignedUpdate::sign(private, &task, &id, 40, 2.5).expect("sign");
         keys::verify(&id.key().public_key(), signed.header_bytes(), signed.signature()).expect("verifies");
@@ -334,7 +335,7 @@ mod tests {
             SignedUpdate::reload(signed.header_bytes(), signed.signature(), signed.payload().to_vec(), 2.5, &task, &id)
                 .expect("reload");
         assert_eq!(again.header(), signed.header());
-        let other = TaskSpec { nonce: [8; 32], ..task.clone() };
+        let other = Task { nonce: [8; 32], ..task.clone() };
         assert!(
             SignedUpdate::reload(
                 signed.header_bytes(),
@@ -351,12 +352,12 @@ mod tests {
     #[test]
     fn an_update_privatized_otherwise_or_too_large_is_refused() {
         let id = identity();
-        let task = TaskSpec::try_from(sample_task()).expect("task");
+        let task = validate(&sample_task()).expect("task");
         let unclipped =
             PrivateUpdate::new(sample_b(), PrivacySpec { clip_norm: 0.0, noise_multiplier: 0.0 }).expect("p");
         let err = SignedUpdate::sign(unclipped, &task, &id, 1, 0.0).expect_err("task demands clipping");
         assert!(err.to_string().contains("privacy"), "{err}");
-        let small = TaskSpec { max_payload_bytes: 10, ..task.clone() };
+        let small = Task { max_payload_bytes: 10, ..task.clone() };
         let p = PrivateUpdate::new(sample_b(), task.privacy).expect("p");
         assert!(matches!(SignedUpdate::sign(p, &small, &id, 1, 0.0), Err(AgentError::PayloadTooLarge { .. })));
     }

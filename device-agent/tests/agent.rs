@@ -88,7 +88,9 @@ impl Mock {
         );
         let model = covey_tensors::quant::encode_int8(&base, HashMap::new()).expect("int8");
         let config_bytes = serde_json::to_vec(&config).expect("config");
-        let a = covey_tensors::encode(&covey_model::random_lora_a(&config, &lora()), None).expect("a");
+        // The coordinator's generator of the frozen `A` factors.
+        let a = covey_tensors::lora::frozen_a(&base, lora().rank, &lora().targets, lora().seed);
+        let a = covey_tensors::encode(&a, None).expect("a");
         let manifest = Manifest {
             schema: 1,
             version: 1,

@@ -95,6 +95,20 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// `(d_in, d_out)` of the projection `target` (the shape of its LoRA factors'
+    /// outer dimensions).
+    pub fn lora_dims(&self, target: covey_tensors::lora::LoraTarget) -> (usize, usize) {
+        use covey_tensors::lora::LoraTarget as T;
+        let h = self.hidden_size;
+        match target {
+            T::Q => (h, self.q_dim()),
+            T::O => (self.q_dim(), h),
+            T::K | T::V => (h, self.kv_dim()),
+            T::Gate | T::Up => (h, self.intermediate_size),
+            T::Down => (self.intermediate_size, h),
+        }
+    }
+
     /// Width of the query projection's output (and of the output projection's input):
     /// heads × head width, `hidden_size` unless heads were pruned.
     pub fn q_dim(&self) -> usize {

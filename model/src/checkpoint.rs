@@ -77,7 +77,7 @@ pub fn base_tensors(model: &Llama) -> NamedTensors {
 
 /// PEFT name of the `A` (`lora_A`) or `B` (`lora_B`) factor of one projection.
 pub fn peft_name(layer: usize, target: LoraTarget, factor: char) -> String {
-    format!("base_model.model.{}.{}.lora_{factor}.weight", layer_prefix(layer), target.hf_path())
+    target.peft_name(layer, factor)
 }
 
 /// The adapter factors under PEFT names and layout (`lora_A: [r, in]`, `lora_B: [out, r]`).
@@ -202,7 +202,7 @@ pub fn from_base_tensors(config: &LlamaConfig, t: &NamedTensors, source: &Path, 
         Ok(Param::from_tensor(device_tensor::<2>(&x, device)))
     };
     let proj = |p: &str, tgt: LoraTarget| -> Result<LoraLinear> {
-        let (d_in, d_out) = tgt.dims(config);
+        let (d_in, d_out) = config.lora_dims(tgt);
         let weight = param2(&format!("{p}.{}.weight", tgt.hf_path()), [d_out, d_in], true)?;
         Ok(LoraLinear { weight, lora: None })
     };

@@ -23,7 +23,6 @@ use crate::data::Batcher;
 use crate::error::{ModelError, Result};
 use crate::eval::{EvalMetrics, evaluate};
 use crate::llama::Llama;
-use crate::lora::{initial_a, lora_stream};
 use crate::tokenizer::Tokenizer;
 use crate::train::{LoopOptions, TrainConfig, train_with};
 
@@ -141,7 +140,7 @@ fn factor_shapes(config: &LlamaConfig, lora: &LoraConfig, factor: char) -> Vec<(
     let mut out = Vec::new();
     for i in 0..config.num_hidden_layers {
         for &t in &lora.targets {
-            let (d_in, d_out) = t.dims(config);
+            let (d_in, d_out) = config.lora_dims(t);
             let shape = if factor == 'A' { [lora.rank, d_in] } else { [d_out, lora.rank] };
             out.push((peft_name(i, t, factor), shape));
         }
@@ -172,20 +171,6 @@ fn check_factors(
         )));
     }
     Ok(())
-}
-
-/// The `A` factors (PEFT names, `[r, in]`) that [`Llama::with_lora`] draws for `lora`
-/// (from `lora.seed`), computed on the host. A coordinator may issue these.
-pub fn random_lora_a(config: &LlamaConfig, lora: &LoraConfig) -> NamedTensors {
-    let mut out = NamedTensors::new();
-    for i in 0..config.num_hidden_layers {
-        for &t in &lora.targets {
-            let (d_in, _) = t.dims(config);
-            let a = HostTensor { shape: vec![d_in, lora.rank], data: initial_a(lora, lora_stream(i, t), d_in) };
-            out.insert(peft_name(i, t, 'A'), a.transposed());
-        }
-    }
-    out
 }
 
 /// The `B` factors of a model's adapters, PEFT `lora_B` names, `[out, r]`.
@@ -402,6 +387,11 @@ mod tests {
         }
     }
 
+    /// The `A` factors a coordinator issues for `base()` and `lora()`.
+    fn frozen_a() -> NamedTensors {
+        covey_tensors::lora::frozen_a(&base(), lora().rank, &lora().targets, lora().seed)
+    }
+
     fn base() -> NamedTensors {
         checkpoint::base_tensors(&Llama::init(&config(), 17, &cpu_device()).expect("init"))
     }
@@ -420,7 +410,7 @@ mod tests {
 
     fn run(spec: &LocalTrainSpec, resume: Option<Resume>) -> (Llama, LocalResult, Vec<Checkpoint>) {
         let mut checkpoints = Vec::new();
-        let a = random_lora_a(&config(), &lora());
+        let a = frozen_a();
         let (model, result) =
             train_local(&config(), &base(), &a, &Tokenizer::Bytes, &corpus(), spec, &cpu_device(), resume, |c| {
                 checkpoints.push(c)
@@ -439,7 +429,7 @@ mod tests {
     fn only_b_trains_and_only_b_is_returned() {
         let (model, result, checkpoints) = run(&spec(4), None);
         let base = base();
-        let a = random_lora_a(&config(), &lora());
+        let a = frozen_a();
         assert_eq!(checkpoint::base_tensors(&model), base, "base weights changed");
         let adapters = checkpoint::adapter_tensors(&model).expect("adapters");
         for (name, t) in &a {
@@ -465,7 +455,7 @@ mod tests {
     fn merging_b_into_the_base_gives_the_adapter_logits() {
         let (_, result, _) = run(&spec(4), None);
         let (config, lora, base) = (config(), lora(), base());
-        let a = random_lora_a(&config, &lora);
+        let a = frozen_a();
         let device = cpu_device();
         let adapter = adapter_model(&config, &base, &lora, &a, Some(&result.b), &device).expect("adapter");
         let mut merged = base.clone();
@@ -504,7 +494,7 @@ mod tests {
             assert_ne!(resumed.b[name], at2.b[name], "{name} did not train after resuming");
         }
         // Nothing left to train is an error.
-        let a = random_lora_a(&config(), &lora());
+        let a = frozen_a();
         let err = train_local_adapter(
             &config(),
             &base(),
@@ -535,7 +525,7 @@ mod tests {
     fn bad_inputs_are_errors_naming_the_tensor() {
         let (config, lora, base) = (config(), lora(), base());
         let device = cpu_device();
-        let a = random_lora_a(&config, &lora);
+        let a = frozen_a();
         let spec = spec(2);
         let call = |a: &NamedTensors, base: &NamedTensors, corpus: &[String]| {
             train_local_adapter(&config, base, a, &Tokenizer::Bytes, corpus, &spec, &device, None, |_| {})
@@ -604,13 +594,14 @@ mod tests {
     }
 
     #[test]
-    fn random_a_is_what_with_lora_draws() {
+    fn the_coordinators_a_factors_cover_the_targets_in_the_adapters_shapes() {
         let device = cpu_device();
         let model = Llama::init(&config(), 3, &device).expect("init").with_lora(&lora(), &device).expect("lora");
         let mut drawn = checkpoint::adapter_tensors(&model).expect("adapters");
         drawn.retain(|k, _| k.contains("lora_A"));
-        let a = random_lora_a(&config(), &lora());
-        assert_eq!(a, drawn);
+        let a = frozen_a();
+        assert_eq!(a.keys().collect::<Vec<_>>(), drawn.keys().collect::<Vec<_>>());
+        assert!(a.iter().all(|(k, t)| t.shape == drawn[k].shape), "same [r, in] shapes");
         assert_eq!(targets_of(&a), lora().targets);
     }
 

@@ -58,9 +58,7 @@ pub use config::{LlamaConfig, LoraConfig, LoraTarget};
 pub use covey_infer::{Model as InferenceModel, Precision};
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;
-pub use federated::{
-    Checkpoint, LocalResult, LocalTrainSpec, Resume, evaluate_texts, random_lora_a, train_local_adapter,
-};
+pub use federated::{Checkpoint, LocalResult, LocalTrainSpec, Resume, evaluate_texts, train_local_adapter};
 pub use generate::SamplingConfig;
 pub use llama::{KvCache, Llama};
 pub use tokenizer::Tokenizer;

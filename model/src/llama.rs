@@ -135,7 +135,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for _ in 0..config.num_hidden_layers {
             let mut proj = |t: LoraTarget| {
-                let (i, o) = t.dims(config);
+                let (i, o) = config.lora_dims(t);
                 LoraLinear::new(mat(i, o))
             };
             layers.push(DecoderLayer {

@@ -10,6 +10,8 @@
 //!   coordinator sign — an update header, a device request — parsed back strictly.
 //! * [`manifest`]: the JSON manifest of a model version and its signature.
 //! * [`keys`]: Ed25519 key pairs (ring), device ids, SHA-256.
+//! * [`task`]: the validated task a device receives (one type for the coordinator, the
+//!   device and the simulator).
 //!
 //! ```
 //! use covey_proto::keys::{KeyPair, verify};
@@ -30,6 +32,7 @@
 pub mod keys;
 pub mod manifest;
 pub mod signing;
+pub mod task;
 
 /// Generated protobuf messages and gRPC stubs of `covey.v1`.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]

@@ -16,6 +16,7 @@ pub mod loopback;
 pub mod partition;
 pub mod plot;
 pub mod prepare;
+pub mod progress;
 pub mod quickstart;
 pub mod report;
 pub mod runner;

@@ -4,8 +4,9 @@
 //! enrolment, signed polls, verified downloads, local training, clipping and noise,
 //! signed streamed uploads, verification, aggregation, accounting, int8 publishing.
 //!
-//! The runner watches the coordinator's store; each published version is scored on the
-//! held-out texts as devices receive it (the int8 artifact named by its signed manifest).
+//! The runner wakes on the coordinator's version notifications; each published version
+//! is scored on the held-out texts as devices receive it (the int8 artifact named by its
+//! signed manifest).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,12 +17,12 @@ use covey_coordinator::store::RoundState;
 use covey_coordinator::{CoordinatorConfig, server};
 use covey_proto::manifest::Manifest;
 use covey_proto::signing::UpdateHeader;
-use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::watch;
 
 use crate::config::Mode;
 use crate::error::{Result, SimError};
 use crate::prepare::{self, Prepared};
+use crate::progress::Progress;
 use crate::report::{Report, RoundMetrics};
 use crate::runner::UPDATE_OVERHEAD_BYTES;
 
@@ -39,120 +40,184 @@ pub struct LoopbackOutcome {
     pub agent_state: PathBuf,
 }
 
+/// The agents of a loopback fleet, running until told to stop.
+struct Fleet {
+    agents: Vec<tokio::task::JoinHandle<covey_agent::Result<covey_agent::RunSummary>>>,
+    dirs: Vec<PathBuf>,
+    stop: watch::Sender<bool>,
+}
+
+impl Fleet {
+    /// Enrol one agent per client (its own key, state directory and local text) with the
+    /// coordinator at `url`, and start them.
+    async fn start(prepared: &Prepared, work: &Path, url: &str) -> Result<Self> {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut fleet = Self { agents: Vec::new(), dirs: Vec::new(), stop };
+        for (i, client) in prepared.dataset.clients.iter().enumerate() {
+            let data = work.join("data").join(format!("{i:05}"));
+            std::fs::create_dir_all(&data).map_err(|e| SimError::io(&data, e))?;
+            std::fs::write(data.join("local.txt"), client.train.join("\n\n")).map_err(|e| SimError::io(&data, e))?;
+            let state = work.join("agents").join(format!("{i:05}"));
+            let mut cfg = AgentConfig::new(state.clone(), data);
+            cfg.coordinator = Some(url.to_owned());
+            cfg.max_poll_wait = Duration::from_millis(300);
+            cfg.train_threads = prepared.experiment.rounds.training_threads;
+            cfg.keep_versions = 1;
+            covey_agent::enroll(&cfg, TOKEN, &client.id).await?;
+            let mut rx = stop_rx.clone();
+            fleet.agents.push(tokio::spawn(async move {
+                covey_agent::run_with_shutdown(cfg, RunUntil::Forever, async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+            }));
+            fleet.dirs.push(state);
+        }
+        Ok(fleet)
+    }
+
+    /// An error if an agent stopped (they run until told to).
+    async fn check(&mut self) -> Result<()> {
+        let Some(finished) = self.agents.iter().position(|a| a.is_finished()) else { return Ok(()) };
+        let handle = self.agents.swap_remove(finished);
+        let reason = match handle.await {
+            Ok(Ok(summary)) => format!("stopped early after {} updates", summary.submitted),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        Err(SimError::Client { client: format!("agent {finished}"), reason })
+    }
+
+    /// Stop every agent (a minute each at most).
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for a in self.agents {
+            match tokio::time::timeout(Duration::from_secs(60), a).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "an agent stopped with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "an agent task failed"),
+                Err(_) => tracing::warn!("an agent did not stop within a minute"),
+            }
+        }
+    }
+}
+
 /// Run a prepared experiment with a real coordinator and agents over loopback gRPC,
-/// working under `work` (created; state, artifacts, agents' directories).
-pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result<LoopbackOutcome> {
+/// working under `work` (created; state, artifacts, agents' directories). Each published
+/// version is scored on the held-out texts as devices receive it; the runner wakes on the
+/// coordinator's version notifications.
+pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: &dyn Progress) -> Result<LoopbackOutcome> {
     let exp = &prepared.experiment;
     if exp.rounds.centralised {
         return Err(SimError::config("rounds.centralised", "a centralised baseline runs in-process only"));
     }
-    let population = prepared.population();
-    let cohort = prepared.cohort();
     let started = Instant::now();
-
     let base = work.join("base");
     std::fs::create_dir_all(&base).map_err(|e| SimError::io(&base, e))?;
     std::fs::write(base.join("config.json"), &prepared.config_json).map_err(|e| SimError::io(&base, e))?;
     let master_bytes = covey_tensors::encode(&prepared.master, None)?;
     std::fs::write(base.join("model.safetensors"), &master_bytes).map_err(|e| SimError::io(&base, e))?;
 
-    let config = coordinator_config(&prepared, work, &base);
-    let engine = server::open_engine(config).await?;
+    let engine = server::open_engine(coordinator_config(&prepared, work, &base)).await?;
+    let mut versions = engine.watch_versions();
     let running = server::start(engine.clone()).await?;
     let url = format!("http://{}", running.addr);
-    tracing::info!(%url, population, cohort, "loopback coordinator started");
+    tracing::info!(%url, population = prepared.population(), cohort = prepared.cohort(), "loopback coordinator started");
+    let mut fleet = Fleet::start(&prepared, work, &url).await?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut agents = Vec::new();
-    let mut agent_dirs = Vec::new();
-    for (i, client) in prepared.dataset.clients.iter().enumerate() {
-        let data = work.join("data").join(format!("{i:05}"));
-        std::fs::create_dir_all(&data).map_err(|e| SimError::io(&data, e))?;
-        std::fs::write(data.join("local.txt"), client.train.join("\n\n")).map_err(|e| SimError::io(&data, e))?;
-        let state = work.join("agents").join(format!("{i:05}"));
-        let mut cfg = AgentConfig::new(state.clone(), data);
-        cfg.coordinator = Some(url.clone());
-        cfg.max_poll_wait = Duration::from_millis(300);
-        cfg.train_threads = exp.rounds.training_threads;
-        cfg.keep_versions = 1;
-        covey_agent::enroll(&cfg, TOKEN, &client.id).await?;
-        let mut rx = stop_rx.clone();
-        agents.push(tokio::spawn(async move {
-            covey_agent::run_with_shutdown(cfg, RunUntil::Forever, async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
-            .await
-        }));
-        agent_dirs.push(state);
-    }
-
-    let setup_seconds = started.elapsed().as_secs_f64();
-    let bar = progress.then(|| {
-        let bar = ProgressBar::new(exp.rounds.rounds);
-        bar.set_style(
-            ProgressStyle::with_template("loopback gRPC: round {pos}/{len} published [{bar:30}] ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar
-    });
-
-    // Round 0: the initial version.
-    let store = engine.store().clone();
-    let a_bytes =
-        covey_tensors::encode(&covey_coordinator::weights::a_factors(&prepared.master, &exp.lora), None)?.len();
-    let mut seen = std::collections::HashSet::new();
-    let mut rounds = Vec::new();
-    let initial = published_weights(&engine, 1).await?;
-    let m0 = evaluate_blocking(&prepared, initial.0.clone()).await?;
-    rounds.push(RoundMetrics {
-        round: 0,
-        clients: 0,
-        train_loss: f64::NAN,
-        test_loss: m0.mean_nll,
-        test_perplexity: m0.perplexity,
-        top1: m0.top1,
-        top3: m0.top3,
-        epsilon: 0.0,
-        bytes_up_per_client: 0,
-        bytes_down_per_client: 0,
-        // Round 0: starting the coordinator and enrolling the agents.
-        wall_seconds: setup_seconds,
-    });
-    let mut published = initial.0;
-    let mut done = 0u64;
+    // Round 0: the initial version; its wall time is starting the coordinator and
+    // enrolling the agents.
+    let (mut published, _, _) = published_weights(&engine, 1).await?;
+    let mut rounds = vec![RoundMetrics {
+        wall_seconds: started.elapsed().as_secs_f64(),
+        ..round_zero(&evaluate_blocking(&prepared, published.clone()).await?)
+    }];
+    let mut scorer = Scorer::new(&prepared, engine.clone())?;
     let deadline = Instant::now() + Duration::from_secs(6 * 3600);
-    while done < exp.rounds.rounds {
+    while (rounds.len() as u64) <= exp.rounds.rounds {
         if Instant::now() > deadline {
             return Err(SimError::Data("the loopback fleet made no progress for hours".into()));
         }
-        if let Some(finished) = agents.iter().position(|a| a.is_finished()) {
-            let handle = agents.swap_remove(finished);
-            let reason = match handle.await {
-                Ok(Ok(summary)) => format!("stopped early after {} updates", summary.submitted),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-            };
-            return Err(SimError::Client { client: format!("agent {finished}"), reason });
-        }
-        let all = store.rounds(exp.rounds.rounds as usize + 8).await?;
+        fleet.check().await?;
+        let all = engine.store().rounds(exp.rounds.rounds as usize + 8).await?;
         if let Some(failed) = all.iter().find(|r| r.state == RoundState::Failed) {
             return Err(SimError::Data(format!("round {} failed on the coordinator", failed.id)));
         }
-        let Some(round) = all.iter().find(|r| r.state == RoundState::Published && r.id == done + 1) else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let next = rounds.len() as u64;
+        let Some(round) = all.iter().find(|r| r.state == RoundState::Published && r.id == next) else {
+            // Woken by the next version (or, at the latest, in a second to check on the agents).
+            let _ = tokio::time::timeout(Duration::from_secs(1), versions.changed()).await;
             continue;
         };
-        let updates = store.updates(round.id).await?;
-        let (weights, model_bytes, manifest) = published_weights(&engine, round.published_version).await?;
-        let metrics = evaluate_blocking(&prepared, weights.clone()).await?;
+        let (metrics, weights) = scorer.score(round).await?;
+        progress.round_done(&metrics, exp.rounds.rounds);
+        rounds.push(metrics);
+        published = weights;
+    }
+    fleet.stop().await;
+    running.abort();
+
+    let notes = vec![format!(
+        "loopback gRPC: one coordinator and {} agents on 127.0.0.1; every update signed, verified and accounted by \
+         the coordinator",
+        prepared.population()
+    )];
+    let report = prepare::report(&prepared, Mode::LoopbackGrpc, rounds, notes)?;
+    Ok(LoopbackOutcome { report, published, agent_state: fleet_first_dir(work) })
+}
+
+/// State directory of the first agent.
+fn fleet_first_dir(work: &Path) -> PathBuf {
+    work.join("agents").join(format!("{:05}", 0))
+}
+
+/// The metrics of the base model.
+fn round_zero(m: &covey_model::EvalMetrics) -> RoundMetrics {
+    RoundMetrics {
+        round: 0,
+        clients: 0,
+        train_loss: f64::NAN,
+        test_loss: m.mean_nll,
+        test_perplexity: m.perplexity,
+        top1: m.top1,
+        top3: m.top3,
+        epsilon: 0.0,
+        bytes_up_per_client: 0,
+        bytes_down_per_client: 0,
+        wall_seconds: 0.0,
+    }
+}
+
+/// Scores published rounds as devices receive them, counting the bytes they moved.
+struct Scorer<'a> {
+    prepared: &'a Arc<Prepared>,
+    engine: Arc<covey_coordinator::Coordinator>,
+    a_bytes: u64,
+    seen: std::collections::HashSet<[u8; 32]>,
+}
+
+impl<'a> Scorer<'a> {
+    fn new(prepared: &'a Arc<Prepared>, engine: Arc<covey_coordinator::Coordinator>) -> Result<Self> {
+        let a = covey_coordinator::weights::a_factors(&prepared.master, &prepared.experiment.lora);
+        let a_bytes = covey_tensors::encode(&a, None)?.len() as u64;
+        Ok(Self { prepared, engine, a_bytes, seen: std::collections::HashSet::new() })
+    }
+
+    /// The metrics of a published round, and the weights devices now hold.
+    async fn score(
+        &mut self,
+        round: &covey_coordinator::store::RoundRecord,
+    ) -> Result<(RoundMetrics, covey_model::NamedTensors)> {
+        let updates = self.engine.store().updates(round.id).await?;
+        let (weights, model_bytes, manifest) = published_weights(&self.engine, round.published_version).await?;
+        let metrics = evaluate_blocking(self.prepared, weights.clone()).await?;
         // Devices under local noise report no loss.
         let reported: Vec<(f64, f64)> =
             updates.iter().filter_map(|u| u.train_loss.map(|l| (f64::from(l), u.num_examples as f64))).collect();
         let examples: f64 = reported.iter().map(|(_, n)| n).sum();
         let train_loss =
             if reported.is_empty() { f64::NAN } else { reported.iter().map(|(l, n)| l * n).sum::<f64>() / examples };
-        let base_model_bytes = version_manifest(&engine, round.base_version).await?.model.size;
+        let base_model_bytes = version_manifest(&self.engine, round.base_version).await?.model.size;
         let mut up = 0u64;
         let mut down = 0u64;
         for u in &updates {
@@ -161,12 +226,19 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
             up += header.payload_len + UPDATE_OVERHEAD_BYTES as u64;
             // The device fetched the round's base version; the A factors once.
             down += base_model_bytes;
-            if seen.insert(u.device_id) {
-                down += a_bytes as u64;
+            if self.seen.insert(u.device_id) {
+                down += self.a_bytes;
             }
         }
         let n = updates.len().max(1) as u64;
-        rounds.push(RoundMetrics {
+        tracing::info!(
+            round = round.id,
+            version = round.published_version,
+            model_bytes,
+            perplexity = metrics.perplexity,
+            "published"
+        );
+        let m = RoundMetrics {
             round: round.id,
             clients: updates.len(),
             train_loss,
@@ -180,75 +252,26 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: bool) -> Result
             // From the round's opening to its version's signing, by the coordinator's clock
             // (this loop may observe a round late while it scores the previous one).
             wall_seconds: manifest.created_unix_ms.saturating_sub(round.opened_ms) as f64 / 1000.0,
-        });
-        tracing::info!(
-            round = round.id,
-            version = round.published_version,
-            model_bytes,
-            perplexity = metrics.perplexity,
-            "published"
-        );
-        published = weights;
-        done += 1;
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
+        };
+        Ok((m, weights))
     }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let _ = stop_tx.send(true);
-    for a in agents {
-        match tokio::time::timeout(Duration::from_secs(60), a).await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "an agent stopped with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "an agent task failed"),
-            Err(_) => tracing::warn!("an agent did not stop within a minute"),
-        }
-    }
-    running.abort();
-
-    let notes = vec![format!(
-        "loopback gRPC: one coordinator and {population} agents on 127.0.0.1; every update signed, verified and \
-         accounted by the coordinator"
-    )];
-    let report = prepare::report(&prepared, Mode::LoopbackGrpc, rounds, notes)?;
-    Ok(LoopbackOutcome { report, published, agent_state: agent_dirs.swap_remove(0) })
 }
 
-/// The coordinator's configuration for the experiment: its sections verbatim, a cohort
-/// of `clients-per-round` from every client, no over-selection, all updates required.
+/// The coordinator's configuration for the experiment ([`Prepared::fleet_config`]) on
+/// loopback, with its state under `work`, all updates awaited for an hour, and limits
+/// raised for a fleet that enrols at once.
 fn coordinator_config(prepared: &Prepared, work: &Path, base: &Path) -> CoordinatorConfig {
-    let exp = &prepared.experiment;
-    let mut c = CoordinatorConfig {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        metrics_listen: None,
-        state_dir: work.join("coordinator"),
-        initial_model: Some(base.to_owned()),
-        lora: exp.lora.clone(),
-        training: exp.training.clone(),
-        privacy: exp.privacy.clone(),
-        strategy: exp.strategy.clone(),
-        ..CoordinatorConfig::default()
-    };
+    let mut c = prepared.fleet_config();
+    c.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    c.metrics_listen = None;
+    c.state_dir = work.join("coordinator");
+    c.initial_model = Some(base.to_owned());
     c.enrollment.tokens = vec![TOKEN.into()];
     // Every agent of the simulation enrols at once with the one static token.
     let agents = u32::try_from(prepared.population()).unwrap_or(u32::MAX).max(1);
     c.enrollment.per_minute = agents.saturating_mul(2);
     c.enrollment.per_token_per_minute = agents.saturating_mul(2);
     c.limits.device_requests_per_minute = c.limits.device_requests_per_minute.max(600);
-    c.privacy.population = prepared.population();
-    c.training.seed ^= exp.seed;
-    let cohort = prepared.cohort();
-    c.rounds.target_updates = cohort;
-    c.rounds.over_selection = 0.0;
-    // Poisson cohorts vary around `cohort`; a round publishes with whoever was sampled.
-    c.rounds.min_updates = 1;
-    c.rounds.min_available = prepared.population();
-    c.rounds.max_rounds = exp.rounds.rounds;
-    // A simulation: cohorts from the experiment's seed (a coordinator of devices draws
-    // them from the OS CSPRNG).
-    c.rounds.seed = Some(exp.seed);
     c.rounds.deadline = Duration::from_secs(3600);
     c.rounds.pause = Duration::from_millis(10);
     c.rounds.poll_interval = Duration::from_millis(200);

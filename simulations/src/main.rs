@@ -14,13 +14,62 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use covey_sim::config::{Experiment, Mode};
-use covey_sim::report::{self, Report};
+use covey_sim::progress::{Progress, Silent};
+use covey_sim::report::{self, Report, RoundMetrics};
 use covey_sim::{loopback, prepare, quickstart, runner};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Progress as a person sees it: a bar of the round's clients on a terminal, and one
+/// plain line per round on a terminal or not (piped to a file, a run still reports).
+struct TerminalProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl TerminalProgress {
+    fn new() -> Self {
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} clients ({elapsed})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Self { bar }
+    }
+}
+
+impl Progress for TerminalProgress {
+    fn client_done(&self, round: u64, done: usize, total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(round.to_string());
+        }
+    }
+
+    fn round_done(&self, m: &RoundMetrics, rounds: u64) {
+        let line = format!(
+            "round {}/{rounds}: {} clients, held-out perplexity {:.3}, top-1 {:.1} %, ε {:.2}, {:.1} s",
+            m.round,
+            m.clients,
+            m.test_perplexity,
+            m.top1 * 100.0,
+            m.epsilon,
+            m.wall_seconds
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "covey-sim", version, about = "Federated simulations with Covey: datasets, virtual clients, reports")]
 struct Cli {
-    /// Hide progress bars.
+    /// Report no progress (no bars, no line per round).
     #[arg(long, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -78,7 +127,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let progress = !cli.quiet;
+    let terminal = TerminalProgress::new();
+    let progress: &dyn Progress = if cli.quiet { &Silent } else { &terminal };
     match cli.command {
         Command::Quickstart { out } => quickstart_command(&out, progress),
         Command::Run { config, out, seed, rounds } => {
@@ -123,7 +173,7 @@ fn main() -> Result<()> {
 }
 
 /// Run `exp` in its mode, write its report folder, and return the report.
-fn run_experiment(exp: &Experiment, progress: bool) -> Result<Report> {
+fn run_experiment(exp: &Experiment, progress: &dyn Progress) -> Result<Report> {
     let started = Instant::now();
     println!("{}: preparing ({} mode)", exp.name, exp.mode.name());
     let prepared = prepare::prepare(exp).with_context(|| format!("experiment {}", exp.name))?;
@@ -159,7 +209,7 @@ fn peak_rss() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn quickstart_command(out: &Path, progress: bool) -> Result<()> {
+fn quickstart_command(out: &Path, progress: &dyn Progress) -> Result<()> {
     let started = Instant::now();
     if !Path::new("data/shakespeare").is_dir() {
         bail!("run the quickstart from the repository root: data/shakespeare/ and models/ ship there");

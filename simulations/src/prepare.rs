@@ -42,6 +42,40 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The coordinator configuration of this experiment, for both runners: its LoRA,
+    /// training, privacy and strategy sections verbatim; a population of every client, a
+    /// cohort of `clients-per-round` (Poisson: each client joins with probability
+    /// cohort / population), no over-selection, cohorts from the experiment's seed, the
+    /// training seed mixed with it. A centralised run trains its one client for
+    /// `steps × clients-per-round` steps. The in-process runner hands it to the
+    /// coordinator's round policy; the loopback runner to a real coordinator.
+    pub fn fleet_config(&self) -> covey_coordinator::CoordinatorConfig {
+        let exp = &self.experiment;
+        let mut c = covey_coordinator::CoordinatorConfig {
+            lora: exp.lora.clone(),
+            training: exp.training.clone(),
+            privacy: exp.privacy.clone(),
+            strategy: exp.strategy.clone(),
+            ..covey_coordinator::CoordinatorConfig::default()
+        };
+        c.privacy.population = self.population();
+        c.training.seed ^= exp.seed;
+        if exp.rounds.centralised {
+            let cohort = u32::try_from(exp.rounds.clients_per_round).unwrap_or(u32::MAX);
+            c.training.steps = c.training.steps.saturating_mul(cohort);
+        }
+        c.rounds.target_updates = self.cohort();
+        c.rounds.over_selection = 0.0;
+        // Poisson cohorts vary around `cohort`; a round publishes with whoever was sampled.
+        c.rounds.min_updates = 1;
+        c.rounds.min_available = self.population();
+        c.rounds.max_rounds = exp.rounds.rounds;
+        // A simulation: cohorts from the experiment's seed (a coordinator of devices draws
+        // them from the OS CSPRNG).
+        c.rounds.seed = Some(exp.seed);
+        c
+    }
+
     /// Clients in the population.
     pub fn population(&self) -> usize {
         self.dataset.clients.len()

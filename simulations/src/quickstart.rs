@@ -37,7 +37,7 @@ pub fn experiment() -> Result<Experiment> {
 }
 
 /// Run the quickstart, writing the report folder to `out`.
-pub async fn run(out: &Path, progress: bool) -> Result<Quickstart> {
+pub async fn run(out: &Path, progress: &dyn crate::progress::Progress) -> Result<Quickstart> {
     let mut exp = experiment()?;
     exp.report.dir = Some(out.to_owned());
     let base = exp.model.base.clone().unwrap_or_else(|| PathBuf::from("models/shakespeare-byte"));

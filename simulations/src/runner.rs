@@ -1,14 +1,16 @@
 //! The in-process runner: virtual clients trained in parallel on this machine's cores,
 //! aggregated by the coordinator's strategy code.
 //!
-//! Each round mirrors the coordinator: sample a cohort (Poisson sampling at
-//! q = clients-per-round / population, keyed from the seed), ask the strategy for the round's clip norm and proximal term, train
-//! every client exactly as a device agent does (`covey_agent::train::spec_for` →
+//! Each round is the coordinator's round: its round policy (`covey_coordinator::round`)
+//! samples the cohort (Poisson at q = clients-per-round / population, keyed from the
+//! seed) and plans the round (the strategy's clip norm and proximal term, the training
+//! seed) into the very tasks a coordinator would issue; every client trains its task
+//! exactly as a device agent does (`covey_agent::train::spec_for` →
 //! `covey_model::train_local_adapter` on the published int8 model with the coordinator's
 //! frozen `A`, then `covey_agent::update::PrivateUpdate` clips and noises `B`), aggregate
 //! the updates in cohort order with the strategy (central DP included), merge into the
-//! f32 master (`covey_coordinator::weights::merge_step`), account the privacy spent as
-//! the coordinator does, publish int8 and evaluate the published version.
+//! f32 master (`covey_coordinator::weights::merge_step`), the policy says what the round
+//! spends in privacy, the model is published int8 and the published version evaluated.
 //!
 //! Memory is bounded by the clients training at once (`rounds.parallel` models) plus
 //! the cohort's `B` factors, never by the population. A fixed seed gives the same
@@ -18,18 +20,19 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use covey_agent::task::{LoraSpec, PrivacySpec, TrainingSpec};
 use covey_agent::update::PrivateUpdate;
-use covey_coordinator::weights;
-use covey_model::{LoraTarget, NamedTensors, Tokenizer};
-use covey_privacy::{RdpAccountant, SecureRng};
-use covey_strategy::{ClientUpdate, RoundContext};
-use indicatif::{ProgressBar, ProgressStyle};
+use covey_coordinator::round::{PrivacyRecord, RoundFrame, RoundPolicy, privacy_spent};
+use covey_coordinator::{CoordinatorConfig, weights};
+use covey_model::{NamedTensors, Tokenizer};
+use covey_privacy::SecureRng;
+use covey_proto::task::Task;
+use covey_strategy::{ClientUpdate, Strategy};
 
 use crate::config::Mode;
 use crate::dataset::ClientData;
 use crate::error::{Result, SimError};
 use crate::prepare::{self, Prepared, seed_bytes};
+use crate::progress::Progress;
 use crate::report::{Report, RoundMetrics};
 
 /// Bytes of the signed header and signature sent with every update (the wire format of
@@ -38,32 +41,157 @@ pub const UPDATE_OVERHEAD_BYTES: usize = covey_proto::signing::UPDATE_HEADER_LEN
 
 /// What one virtual client produced in a round.
 #[derive(Debug)]
-struct Outcome {
-    update: ClientUpdate,
-    loss_last: f32,
-    bytes_up: usize,
+pub struct Outcome {
+    /// The update as the strategy receives it (clipped and noised as the task says).
+    pub update: ClientUpdate,
+    /// Training loss of the last step.
+    pub loss_last: f32,
+    /// Bytes the update would take on the wire.
+    pub bytes_up: usize,
 }
 
-/// Run a prepared experiment in this process; `progress` shows a bar per round.
-pub fn run(prepared: &Prepared, progress: bool) -> Result<Report> {
-    let exp = &prepared.experiment;
-    let population = prepared.population();
-    let cohort = prepared.cohort();
-    let mut master = prepared.master.clone();
-    let a = weights::a_factors(&master, &exp.lora);
-    let a_bytes = covey_tensors::encode(&a, None)?.len();
-    let lora = lora_spec(exp, &a)?;
-    let mut strategy = covey_strategy::build(
-        &exp.strategy,
-        exp.privacy.central.as_ref(),
-        SecureRng::from_seed(seed_bytes(exp.seed, "strategy", 0)),
-    )?;
-    let mut accountant = RdpAccountant::new(covey_privacy::rdp::default_orders());
-    let mut seen = vec![false; population];
+/// One round run in process.
+#[derive(Debug)]
+pub struct RoundOutcome {
+    /// Indices of the clients sampled, in population order.
+    pub members: Vec<usize>,
+    /// Their tasks, as the coordinator's round policy issues them.
+    pub tasks: Vec<Task>,
+    /// Clients whose update was aggregated.
+    pub clients: usize,
+    /// Mean training loss of those clients, weighted by examples (NaN: none).
+    pub train_loss: f64,
+    /// Mean upload per client, bytes.
+    pub bytes_up: usize,
+    /// Mean download per sampled client, bytes (the model; the `A` factors once).
+    pub bytes_down: usize,
+}
 
+/// The in-process federation: the coordinator's round policy, strategy, merge and
+/// accountant over virtual clients, one round at a time.
+pub struct InProcess<'a> {
+    prepared: &'a Prepared,
+    config: CoordinatorConfig,
+    strategy: Box<dyn Strategy>,
+    events: Vec<PrivacyRecord>,
+    master: NamedTensors,
+    published: NamedTensors,
+    model_bytes: usize,
+    a: NamedTensors,
+    a_hash: [u8; 32],
+    a_bytes: usize,
+    seen: Vec<bool>,
+}
+
+impl<'a> InProcess<'a> {
+    /// Before round 1: the base model published (int8), the `A` factors issued, the
+    /// strategy seeded from the experiment's seed.
+    pub fn new(prepared: &'a Prepared) -> Result<Self> {
+        let config = prepared.fleet_config();
+        let master = prepared.master.clone();
+        let a = weights::a_factors(&master, &config.lora);
+        let a_encoded = covey_tensors::encode(&a, None)?;
+        let strategy = covey_strategy::build(
+            &config.strategy,
+            config.privacy.central.as_ref(),
+            SecureRng::from_seed(seed_bytes(prepared.experiment.seed, "strategy", 0)),
+        )?;
+        let (published, model_bytes) = prepare::publish(&master)?;
+        Ok(Self {
+            prepared,
+            strategy,
+            events: Vec::new(),
+            master,
+            published,
+            model_bytes,
+            a_hash: covey_proto::keys::sha256(&a_encoded),
+            a_bytes: a_encoded.len(),
+            a,
+            seen: vec![false; prepared.population()],
+            config,
+        })
+    }
+
+    /// The weights devices hold now (the last version, int8, decoded).
+    pub fn published(&self) -> &NamedTensors {
+        &self.published
+    }
+
+    /// The f32 master weights now.
+    pub fn master(&self) -> &NamedTensors {
+        &self.master
+    }
+
+    /// ε spent so far at the experiment's δ.
+    pub fn epsilon(&self) -> Result<f64> {
+        Ok(privacy_spent(&self.events, self.config.privacy.delta)?.epsilon)
+    }
+
+    /// Run round `round`: the policy samples the cohort and plans the round, every
+    /// sampled client trains its task as a device would, the strategy aggregates in
+    /// cohort order, the step is merged, the release accounted and the model published.
+    pub fn round(&mut self, round: u64, progress: &dyn Progress) -> Result<RoundOutcome> {
+        let population = self.prepared.population();
+        let policy = RoundPolicy::new(&self.config);
+        let sampling =
+            policy.sampling(population).map_err(|no| SimError::Data(format!("round {round} cannot open: {no:?}")))?;
+        let members = policy.cohort(round, population, &sampling)?;
+        let frame = RoundFrame {
+            round_id: round,
+            base_version: round,
+            base_manifest_hash: [0; 32],
+            a_factors_sha256: self.a_hash,
+            deadline_ms: 0,
+            max_payload_bytes: 0,
+        };
+        let plan = policy.plan(&frame, &sampling, &mut *self.strategy);
+        let tasks: Vec<Task> = members.iter().map(|&m| plan.task(task_id(m), [0; 32])).collect();
+        let job = RoundJob { prepared: self.prepared, published: &self.published, a: &self.a, round };
+        let outcomes = train_cohort(&job, &members, &tasks, progress)?;
+
+        let mut down = 0usize;
+        for &m in &members {
+            down += self.model_bytes + if self.seen[m] { 0 } else { self.a_bytes };
+            self.seen[m] = true;
+        }
+        let ok: Vec<Outcome> = outcomes.into_iter().flatten().collect();
+        let failures = members.len() - ok.len();
+        let examples: u64 = ok.iter().map(|o| o.update.num_examples).sum();
+        let train_loss = if examples == 0 {
+            f64::NAN
+        } else {
+            ok.iter().map(|o| f64::from(o.loss_last) * o.update.num_examples as f64).sum::<f64>() / examples as f64
+        };
+        let bytes_up = ok.iter().map(|o| o.bytes_up).sum::<usize>() / ok.len().max(1);
+        let clients = ok.len();
+        let mut updates = ok.into_iter().map(|o| o.update);
+        match self.strategy.aggregate(&sampling.context(round), &mut updates, failures)? {
+            Some(aggregate) => {
+                self.master = weights::merge_step(&self.master, &self.a, &aggregate.step, &self.config.lora)?;
+                self.events.extend(policy.privacy_event(&plan, &sampling, aggregate.privacy.as_ref()));
+                (self.published, self.model_bytes) = prepare::publish(&self.master)?;
+            }
+            None => tracing::warn!(round, "the strategy produced no update: the model is unchanged"),
+        }
+        let bytes_down = down / members.len().max(1);
+        Ok(RoundOutcome { members, tasks, clients, train_loss, bytes_up, bytes_down })
+    }
+}
+
+/// The task id of client `m` in simulations (they are not signed).
+fn task_id(m: usize) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[8..].copy_from_slice(&(m as u64).to_be_bytes());
+    id
+}
+
+/// Run a prepared experiment in this process; `progress` hears of each client trained
+/// and each round done.
+pub fn run(prepared: &Prepared, progress: &dyn Progress) -> Result<Report> {
+    let exp = &prepared.experiment;
+    let mut sim = InProcess::new(prepared)?;
     let started = Instant::now();
-    let (mut published, mut model_bytes) = prepare::publish(&master)?;
-    let base = prepare::evaluate(prepared, &published)?;
+    let base = prepare::evaluate(prepared, sim.published())?;
     let mut rounds = vec![RoundMetrics {
         round: 0,
         clients: 0,
@@ -81,150 +209,59 @@ pub fn run(prepared: &Prepared, progress: bool) -> Result<Report> {
 
     for round in 1..=exp.rounds.rounds {
         let t0 = Instant::now();
-        // Poisson sampling at q = cohort / population, as the coordinator samples and as
-        // the accountant assumes; keyed from the experiment's seed (simulations only).
-        let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&exp.seed.to_be_bytes());
-        key[8..16].copy_from_slice(&round.to_be_bytes());
-        let q = cohort as f64 / population.max(1) as f64;
-        let members = covey_privacy::sampling::poisson(population, q.min(1.0), &mut SecureRng::from_seed(key))?;
-        let ctx = RoundContext { round, expected_clients: cohort, population };
-        let round_config = strategy.configure_round(&ctx);
-        let privacy = PrivacySpec {
-            clip_norm: round_config.clip_norm.unwrap_or(exp.privacy.clip_norm),
-            noise_multiplier: exp.privacy.local_noise_multiplier,
-        };
-        let training = TrainingSpec {
-            steps: local_steps(prepared),
-            batch_size: exp.training.batch_size as usize,
-            seq_len: exp.training.seq_len as usize,
-            learning_rate: f64::from(exp.training.learning_rate),
-            proximal_mu: round_config.proximal_mu,
-            seed: exp.training.seed ^ exp.seed ^ round,
-        };
-        let bar = progress.then(|| round_bar(round, exp.rounds.rounds, members.len()));
-        let job = RoundJob { prepared, published: &published, a: &a, lora: &lora, training: &training, privacy, round };
-        let outcomes = train_cohort(&job, &members, bar.as_ref())?;
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-
-        let mut down = 0usize;
-        for &m in &members {
-            down += model_bytes + if seen[m] { 0 } else { a_bytes };
-            seen[m] = true;
-        }
-        let ok: Vec<Outcome> = outcomes.into_iter().flatten().collect();
-        let failures = members.len() - ok.len();
-        let examples: u64 = ok.iter().map(|o| o.update.num_examples).sum();
-        let train_loss = if examples == 0 {
-            f64::NAN
-        } else {
-            ok.iter().map(|o| f64::from(o.loss_last) * o.update.num_examples as f64).sum::<f64>() / examples as f64
-        };
-        let bytes_up = ok.iter().map(|o| o.bytes_up).sum::<usize>() / ok.len().max(1);
-        let clients = ok.len();
-        let mut updates = ok.into_iter().map(|o| o.update);
-        match strategy.aggregate(&ctx, &mut updates, failures)? {
-            Some(aggregate) => {
-                master = weights::merge_step(&master, &a, &aggregate.step, &exp.lora)?;
-                if let Some(e) = aggregate.privacy {
-                    accountant.compose_subsampled_gaussian(e.sampling_rate.clamp(0.0, 1.0), e.noise_multiplier, 1)?;
-                } else if exp.privacy.local_noise_multiplier > 0.0 {
-                    let q = cohort as f64 / population as f64;
-                    accountant.compose_subsampled_gaussian(q, exp.privacy.local_noise_multiplier, 1)?;
-                }
-                (published, model_bytes) = prepare::publish(&master)?;
-            }
-            None => tracing::warn!(round, "the strategy produced no update: the model is unchanged"),
-        }
-        let epsilon =
-            if accountant.rdp().iter().all(|&r| r == 0.0) { 0.0 } else { accountant.epsilon(exp.privacy.delta)?.0 };
-        let metrics = prepare::evaluate(prepared, &published)?;
-        tracing::info!(
+        let out = sim.round(round, progress)?;
+        let epsilon = sim.epsilon()?;
+        let metrics = prepare::evaluate(prepared, sim.published())?;
+        let m = RoundMetrics {
             round,
-            clients,
-            train_loss,
-            perplexity = metrics.perplexity,
-            top1 = metrics.top1,
-            epsilon,
-            "round done"
-        );
-        rounds.push(RoundMetrics {
-            round,
-            clients,
-            train_loss,
+            clients: out.clients,
+            train_loss: out.train_loss,
             test_loss: metrics.mean_nll,
             test_perplexity: metrics.perplexity,
             top1: metrics.top1,
             top3: metrics.top3,
             epsilon,
-            bytes_up_per_client: bytes_up as u64,
-            bytes_down_per_client: (down / members.len().max(1)) as u64,
+            bytes_up_per_client: out.bytes_up as u64,
+            bytes_down_per_client: out.bytes_down as u64,
             wall_seconds: t0.elapsed().as_secs_f64(),
-        });
+        };
+        progress.round_done(&m, exp.rounds.rounds);
+        rounds.push(m);
     }
 
     let mut notes = Vec::new();
     if !exp.report.sample_prompt.is_empty() {
-        let text = prepare::sample(prepared, &published, &exp.report.sample_prompt, exp.report.sample_bytes)?;
+        let text = prepare::sample(prepared, sim.published(), &exp.report.sample_prompt, exp.report.sample_bytes)?;
         notes.push(format!("sample after round {}: {}{}", exp.rounds.rounds, exp.report.sample_prompt, text));
     }
     prepare::report(prepared, Mode::InProcess, rounds, notes)
 }
 
-/// Local steps of one client: `training.steps`, times the cohort for a centralised run.
-fn local_steps(prepared: &Prepared) -> usize {
-    let exp = &prepared.experiment;
-    let steps = exp.training.steps as usize;
-    if exp.rounds.centralised { steps * exp.rounds.clients_per_round } else { steps }
-}
-
-/// The task's LoRA layout, as a device receives it.
-fn lora_spec(exp: &crate::config::Experiment, a: &NamedTensors) -> Result<LoraSpec> {
-    let targets = exp
-        .lora
-        .targets
-        .iter()
-        .map(|t| LoraTarget::parse(t).ok_or_else(|| SimError::config("lora.targets", format!("unknown target `{t}`"))))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(LoraSpec {
-        rank: exp.lora.rank,
-        alpha: f64::from(exp.lora.alpha),
-        targets,
-        a_factors_sha256: covey_proto::keys::sha256(&covey_tensors::encode(a, None)?),
-    })
-}
-
-fn round_bar(round: u64, rounds: u64, clients: usize) -> ProgressBar {
-    let bar = ProgressBar::new(clients as u64);
-    bar.set_style(
-        ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} clients ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("{round}/{rounds}"));
-    bar
-}
-
 /// What every client of a round trains from.
-struct RoundJob<'a> {
-    prepared: &'a Prepared,
-    published: &'a NamedTensors,
-    a: &'a NamedTensors,
-    lora: &'a LoraSpec,
-    training: &'a TrainingSpec,
-    privacy: PrivacySpec,
-    round: u64,
+pub struct RoundJob<'a> {
+    /// The experiment.
+    pub prepared: &'a Prepared,
+    /// The weights devices hold (int8, decoded).
+    pub published: &'a NamedTensors,
+    /// The frozen `A` factors.
+    pub a: &'a NamedTensors,
+    /// The round (keys the local noise).
+    pub round: u64,
 }
 
-/// Train the cohort's clients, `rounds.parallel` at a time; outcomes in cohort order,
-/// `None` for a client that could not train (too little text: a drop-out).
-fn train_cohort(job: &RoundJob<'_>, members: &[usize], bar: Option<&ProgressBar>) -> Result<Vec<Option<Outcome>>> {
+/// Train the cohort's clients, `rounds.parallel` at a time, each on its task; outcomes in
+/// cohort order, `None` for a client that could not train (too little text: a drop-out).
+fn train_cohort(
+    job: &RoundJob<'_>,
+    members: &[usize],
+    tasks: &[Task],
+    progress: &dyn Progress,
+) -> Result<Vec<Option<Outcome>>> {
     let prepared = job.prepared;
     let exp = &prepared.experiment;
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<Option<Outcome>>>>> = Mutex::new((0..members.len()).map(|_| None).collect());
+    let done = AtomicUsize::new(0);
     let workers = exp.rounds.parallel.min(members.len()).max(1);
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -235,14 +272,12 @@ fn train_cohort(job: &RoundJob<'_>, members: &[usize], bar: Option<&ProgressBar>
                         break;
                     }
                     let client = &prepared.dataset.clients[members[i]];
-                    let outcome = train_client(job, client);
+                    let outcome = train_task(job, client, &tasks[i]);
                     let failed = outcome.is_err();
                     if let Ok(mut r) = results.lock() {
                         r[i] = Some(outcome);
                     }
-                    if let Some(bar) = bar {
-                        bar.inc(1);
-                    }
+                    progress.client_done(job.round, done.fetch_add(1, Ordering::Relaxed) + 1, members.len());
                     if failed {
                         // Stop handing out work; the error is reported below.
                         next.store(members.len(), Ordering::Relaxed);
@@ -255,12 +290,15 @@ fn train_cohort(job: &RoundJob<'_>, members: &[usize], bar: Option<&ProgressBar>
     results.into_iter().map(|r| r.unwrap_or(Ok(None))).collect::<Result<Vec<_>>>()
 }
 
-/// One virtual client's round, as a device agent runs it.
-fn train_client(job: &RoundJob<'_>, client: &ClientData) -> Result<Option<Outcome>> {
-    let RoundJob { prepared, published, a, lora, training, privacy, round } = *job;
+/// One virtual client's round, as a device agent runs it: train `task` on the client's
+/// text from the published weights, then clip and noise `B` as the task says (the noise
+/// keyed from the experiment's seed, the client and the round). `None`: the client has
+/// too little text and drops out.
+pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Result<Option<Outcome>> {
+    let RoundJob { prepared, published, a, round } = *job;
     let exp = &prepared.experiment;
     let device_id = covey_proto::keys::sha256(client.id.as_bytes());
-    let spec = covey_agent::train::spec_for(lora, training, exp.rounds.training_threads, 0, &device_id);
+    let spec = covey_agent::train::spec_for(&task.lora, &task.training, exp.rounds.training_threads, 0, &device_id);
     let device = covey_model::cpu_device();
     let result = match covey_model::train_local_adapter(
         &prepared.config,
@@ -281,7 +319,7 @@ fn train_client(job: &RoundJob<'_>, client: &ClientData) -> Result<Option<Outcom
         Err(e) => return Err(SimError::Client { client: client.id.clone(), reason: e.to_string() }),
     };
     let mut rng = SecureRng::from_seed(seed_bytes(exp.seed, &client.id, round));
-    let private = PrivateUpdate::with_rng(result.b, privacy, &mut rng)?;
+    let private = PrivateUpdate::with_rng(result.b, task.privacy, &mut rng)?;
     let within_clip = private.within_clip();
     let delta = private.tensors().clone();
     let bytes_up = covey_tensors::encode(&delta, None)?.len() + UPDATE_OVERHEAD_BYTES;

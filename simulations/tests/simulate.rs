@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use covey_sim::config::{Experiment, Mode};
 use covey_sim::partition::Partitioner;
+use covey_sim::progress::Silent;
 use covey_sim::{loopback, prepare, report, runner};
 
 fn shakespeare() -> PathBuf {
@@ -52,7 +53,7 @@ clip = {{ kind = "fixed", norm = 0.5 }}
 fn the_same_seed_gives_byte_identical_metrics() {
     let run = |seed| {
         let prepared = prepare::prepare(&experiment(seed)).expect("prepare");
-        report::metrics_csv(&runner::run(&prepared, false).expect("run").rounds)
+        report::metrics_csv(&runner::run(&prepared, &Silent).expect("run").rounds)
     };
     let first = run(7);
     let second = run(7);
@@ -75,7 +76,7 @@ fn a_centralised_run_pools_the_clients() {
     exp.privacy.local_noise_multiplier = 0.0;
     let prepared = prepare::prepare(&exp).expect("prepare");
     assert_eq!(prepared.population(), 1);
-    let r = runner::run(&prepared, false).expect("run");
+    let r = runner::run(&prepared, &Silent).expect("run");
     assert_eq!(r.rounds.len(), 3);
     assert!(r.rounds[1..].iter().all(|m| m.clients == 1));
     assert!(r.rounds.iter().all(|m| m.test_perplexity.is_finite()));
@@ -90,7 +91,7 @@ async fn loopback_rounds_run_through_a_real_coordinator_and_agents() {
     exp.privacy.local_noise_multiplier = 0.0;
     let prepared = Arc::new(prepare::prepare(&exp).expect("prepare"));
     let work = tempfile::tempdir().expect("tmp");
-    let out = loopback::run(prepared, work.path(), false).await.expect("loopback run");
+    let out = loopback::run(prepared, work.path(), &Silent).await.expect("loopback run");
     let r = &out.report;
     assert_eq!(r.mode, "loopback-grpc");
     assert_eq!(r.rounds.len(), 3, "round 0 and two rounds");

@@ -65,7 +65,7 @@ async fn a_vanished_device_does_not_block_the_round() {
     // Three devices deliver; the fourth vanishes.
     for (d, t) in devices.iter().zip(&tasks).take(3) {
         let (h, s, p) = d.update(&as_pb(t), &support::delta(3));
-        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     assert_eq!(store.active_round().await.expect("round").expect("open").state, RoundState::Collecting);
 
@@ -117,7 +117,7 @@ async fn central_dp_is_accounted_in_the_published_manifest() {
         let scale = (0.4 / covey_tensors::global_norm(&delta)) as f32;
         delta.values_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= scale));
         let (h, s, p) = d.update(&as_pb(&t), &delta);
-        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     for _ in 0..100 {
         if store.current_version().await.expect("version") == 2 {
@@ -157,7 +157,7 @@ async fn a_round_left_aggregating_is_published_after_a_restart() {
     for d in &devices {
         let t = task_for(&first, d).await;
         let (h, s, p) = d.update(&as_pb(&t), &support::delta(7));
-        first.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        first.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     // The "crash": the round was moved to aggregating, nothing was published.
     store.set_round_state(round.id, RoundState::Aggregating, "").await.expect("state");

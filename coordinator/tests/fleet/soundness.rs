@@ -61,8 +61,11 @@ async fn a_huge_declared_example_count_does_not_weigh_more_than_an_honest_one() 
     assert_eq!(h.num_examples, engine.examples_per_update(), "honest devices declare steps × batch");
     h.num_examples = 1 << 62;
     let s = devices[0].key.sign(&h.to_bytes());
-    let refused = engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store");
-    assert!(matches!(refused, Err(Rejection::ExamplesMismatch { found, .. }) if found == 1 << 62), "{refused:?}");
+    let refused = engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await;
+    assert!(
+        matches!(refused.as_ref().map_err(|e| e.rejection()), Err(Some(Rejection::ExamplesMismatch { found, .. })) if *found == 1 << 62),
+        "{refused:?}"
+    );
     assert_eq!(engine.store().update_count(1).await.expect("count"), 0);
 
     // A stored record that claims 2^62 (a forged row, an old database) still weighs the
@@ -160,7 +163,7 @@ async fn a_missing_ledger_is_corruption_and_target_epsilon_stops_rounds() {
         let scale = (0.4 / covey_tensors::global_norm(&delta)) as f32;
         delta.values_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x *= scale));
         let (h, s, p) = d.update(&pb(&t), &delta);
-        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     let ended = tokio::time::timeout(Duration::from_secs(30), driver).await.expect("the driver stops by itself");
     ended.expect("join").expect("no error");
@@ -192,7 +195,7 @@ async fn a_rollback_is_not_undone_by_the_next_publish() {
     for d in &devices {
         let t = task_for(&engine, d).await;
         let (h, s, p) = d.update(&pb(&t), &support::delta(3));
-        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     for _ in 0..200 {
         if engine.store().current_version().await.expect("v") == 2 {
@@ -205,7 +208,7 @@ async fn a_rollback_is_not_undone_by_the_next_publish() {
     let t = task_for(&engine, &devices[0]).await;
     assert_eq!(t.binding.base_version, 2);
     let (h, s, p) = devices[0].update(&pb(&t), &support::delta(4));
-    engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+    engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     let (current, failed) = engine.rollback(0).await.expect("rollback");
     assert_eq!((current, failed), (1, Some(t.binding.round_id)));
     let r = engine.store().rounds(1).await.expect("rounds").remove(0);
@@ -216,7 +219,7 @@ async fn a_rollback_is_not_undone_by_the_next_publish() {
         let t = task_for(&engine, d).await;
         assert_eq!(t.binding.base_version, 1);
         let (h, s, p) = d.update(&pb(&t), &support::delta(5));
-        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     for _ in 0..200 {
         if engine.store().versions().await.expect("v").len() == 3 {
@@ -242,8 +245,8 @@ async fn an_operator_can_fail_the_round_in_progress() {
     assert!(matches!(engine.fail_round(round + 5, "no").await, Err(CoordinatorError::Refused(_))));
     assert_eq!(engine.fail_round(round, "bad data").await.expect("fail"), RoundState::Open);
     let (h, s, p) = devices[0].update(&pb(&t), &support::delta(1));
-    let refused = engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store");
-    assert!(refused.is_err(), "a failed round takes no update: {refused:?}");
+    let refused = engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await;
+    assert!(refused.as_ref().is_err_and(|e| e.rejection().is_some()), "a failed round takes no update: {refused:?}");
     let next = task_for(&engine, &devices[0]).await;
     assert!(next.binding.round_id > round, "the driver opened the next round");
     let r = engine.store().rounds(10).await.expect("rounds").into_iter().find(|r| r.id == round).expect("round");
@@ -301,7 +304,7 @@ impl Store for Flaky {
     async fn assignment(&self, round_id: u64, device_id: &[u8; 32]) -> Result<Option<Assignment>> {
         self.inner.assignment(round_id, device_id).await
     }
-    async fn insert_update(&self, u: &UpdateRecord, nonce: &[u8; 32]) -> Result<std::result::Result<u64, Rejection>> {
+    async fn insert_update(&self, u: &UpdateRecord, nonce: &[u8; 32]) -> Result<u64> {
         self.inner.insert_update(u, nonce).await
     }
     async fn updates(&self, round_id: u64) -> Result<Vec<UpdateRecord>> {
@@ -369,7 +372,7 @@ async fn a_damaged_master_is_refused_not_re_signed() {
     for d in &devices {
         let t = task_for(&engine, d).await;
         let (h, s, p) = d.update(&pb(&t), &support::delta(2));
-        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("store").expect("accepted");
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
     }
     let active = store.active_round().await.expect("active").expect("round");
     let err = engine.drive(active).await.expect_err("damaged master");
