@@ -10,8 +10,7 @@
 //! Both files are written to a temporary name and renamed into place, so a crash leaves
 //! either the old state or the new one.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use covey_proto::keys::{self, KeyPair};
 use serde::{Deserialize, Serialize};
@@ -196,41 +195,15 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
     builder.create(dir).map_err(|e| AgentError::io(dir, e))
 }
 
-/// A temporary name beside `path`, unique within the process (writers on several threads,
-/// or several agents in one process, never share one).
-pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut name = std::ffi::OsString::from(".");
-    name.push(path.file_name().unwrap_or_default());
-    name.push(format!(".tmp{}-{n}", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Write a secret: a fresh file with mode 0600 (Unix), synced, renamed into place.
+/// Write a secret atomically, mode 0600 on Unix ([`covey_fs::write_atomic_private`]).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let _ = std::fs::remove_file(&tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| AgentError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
+    covey_fs::write_atomic_private(path, bytes).map_err(|e| AgentError::io(path, e))
 }
 
-/// Write a file through a temporary name and a rename, so readers never see half of it.
+/// Write a file atomically and durably ([`covey_fs::write_atomic`]): readers never see
+/// half of it, a crash leaves the old or the new one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| AgentError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
+    covey_fs::write_atomic(path, bytes).map_err(|e| AgentError::io(path, e))
 }
 
 #[cfg(unix)]

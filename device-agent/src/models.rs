@@ -20,7 +20,7 @@ use covey_proto::keys;
 use covey_proto::manifest::{ArtifactRef, Manifest};
 
 use crate::error::{AgentError, Result};
-use crate::identity::{create_private_dir, temp_path, write_atomic};
+use crate::identity::{create_private_dir, write_atomic};
 
 /// Directory of the verified model versions, under the state directory.
 pub const MODELS_DIR: &str = "models";
@@ -198,7 +198,7 @@ impl ModelCache {
         let parsed = parse_config(m.version, &config)?;
         create_private_dir(&self.root)?;
         let dir = self.dir(m.version);
-        let tmp = temp_path(&dir);
+        let tmp = covey_fs::temp_path(&dir);
         let _ = std::fs::remove_dir_all(&tmp);
         create_private_dir(&tmp)?;
         write_atomic(&tmp.join(MANIFEST_FILE), &manifest.bytes)?;

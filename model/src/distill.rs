@@ -31,14 +31,14 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use covey_infer::Model;
 use half::f16;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use crate::batch::TeacherTargets;
+use crate::batch::{Batch, BatchSource};
 use crate::error::{ModelError, Result};
-use crate::train::{Batch, BatchSource};
 
 /// Temperature and mixing weight of the distillation objective.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -66,34 +66,6 @@ impl DistillLoss {
             return Err(ModelError::config("alpha", format!("{} is not in [0, 1]", self.alpha)));
         }
         Ok(())
-    }
-}
-
-/// What the teacher says about a batch's positions.
-// Two tensor handles against one: one per batch, not worth a box.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
-pub enum TeacherTargets {
-    /// Every logit: `[batch, seq, vocab]`.
-    Dense(Tensor<3>),
-    /// The `k` largest logits and their token ids: `[batch, seq, k]` each.
-    TopK {
-        /// Token ids.
-        ids: Tensor<3, Int>,
-        /// Their logits.
-        logits: Tensor<3>,
-    },
-}
-
-impl TeacherTargets {
-    /// Rows `start..start + rows` of the batch.
-    pub fn narrow(&self, start: usize, rows: usize) -> Self {
-        match self {
-            Self::Dense(t) => Self::Dense(t.clone().narrow(0, start, rows)),
-            Self::TopK { ids, logits } => {
-                Self::TopK { ids: ids.clone().narrow(0, start, rows), logits: logits.clone().narrow(0, start, rows) }
-            }
-        }
     }
 }
 
@@ -233,13 +205,14 @@ impl TeacherCache {
 
     /// Run `teacher` over every window and store its top-`k` logits at `path`
     /// (written to a temporary name, then renamed: an interrupted build leaves no cache).
+    /// `on_window(done, total)` hears of each window (how a caller shows progress).
     pub fn build(
         path: &Path,
         teacher: &Model,
         description: &str,
         windows: &Windows,
         k: usize,
-        progress: bool,
+        on_window: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let vocab = teacher.config().vocab_size;
         if k == 0 || k > vocab {
@@ -265,7 +238,6 @@ impl TeacherCache {
         out.write_all(CACHE_MAGIC).map_err(io)?;
         out.write_all(&(json.len() as u32).to_le_bytes()).map_err(io)?;
         out.write_all(&json).map_err(io)?;
-        let bar = progress_bar(progress, windows.len() as u64, "teacher top-k");
         let n = windows.seq_len();
         let mut order: Vec<u32> = (0..vocab as u32).collect();
         for i in 0..windows.len() {
@@ -279,9 +251,8 @@ impl TeacherCache {
                     out.write_all(&f16::from_f32(row[id as usize]).to_le_bytes()).map_err(io)?;
                 }
             }
-            bar.inc(1);
+            on_window(i + 1, windows.len());
         }
-        bar.finish_and_clear();
         out.flush().map_err(io)?;
         drop(out);
         std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
@@ -382,15 +353,6 @@ fn top_k_ids(row: &[f32], k: usize, order: &mut Vec<u32>) {
 fn teacher_logits(teacher: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     let mut session = teacher.session();
     Ok(teacher.forward(&mut session, ids, false)?)
-}
-
-fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
-    let bar = if show { ProgressBar::new(len) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template(&format!("{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {what}"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
 }
 
 /// Where the teacher's logits come from.
@@ -588,7 +550,7 @@ mod tests {
                 .expect("teacher");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("teacher.topk");
-        let mut cache = TeacherCache::build(&path, &teacher, "tiny", &a, 8, false).expect("build");
+        let mut cache = TeacherCache::build(&path, &teacher, "tiny", &a, 8, &mut |_, _| {}).expect("build");
         // The cached ids and logits are the teacher's 8 largest, largest first.
         let (ids, vals) = cache.read_window(2).expect("read");
         let full = teacher_logits(&teacher, &a.window(2)[..16]).expect("logits");

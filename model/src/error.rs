@@ -171,10 +171,12 @@ fn hint(needed: &Option<usize>) -> String {
 }
 
 impl ModelError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
     }
-    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+    /// An impossible configuration value.
+    pub fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidConfig { path: None, field, reason: reason.into() }
     }
     /// Attach the file a configuration came from.

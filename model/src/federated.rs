@@ -297,7 +297,7 @@ fn train_local(
     let model = adapter_model(config, base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
     let options = LoopOptions { start_step, proximal_mu: spec.proximal_mu, ..LoopOptions::default() };
     let every = spec.checkpoint_every;
-    let (model, report) = train_with(model, &mut batcher, train, &options, &ad, false, |s, m| {
+    let (model, report) = train_with(model, &mut batcher, train, &options, &ad, |s, m| {
         if every > 0
             && (s.step + 1).is_multiple_of(every)
             && let Ok(b) = lora_b_tensors(m)

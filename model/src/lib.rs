@@ -32,7 +32,7 @@
 //! for those layers; [`federated`] runs one client's local FFA-LoRA round on them.
 
 pub mod artifact;
-pub mod bench;
+pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -47,7 +47,6 @@ pub mod gguf_import;
 mod init;
 pub mod llama;
 pub mod lora;
-pub mod pipeline;
 pub mod prune;
 pub mod tokenizer;
 pub mod train;

@@ -469,7 +469,7 @@ pub fn describe(before: &LlamaConfig, after: &LlamaConfig) -> String {
 }
 
 /// Check that `path` holds plain f32 weights a pruning can slice.
-pub(crate) fn require_f32(quantized: bool, path: &Path) -> Result<()> {
+pub fn require_f32(quantized: bool, path: &Path) -> Result<()> {
     if quantized {
         return Err(ModelError::UnsupportedModel {
             path: path.to_owned(),

@@ -43,7 +43,7 @@ fn quick_train(model: Llama, steps: usize) -> Llama {
     let device = cpu_device().autodiff();
     let mut batcher = Batcher::new(corpus(), 32, 1, Path::new("test")).expect("batcher");
     let cfg = TrainConfig { steps, batch_size: 4, seq_len: 32, warmup_steps: 2, lr: 1e-2, ..TrainConfig::default() };
-    train(model, &mut batcher, &cfg, &device, false, |_, _| {}).expect("train").0
+    train(model, &mut batcher, &cfg, &device, |_, _| {}).expect("train").0
 }
 
 #[test]
@@ -138,7 +138,7 @@ fn training_reduces_the_loss() {
     let mut batcher = Batcher::new(corpus(), 32, 2, Path::new("test")).expect("batcher");
     let cfg =
         TrainConfig { steps: 40, batch_size: 4, seq_len: 32, warmup_steps: 4, lr: 1e-2, ..TrainConfig::default() };
-    let (_, report) = train(model, &mut batcher, &cfg, &device, false, |_, _| {}).expect("train");
+    let (_, report) = train(model, &mut batcher, &cfg, &device, |_, _| {}).expect("train");
     let first = report.steps[0].loss;
     let last = report.steps.last().expect("steps").loss;
     assert!((first - (256f32).ln()).abs() < 0.3, "initial loss {first} is not ≈ ln 256");
@@ -310,7 +310,7 @@ fn data_parallel_shards_give_the_same_training_as_one_thread() {
         let mut batcher = Batcher::new(corpus(), 16, 3, Path::new("test")).expect("batcher");
         let cfg =
             TrainConfig { steps: 3, batch_size: 5, seq_len: 16, warmup_steps: 1, threads, ..TrainConfig::default() };
-        let (m, report) = train(model, &mut batcher, &cfg, &device, false, |_, _| {}).expect("train");
+        let (m, report) = train(model, &mut batcher, &cfg, &device, |_, _| {}).expect("train");
         (checkpoint::base_tensors(&m), report.steps.iter().map(|s| s.loss).collect::<Vec<_>>())
     };
     let (a, la) = run(1);
@@ -350,7 +350,7 @@ fn gpu_forward_and_lora_training_match_the_cpu() {
     let before = checkpoint::base_tensors(&m);
     let mut batcher = Batcher::new(corpus(), 16, 1, Path::new("test")).expect("batcher");
     let cfg = TrainConfig { steps: 3, batch_size: 2, seq_len: 16, warmup_steps: 1, ..TrainConfig::default() };
-    let (m, report) = train(m, &mut batcher, &cfg, &ad, false, |_, _| {}).expect("train");
+    let (m, report) = train(m, &mut batcher, &cfg, &ad, |_, _| {}).expect("train");
     assert!(report.steps.iter().all(|s| s.loss.is_finite()));
     assert_eq!(checkpoint::base_tensors(&m), before);
 }
@@ -396,7 +396,7 @@ fn qlora_trains_adapters_on_a_quantized_base_and_leaves_it_untouched() {
         let mut batcher = Batcher::new(ids.repeat(8), 16, 0, Path::new("qlora")).expect("batcher");
         let tc =
             TrainConfig { steps: 4, batch_size: 4, seq_len: 16, lr: 1e-2, warmup_steps: 1, ..TrainConfig::default() };
-        let (trained, report) = train(model, &mut batcher, &tc, &device, false, |_, _| {}).expect("train");
+        let (trained, report) = train(model, &mut batcher, &tc, &device, |_, _| {}).expect("train");
         assert!(report.steps.last().is_some_and(|s| s.loss.is_finite()));
         let b_norm: f64 = checkpoint::adapter_tensors(&trained)
             .expect("adapters")

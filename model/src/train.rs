@@ -8,11 +8,10 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Batcher;
-use crate::distill::{DistillLoss, TeacherTargets, distillation_loss};
+pub use crate::batch::{Batch, BatchSource};
+use crate::distill::{DistillLoss, distillation_loss};
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 
@@ -202,30 +201,6 @@ impl TrainReport {
     }
 }
 
-/// One micro-batch: inputs and next-token targets `[batch, seq]`, and for distillation
-/// the teacher's view of the same positions.
-pub struct Batch {
-    /// Input token ids.
-    pub inputs: Tensor<2, Int>,
-    /// Target token ids (the inputs shifted by one).
-    pub targets: Tensor<2, Int>,
-    /// The teacher's logits at each position, when distilling.
-    pub teacher: Option<TeacherTargets>,
-}
-
-/// Where the training loop draws its micro-batches from.
-pub trait BatchSource {
-    /// The next micro-batch of `batch` sequences, on `device`.
-    fn next_batch(&mut self, batch: usize, device: &Device) -> Result<Batch>;
-}
-
-impl BatchSource for Batcher {
-    fn next_batch(&mut self, batch: usize, device: &Device) -> Result<Batch> {
-        let (inputs, targets) = Batcher::next_batch(self, batch, device);
-        Ok(Batch { inputs, targets, teacher: None })
-    }
-}
-
 /// Where a training run starts and what it adds to the loss, beyond [`TrainConfig`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct LoopOptions {
@@ -328,16 +303,16 @@ fn micro_batch(
 /// Train `model` (on an autodiff device) for `config.steps` optimizer steps over batches
 /// drawn from `batcher`. Only parameters that require gradients change.
 ///
-/// `on_step` sees every step's statistics and the model; `progress` shows a bar.
+/// `on_step` sees every step's statistics and the model: it is also how a caller reports
+/// progress (the command line draws a bar from it); the library draws nothing.
 pub fn train(
     model: Llama,
     batcher: &mut dyn BatchSource,
     config: &TrainConfig,
     device: &Device,
-    progress: bool,
     on_step: impl FnMut(&StepStats, &Llama),
 ) -> Result<(Llama, TrainReport)> {
-    train_with(model, batcher, config, &LoopOptions::default(), device, progress, on_step)
+    train_with(model, batcher, config, &LoopOptions::default(), device, on_step)
 }
 
 /// [`train`] with a distillation objective over batches that carry teacher logits.
@@ -347,12 +322,11 @@ pub fn train_distill(
     config: &TrainConfig,
     loss: DistillLoss,
     device: &Device,
-    progress: bool,
     on_step: impl FnMut(&StepStats, &Llama),
 ) -> Result<(Llama, TrainReport)> {
     loss.validate()?;
     let options = LoopOptions { distill: Some(loss), ..LoopOptions::default() };
-    train_with(model, source, config, &options, device, progress, on_step)
+    train_with(model, source, config, &options, device, on_step)
 }
 
 /// [`train`] from `options.start_step` (steps `start_step..config.steps`), with an
@@ -363,7 +337,6 @@ pub(crate) fn train_with(
     config: &TrainConfig,
     options: &LoopOptions,
     device: &Device,
-    progress: bool,
     mut on_step: impl FnMut(&StepStats, &Llama),
 ) -> Result<(Llama, TrainReport)> {
     config.validate()?;
@@ -386,12 +359,6 @@ pub(crate) fn train_with(
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay as f32)
         .init();
-    let bar =
-        if progress { ProgressBar::new((config.steps - options.start_step) as u64) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
     let start = Instant::now();
     let mut stats = Vec::with_capacity(config.steps - options.start_step);
     let mut tokens = 0usize;
@@ -417,12 +384,9 @@ pub(crate) fn train_with(
         if !s.loss.is_finite() {
             return Err(ModelError::config("lr", format!("training diverged at step {step} (loss {})", s.loss)));
         }
-        bar.set_message(format!("loss {:.3}  {:.0} tok/s", s.loss, tokens as f64 / start.elapsed().as_secs_f64()));
-        bar.inc(1);
         on_step(&s, &model);
         stats.push(s);
     }
-    bar.finish_and_clear();
     Ok((model, TrainReport { steps: stats, tokens, seconds: start.elapsed().as_secs_f64() }))
 }
 

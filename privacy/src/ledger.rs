@@ -8,7 +8,6 @@
 //! a bad checksum is an error — never a silent reset to zero.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -182,20 +181,7 @@ impl BudgetLedger {
         let file = File { content: content.clone(), checksum: checksum(content)? };
         let bytes = serde_json::to_vec_pretty(&file)
             .map_err(|e| PrivacyError::CorruptLedger { path: self.path.clone(), reason: e.to_string() })?;
-        let tmp = self.path.with_extension("tmp");
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Make the rename durable; not every platform can open a directory.
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        covey_fs::write_atomic(&self.path, &bytes).map_err(io)
     }
 }
 

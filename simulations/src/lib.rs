@@ -13,6 +13,7 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod loopback;
+pub mod output;
 pub mod partition;
 pub mod plot;
 pub mod prepare;

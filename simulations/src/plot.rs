@@ -7,13 +7,11 @@
 
 use std::error::Error;
 use std::ops::Range;
-use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::error::{Result, SimError};
-use crate::report::{self, Report, RoundMetrics};
+use crate::report::{Report, RoundMetrics};
 
 /// Size of a run's plot, in pixels.
 const RUN_SIZE: (u32, u32) = (1200, 800);
@@ -45,21 +43,14 @@ type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 /// Draws a run's curves into one SVG at `path`: a 2×2 grid of held-out perplexity,
 /// top-1 and top-3 accuracy, train loss and cumulative ε by round, titled with the run's
 /// name.
-pub fn plot_run(path: &Path, report: &Report) -> Result<()> {
-    let svg = render(RUN_SIZE, |root| draw_run(root, report)).map_err(|e| plot_error(path, e.as_ref()))?;
-    report::write_atomic(path, svg.as_bytes())
+pub fn plot_run(report: &Report) -> std::result::Result<String, String> {
+    render(RUN_SIZE, |root| draw_run(root, report)).map_err(|e| e.to_string())
 }
 
 /// Draws two panels side by side, held-out perplexity and top-1 accuracy by round, with
 /// one line per run in a different colour and the run names in a legend.
-pub fn plot_compare(path: &Path, reports: &[Report]) -> Result<()> {
-    let svg = render(COMPARE_SIZE, |root| draw_compare(root, reports)).map_err(|e| plot_error(path, e.as_ref()))?;
-    report::write_atomic(path, svg.as_bytes())
-}
-
-/// A [`SimError::Plot`] for `path`.
-fn plot_error(path: &Path, error: &dyn Error) -> SimError {
-    SimError::Plot { path: path.to_owned(), reason: error.to_string() }
+pub fn plot_compare(reports: &[Report]) -> std::result::Result<String, String> {
+    render(COMPARE_SIZE, |root| draw_compare(root, reports)).map_err(|e| e.to_string())
 }
 
 /// Renders an SVG document of `size` pixels on a white background.
@@ -254,9 +245,20 @@ fn padded_range(values: impl Iterator<Item = f64>) -> Range<f64> {
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::path::Path;
 
     use super::*;
     use crate::report::tests::{report, round, three_rounds};
+
+    /// Draw a run's curves into `path`.
+    fn plot_run(path: &Path, r: &Report) -> std::result::Result<(), String> {
+        fs::write(path, super::plot_run(r)?).map_err(|e| e.to_string())
+    }
+
+    /// Draw a comparison into `path`.
+    fn plot_compare(path: &Path, reports: &[Report]) -> std::result::Result<(), String> {
+        fs::write(path, super::plot_compare(reports)?).map_err(|e| e.to_string())
+    }
 
     fn svg_of(path: &Path) -> String {
         let svg = fs::read_to_string(path).expect("read svg");
@@ -344,13 +346,5 @@ mod tests {
         assert_eq!(r, 95.0..105.0);
         let r = padded_range([10.0, 20.0].into_iter());
         assert_eq!(r, 9.5..20.5);
-    }
-
-    #[test]
-    fn unwritable_path_is_an_error() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("missing-dir").join("curves.svg");
-        let err = plot_run(&path, &report("r", three_rounds())).expect_err("no such directory");
-        assert!(err.to_string().contains("curves.svg.tmp"), "{err}");
     }
 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use crate::config::Experiment;
 use crate::error::{Result, SimError};
 use crate::loopback;
+use crate::output::{self, ReportFiles};
 use crate::prepare;
-use crate::report::{self, Report, ReportFiles};
+use crate::report::Report;
 
 /// The quickstart experiment, embedded in the binary (the file in the repository is the
 /// documentation of every setting).
@@ -44,7 +45,7 @@ pub async fn run(out: &Path, progress: &dyn crate::progress::Progress) -> Result
     if !base.join("model.safetensors").is_file() {
         return Err(SimError::Data(format!(
             "the base model {} is missing: run from the repository root (it ships there), or make one with \
-             `cargo run --release -p covey-model -- pretrain --out {}`",
+             `cargo run --release -p covey-model-cli -- pretrain --out {}`",
             base.display(),
             base.display()
         )));
@@ -72,7 +73,7 @@ pub async fn run(out: &Path, progress: &dyn crate::progress::Progress) -> Result
         "sample from agent 0's verified model version {}: {}{}",
         generated.version, prompt, generated.text
     ));
-    let files = report::write_report(out, &report)?;
+    let files = output::write_report(out, &report)?;
     Ok(Quickstart { report, files, sample: generated.text, prompt })
 }
 

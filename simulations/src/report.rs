@@ -9,13 +9,8 @@
 //! read back as NaN (an infinity therefore comes back as NaN).
 
 use std::fmt::Write as _;
-use std::fs;
-use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-use crate::error::{Result, SimError};
-use crate::plot;
 
 /// The metrics of one round; round 0 is the model before any training (baseline).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,15 +144,6 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// The files a report or a comparison wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportFiles {
-    /// The folder written into.
-    pub dir: PathBuf,
-    /// Every file written, in the order written.
-    pub paths: Vec<PathBuf>,
-}
-
 /// (De)serialises an `f64` as a JSON number, or `null` when it is not finite (read back as NaN).
 mod nullable_f64 {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -204,34 +190,6 @@ pub fn timing_csv(rounds: &[RoundMetrics]) -> String {
         let _ = writeln!(out, "{},{}", r.round, csv_f64(r.wall_seconds));
     }
     out
-}
-
-/// Writes a run's report folder: `report.json`, `metrics.csv`, `timing.csv` and
-/// `curves.svg`, creating `dir` if needed. Each file is written atomically.
-pub fn write_report(dir: &Path, report: &Report) -> Result<ReportFiles> {
-    fs::create_dir_all(dir).map_err(|e| SimError::io(dir, e))?;
-    let json_path = dir.join("report.json");
-    let mut json =
-        serde_json::to_string_pretty(report).map_err(|source| SimError::Json { path: json_path.clone(), source })?;
-    json.push('\n');
-    write_atomic(&json_path, json.as_bytes())?;
-
-    let metrics_path = dir.join("metrics.csv");
-    write_atomic(&metrics_path, metrics_csv(&report.rounds).as_bytes())?;
-    let timing_path = dir.join("timing.csv");
-    write_atomic(&timing_path, timing_csv(&report.rounds).as_bytes())?;
-    let curves_path = dir.join("curves.svg");
-    plot::plot_run(&curves_path, report)?;
-
-    tracing::debug!(dir = %dir.display(), run = %report.name, "wrote report");
-    Ok(ReportFiles { dir: dir.to_owned(), paths: vec![json_path, metrics_path, timing_path, curves_path] })
-}
-
-/// Reads a report from a `report.json` file, or from a directory that holds one.
-pub fn read_report(path: &Path) -> Result<Report> {
-    let file = if path.is_dir() { path.join("report.json") } else { path.to_owned() };
-    let text = fs::read_to_string(&file).map_err(|e| SimError::io(&file, e))?;
-    serde_json::from_str(&text).map_err(|source| SimError::Json { path: file, source })
 }
 
 /// One CSV row per run: name, rounds, clients per round, baseline and final perplexity,
@@ -325,31 +283,6 @@ pub fn before_after_table(s: &Summary) -> String {
     let _ = writeln!(out, "download    {} per client per round", human_bytes(s.bytes_down_per_client_round));
     let _ = writeln!(out, "rounds      {} × {} of {} clients", s.rounds, s.clients_per_round, s.population);
     out
-}
-
-/// Writes `comparison.csv`, `comparison.txt` and `compare.svg` for `reports` into `dir`,
-/// creating it if needed. Each file is written atomically.
-pub fn write_comparison(dir: &Path, reports: &[Report]) -> Result<ReportFiles> {
-    fs::create_dir_all(dir).map_err(|e| SimError::io(dir, e))?;
-    let csv_path = dir.join("comparison.csv");
-    write_atomic(&csv_path, comparison_csv(reports).as_bytes())?;
-    let table_path = dir.join("comparison.txt");
-    write_atomic(&table_path, comparison_table(reports).as_bytes())?;
-    let svg_path = dir.join("compare.svg");
-    plot::plot_compare(&svg_path, reports)?;
-    Ok(ReportFiles { dir: dir.to_owned(), paths: vec![csv_path, table_path, svg_path] })
-}
-
-/// Writes `bytes` to `path` atomically: to `<name>.tmp` beside it, then renamed over it.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    fs::write(&tmp, bytes).map_err(|e| SimError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        SimError::io(path, e)
-    })
 }
 
 /// A float for CSV: shortest round-trip form, NaN as an empty field.
@@ -459,7 +392,11 @@ fn render_table(header: &[&str], rows: &[Vec<String>], align: &[Align]) -> Strin
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::fs;
+
     use super::*;
+    use crate::error::SimError;
+    use crate::output::{read_report, write_comparison, write_report};
 
     /// A hand-built round.
     pub(crate) fn round(n: u64, ppl: f64, top1: f64, top3: f64, epsilon: f64, up: u64, wall: f64) -> RoundMetrics {

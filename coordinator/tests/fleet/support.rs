@@ -1,9 +1,6 @@
 //! Test support: a tiny model on disk, a configuration, and a raw device client.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use covey_coordinator::CoordinatorConfig;
@@ -48,29 +45,6 @@ pub fn write_tiny_model(dir: &Path) -> PathBuf {
     std::fs::write(dir.join("model.safetensors"), covey_tensors::encode(&m, None).expect("encode")).expect("write");
     std::fs::write(dir.join("config.json"), br#"{"hidden_size": 8, "num_hidden_layers": 2}"#).expect("write");
     dir
-}
-
-/// Start the `covey-coordinator` binary on `config`; returns the child and its address.
-pub fn spawn(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_covey-coordinator"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn covey-coordinator");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && let Some(addr) = line.strip_prefix("covey-coordinator listening on ") {
-                sent = tx.send(addr.trim().to_owned()).is_ok();
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator did not start");
-    (child, addr.parse().expect("address"))
 }
 
 /// A configuration for tests: 4 devices per round, 3 needed, rank 2 on q and v.

@@ -12,7 +12,7 @@ use covey_model::{LlamaConfig, Precision};
 
 /// Training and held-out text cut from Macbeth.
 fn texts(dir: &Path) -> (PathBuf, PathBuf) {
-    let play = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare/macbeth_gut.txt");
+    let play = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/macbeth_gut.txt");
     let text = std::fs::read_to_string(&play).expect("Macbeth ships with the repository");
     let (train, held) = (dir.join("train.txt"), dir.join("held.txt"));
     std::fs::write(&train, &text[20_000..40_000]).expect("write");

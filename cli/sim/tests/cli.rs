@@ -12,7 +12,7 @@ fn text(o: &Output) -> String {
 }
 
 fn write_experiment(dir: &Path, name: &str, strategy: &str) -> std::path::PathBuf {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare");
     let path = dir.join(format!("{name}.toml"));
     let body = format!(
         "name = \"{name}\"\n[data]\npath = \"{}\"\neval-bytes = 2000\n[data.leaf]\nplays = [\"tempest\"]\n\

@@ -4,11 +4,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::{LlamaConfig, LoraConfig, LoraTarget};
-use crate::data::Batcher;
-use crate::error::Result;
-use crate::llama::Llama;
-use crate::train::{TrainConfig, train};
+use covey_model::config::{LlamaConfig, LoraConfig, LoraTarget};
+use covey_model::data::Batcher;
+use covey_model::error::Result;
+use covey_model::llama::Llama;
+use covey_model::train::{TrainConfig, train};
 
 /// Figures printed by `covey-model bench`.
 #[derive(Debug, Clone, Serialize)]
@@ -42,12 +42,12 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// base frozen, AdamW. `warmup` steps are run before `steps` timed ones; each batch
 /// is split over `threads` data-parallel shards.
 pub fn lora_training(steps: usize, warmup: usize, threads: usize) -> Result<BenchReport> {
-    let device = crate::cpu_device().autodiff();
+    let device = covey_model::cpu_device().autodiff();
     let config = LlamaConfig::default();
     let lora =
         LoraConfig { rank: 8, alpha: 16.0, targets: vec![LoraTarget::Q, LoraTarget::V], ..LoraConfig::default() };
     let model = Llama::init(&config, 0, &device)?.with_lora(&lora, &device)?;
-    let trainable = crate::checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
+    let trainable = covey_model::checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
     // Deterministic pseudo-text: the speed does not depend on the bytes.
     let tokens: Vec<u32> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) % 256).collect();
     let mut batcher = Batcher::new(tokens, 128, 0, std::path::Path::new("bench"))?;
@@ -73,10 +73,10 @@ fn timed_training(
 ) -> Result<BenchReport> {
     let warm = TrainConfig { steps: warmup.max(1), ..tc.clone() };
     reset_peak_rss();
-    let (model, _) = train(model, batcher, &warm, device, false, |_, _| {})?;
+    let (model, _) = train(model, batcher, &warm, device, |_, _| {})?;
     let timed = TrainConfig { steps, ..tc };
     let start = Instant::now();
-    let (_, report) = train(model, batcher, &timed, device, false, |_, _| {})?;
+    let (_, report) = train(model, batcher, &timed, device, |_, _| {})?;
     let secs = start.elapsed().as_secs_f64();
     Ok(BenchReport {
         config,
@@ -119,15 +119,15 @@ pub fn lora_real(
     threads: usize,
     checkpointing: bool,
 ) -> Result<BenchReport> {
-    let device = crate::cpu_device().autodiff();
+    let device = covey_model::cpu_device().autodiff();
     let device = if checkpointing { device.gradient_checkpointing() } else { device };
     let (config, tokens, llama) = {
-        let loaded = crate::artifact::LoadedModel::open(model_path)?;
+        let loaded = covey_model::artifact::LoadedModel::open(model_path)?;
         let tokens = loaded.tokenizer.encode(text)?;
         let tensors = loaded.f32_tensors();
         let config = loaded.config.clone();
         drop(loaded);
-        let llama = crate::checkpoint::from_base_tensors(&config, &tensors, model_path, &device)?;
+        let llama = covey_model::checkpoint::from_base_tensors(&config, &tensors, model_path, &device)?;
         (llama.config.clone(), tokens, llama)
     };
     let lora =
@@ -138,7 +138,7 @@ pub fn lora_real(
         BaseWeights::Int8 => model.quantize_base(8)?,
         BaseWeights::Int4 => model.quantize_base(4)?,
     };
-    let trainable = crate::checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
+    let trainable = covey_model::checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
     let mut batcher = Batcher::new(tokens, 128, 0, model_path)?;
     let tc = TrainConfig { batch_size: 4, seq_len: 128, warmup_steps: 1, threads, lr: 1e-4, ..TrainConfig::default() };
     let config_line = format!(

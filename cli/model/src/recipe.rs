@@ -2,16 +2,16 @@
 
 use std::path::PathBuf;
 
+use crate::pipeline::{self, DistillOptions, DistillResult, ModelFigures, PruneOptions, StudentInit};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use covey_model::distill::DistillLoss;
-use covey_model::pipeline::{self, DistillOptions, DistillResult, ModelFigures, PruneOptions, StudentInit};
 use covey_model::prune::{Importance, PruneConfig};
 use covey_model::{LlamaConfig, TrainConfig};
 
 use crate::TrainArgs;
-use crate::deploy_cli::PrecisionArg;
+use crate::deploy::PrecisionArg;
 
 /// The student's shape when it starts fresh.
 #[derive(Args, Clone)]

@@ -2,18 +2,21 @@
 //! models; import real ones (GGUF), quantize, export (safetensors, GGUF, ONNX), generate,
 //! chat, print logits; measure training and inference speed.
 
-mod deploy_cli;
-mod recipe_cli;
+mod bench;
+mod deploy;
+mod pipeline;
+mod progress;
+mod recipe;
 
 use std::path::{Path, PathBuf};
 
+use crate::pipeline::{FinetuneOptions, PretrainOptions};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use covey_model::checkpoint;
 use covey_model::data;
-use covey_model::pipeline::{self, FinetuneOptions, PretrainOptions};
 use covey_model::{LlamaConfig, LoraConfig, LoraTarget, SamplingConfig, Tokenizer, TrainConfig};
 
 #[derive(Parser)]
@@ -46,27 +49,27 @@ enum Command {
     /// Held-out NLL, perplexity, bits per byte, top-1 and top-3 accuracy.
     Eval(EvalArgs),
     /// Import a GGUF file (llama.cpp) into a model directory.
-    Import(deploy_cli::ImportArgs),
+    Import(deploy::ImportArgs),
     /// Quantize a model's weights to int8 or int4.
-    Quantize(deploy_cli::QuantizeArgs),
+    Quantize(deploy::QuantizeArgs),
     /// Export to safetensors (Hugging Face), GGUF (llama.cpp) or ONNX (ONNX Runtime).
-    Export(deploy_cli::ExportArgs),
+    Export(deploy::ExportArgs),
     /// Generate text from a prompt (model directory or GGUF file).
-    Generate(deploy_cli::GenerateArgs),
+    Generate(deploy::GenerateArgs),
     /// Chat with an instruct model through its chat template.
-    Chat(deploy_cli::ChatArgs),
+    Chat(deploy::ChatArgs),
     /// Print the top-k logits at every prompt position (`--json` for scripts).
-    Logits(deploy_cli::LogitsArgs),
+    Logits(deploy::LogitsArgs),
     /// Held-out perplexity of a model in f32, int8 and int4.
-    Perplexity(deploy_cli::PerplexityArgs),
+    Perplexity(deploy::PerplexityArgs),
     /// Decode and prompt tokens/s of a model in f32, int8 and int4.
-    BenchInfer(deploy_cli::InferBenchArgs),
+    BenchInfer(deploy::InferBenchArgs),
     /// Distil a teacher (GGUF or model directory) into a smaller student.
-    Distill(recipe_cli::DistillArgs),
+    Distill(recipe::DistillArgs),
     /// Remove attention heads and MLP channels; optionally fine-tune to recover.
-    Prune(recipe_cli::PruneArgs),
+    Prune(recipe::PruneArgs),
     /// Distillation tokens/s with the teacher live, cached, and absent.
-    BenchDistill(recipe_cli::DistillBenchArgs),
+    BenchDistill(recipe::DistillBenchArgs),
     /// Merge an adapter into the base weights and save the merged model.
     Merge(MergeArgs),
     /// Describe a model (and adapter) directory.
@@ -384,17 +387,17 @@ fn main() -> Result<()> {
         Command::Pretrain(a) => pretrain(a, &device),
         Command::Finetune(a) => finetune(a, &device),
         Command::Eval(a) => eval(a, &device),
-        Command::Import(a) => deploy_cli::import(a),
-        Command::Quantize(a) => deploy_cli::quantize(a),
-        Command::Export(a) => deploy_cli::export(a),
-        Command::Generate(a) => deploy_cli::generate(a),
-        Command::Chat(a) => deploy_cli::chat(a),
-        Command::Logits(a) => deploy_cli::logits(a),
-        Command::Perplexity(a) => deploy_cli::perplexity(a),
-        Command::BenchInfer(a) => deploy_cli::infer_bench(a).map(|_| ()),
-        Command::Distill(a) => recipe_cli::distill(a, &device),
-        Command::Prune(a) => recipe_cli::prune(a, &device),
-        Command::BenchDistill(a) => recipe_cli::bench(a, &device),
+        Command::Import(a) => deploy::import(a),
+        Command::Quantize(a) => deploy::quantize(a),
+        Command::Export(a) => deploy::export(a),
+        Command::Generate(a) => deploy::generate(a),
+        Command::Chat(a) => deploy::chat(a),
+        Command::Logits(a) => deploy::logits(a),
+        Command::Perplexity(a) => deploy::perplexity(a),
+        Command::BenchInfer(a) => deploy::infer_bench(a).map(|_| ()),
+        Command::Distill(a) => recipe::distill(a, &device),
+        Command::Prune(a) => recipe::prune(a, &device),
+        Command::BenchDistill(a) => recipe::bench(a, &device),
         Command::Merge(a) => merge(a, &device),
         Command::Info(a) => info(a, &device),
         Command::Bench(a) => bench(a),
@@ -584,15 +587,15 @@ fn info(a: InfoArgs, device: &Device) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let r = match &a.model {
-        None => covey_model::bench::lora_training(a.steps, a.warmup, a.threads)?,
+        None => crate::bench::lora_training(a.steps, a.warmup, a.threads)?,
         Some(path) => {
             let text = std::fs::read_to_string(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
             let base = match a.base {
-                BaseArg::F32 => covey_model::bench::BaseWeights::F32,
-                BaseArg::Int8 => covey_model::bench::BaseWeights::Int8,
-                BaseArg::Int4 => covey_model::bench::BaseWeights::Int4,
+                BaseArg::F32 => crate::bench::BaseWeights::F32,
+                BaseArg::Int8 => crate::bench::BaseWeights::Int8,
+                BaseArg::Int4 => crate::bench::BaseWeights::Int4,
             };
-            covey_model::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads, a.checkpointing)?
+            crate::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads, a.checkpointing)?
         }
     };
     if a.json {

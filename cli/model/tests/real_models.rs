@@ -126,8 +126,8 @@ fn bad_gguf_files_are_clear_errors() {
 fn gguf_path() -> Option<PathBuf> {
     let candidates = [
         std::env::var_os("COVEY_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
     ];
     let found = candidates.into_iter().flatten().find(|p| p.is_file());
     if found.is_none() {

@@ -7,14 +7,16 @@ use burn::module::Module;
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::checkpoint;
-use crate::config::{LlamaConfig, LoraConfig};
-use crate::data::{self, Batcher, Document};
-use crate::error::{ModelError, Result};
-use crate::eval::{EvalMetrics, evaluate};
-use crate::llama::Llama;
-use crate::tokenizer::Tokenizer;
-use crate::train::{TrainConfig, TrainReport, train};
+use crate::progress::Steps;
+
+use covey_model::checkpoint;
+use covey_model::config::{LlamaConfig, LoraConfig};
+use covey_model::data::{self, Batcher, Document};
+use covey_model::error::{ModelError, Result};
+use covey_model::eval::{EvalMetrics, evaluate};
+use covey_model::llama::Llama;
+use covey_model::tokenizer::Tokenizer;
+use covey_model::train::{TrainConfig, TrainReport, train};
 
 /// Settings of a pretraining run.
 #[derive(Debug, Clone)]
@@ -82,7 +84,11 @@ pub fn pretrain(opts: &PretrainOptions, device: &Device) -> Result<PretrainResul
     let ad = device.clone().autodiff();
     let model = Llama::init(&opts.model, opts.train.seed, &ad)?;
     let mut batcher = Batcher::new(tokenizer.encode(&train_text)?, opts.train.seq_len, opts.train.seed, &opts.data)?;
-    let (model, report) = train(model, &mut batcher, &opts.train, &ad, opts.progress, |_, _| {})?;
+    let steps = Steps::new(opts.progress, opts.train.steps as u64, "steps");
+    let (model, report) = train(model, &mut batcher, &opts.train, &ad, |s, _| {
+        steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss));
+    })?;
+    drop(steps);
     let model = model.valid();
     checkpoint::save_model(&model, &tokenizer, &opts.out)?;
     let eval_text = if held_text.is_empty() { train_text.clone() } else { held_text };
@@ -175,7 +181,11 @@ pub fn finetune(opts: &FinetuneOptions, device: &Device) -> Result<FinetuneResul
     let trainable_params = checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
     let mut batcher =
         Batcher::new(tokenizer.encode(&opts.train_text)?, seq, opts.train.seed, Path::new("fine-tuning text"))?;
-    let (model, report) = train(model, &mut batcher, &opts.train, &ad, opts.progress, |_, _| {})?;
+    let steps = Steps::new(opts.progress, opts.train.steps as u64, "steps");
+    let (model, report) = train(model, &mut batcher, &opts.train, &ad, |s, _| {
+        steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss));
+    })?;
+    drop(steps);
     let model = model.valid();
     let after = evaluate(&model, &eval_tokens, seq, opts.train.batch_size, bpt, None, device)?;
     checkpoint::save_adapter(&model, &opts.out, opts.base.to_str())?;
@@ -225,7 +235,7 @@ pub struct DistillOptions {
     /// Whole documents held out when `eval_data` is `None`.
     pub holdout: usize,
     /// Temperature and α.
-    pub loss: crate::distill::DistillLoss,
+    pub loss: covey_model::distill::DistillLoss,
     /// Cache the teacher's top-k logits in this file (built when missing).
     pub cache: Option<PathBuf>,
     /// Logits kept per position in the cache.
@@ -265,7 +275,7 @@ pub struct DistillResult {
     /// The trained student.
     pub student: ModelFigures,
     /// Temperature and α.
-    pub loss: crate::distill::DistillLoss,
+    pub loss: covey_model::distill::DistillLoss,
     /// Windows trained on.
     pub windows: usize,
     /// Held-out tokens scored.
@@ -300,7 +310,7 @@ pub struct CurvePoint {
 /// Held-out perplexity of host weights, windows of `window` tokens (covey-infer, f32).
 fn engine_perplexity(
     config: &LlamaConfig,
-    tensors: &crate::NamedTensors,
+    tensors: &covey_model::NamedTensors,
     tokens: &[u32],
     window: usize,
 ) -> Result<f64> {
@@ -339,10 +349,10 @@ fn train_and_heldout(data: &Path, eval_data: Option<&Path>, holdout: usize, seed
 /// Distil a teacher into a student (or, with `alpha = 0`, train the student on the
 /// text alone), save it to `opts.out` with `metrics.json` and `train_log.csv`.
 pub fn distill(opts: &DistillOptions, device: &Device) -> Result<DistillResult> {
-    use crate::distill::{DistillBatches, Teacher, TeacherCache, Windows};
+    use covey_model::distill::{DistillBatches, Teacher, TeacherCache, Windows};
     opts.train.validate()?;
     opts.loss.validate()?;
-    let teacher_model = opts.teacher.as_deref().map(crate::LoadedModel::open).transpose()?;
+    let teacher_model = opts.teacher.as_deref().map(covey_model::LoadedModel::open).transpose()?;
     if teacher_model.is_none() && opts.loss.alpha > 0.0 {
         return Err(ModelError::config("alpha", "distillation needs a teacher (or alpha 0 to train on text alone)"));
     }
@@ -394,7 +404,11 @@ pub fn distill(opts: &DistillOptions, device: &Device) -> Result<DistillResult> 
                 Some(path) if path.exists() => Teacher::Cached(TeacherCache::open(path, &windows)?),
                 Some(path) => {
                     let started = std::time::Instant::now();
-                    let c = TeacherCache::build(path, &engine, &t.description, &windows, opts.top_k, opts.progress)?;
+                    let bar = Steps::new(opts.progress, windows.len() as u64, "teacher windows");
+                    let c =
+                        TeacherCache::build(path, &engine, &t.description, &windows, opts.top_k, &mut |done, _| {
+                            bar.tick(done as u64, "")
+                        })?;
                     cache_build_seconds = started.elapsed().as_secs_f64();
                     Teacher::Cached(c)
                 }
@@ -415,8 +429,10 @@ pub fn distill(opts: &DistillOptions, device: &Device) -> Result<DistillResult> 
     let mut batches = DistillBatches::new(&windows, &mut teacher, opts.train.seed);
     let mut curve = Vec::with_capacity(opts.train.steps);
     let mut eval_error = None;
+    let steps = Steps::new(opts.progress, opts.train.steps as u64, "steps");
     let (model, report) =
-        crate::train::train_distill(student, &mut batches, &opts.train, opts.loss, &ad, opts.progress, |s, m| {
+        covey_model::train::train_distill(student, &mut batches, &opts.train, opts.loss, &ad, |s, m| {
+            steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss));
             let scored = opts.eval_every > 0 && (s.step + 1) % opts.eval_every == 0 && s.step + 1 < opts.train.steps;
             let perplexity = if scored {
                 match engine_perplexity(&m.config, &checkpoint::base_tensors(m), &held, eval_window) {
@@ -480,9 +496,9 @@ pub struct PruneOptions {
     /// Output model directory.
     pub out: PathBuf,
     /// Ratios.
-    pub prune: crate::prune::PruneConfig,
+    pub prune: covey_model::prune::PruneConfig,
     /// How heads and channels are ranked.
-    pub importance: crate::prune::Importance,
+    pub importance: covey_model::prune::Importance,
     /// Text for activation scores, held-out perplexity and the recovery fine-tune.
     pub data: PathBuf,
     /// Held-out corpus; `None` holds out `holdout` whole plays of `data`.
@@ -496,7 +512,7 @@ pub struct PruneOptions {
     /// Teacher for a distilled recovery (else cross-entropy on the text).
     pub teacher: Option<PathBuf>,
     /// Distillation settings of the recovery, with a teacher.
-    pub loss: crate::distill::DistillLoss,
+    pub loss: covey_model::distill::DistillLoss,
     /// Held-out tokens scored.
     pub eval_tokens: usize,
     /// Show progress bars.
@@ -509,7 +525,7 @@ pub struct PruneResult {
     /// One line: heads, channels, parameters before → after.
     pub summary: String,
     /// The plan (kept heads and channels per layer, new config).
-    pub plan: crate::prune::PrunePlan,
+    pub plan: covey_model::prune::PrunePlan,
     /// The model before pruning.
     pub before: ModelFigures,
     /// Right after pruning.
@@ -523,9 +539,11 @@ pub struct PruneResult {
 /// Prune heads and MLP channels, optionally fine-tune the result, save it to
 /// `opts.out` with `prune.json`.
 pub fn prune(opts: &PruneOptions, device: &Device) -> Result<PruneResult> {
-    use crate::prune::{Importance, activation_scores, apply, gradient_scores, magnitude_scores, plan, require_f32};
+    use covey_model::prune::{
+        Importance, activation_scores, apply, gradient_scores, magnitude_scores, plan, require_f32,
+    };
     opts.prune.validate()?;
-    let loaded = crate::LoadedModel::open(&opts.model)?;
+    let loaded = covey_model::LoadedModel::open(&opts.model)?;
     require_f32(
         loaded.tensors.values().any(|t| !matches!(t, covey_tensors::quant::StoredTensor::F32(_))),
         &opts.model,
@@ -561,7 +579,7 @@ pub fn prune(opts: &PruneOptions, device: &Device) -> Result<PruneResult> {
         params: p.config.num_params(),
         perplexity: engine_perplexity(&p.config, &pruned, &held, window)?,
     };
-    let out_model = crate::LoadedModel {
+    let out_model = covey_model::LoadedModel {
         source: opts.out.clone(),
         config: p.config.clone(),
         tensors: pruned.into_iter().map(|(n, t)| (n, covey_tensors::quant::StoredTensor::F32(t))).collect(),
@@ -583,7 +601,7 @@ pub fn prune(opts: &PruneOptions, device: &Device) -> Result<PruneResult> {
                 loss: if opts.teacher.is_some() {
                     opts.loss
                 } else {
-                    crate::distill::DistillLoss { alpha: 0.0, ..opts.loss }
+                    covey_model::distill::DistillLoss { alpha: 0.0, ..opts.loss }
                 },
                 cache: None,
                 top_k: 0,
@@ -608,7 +626,7 @@ pub fn prune(opts: &PruneOptions, device: &Device) -> Result<PruneResult> {
         }
     };
     let result = PruneResult {
-        summary: crate::prune::describe(&config, &p.config),
+        summary: covey_model::prune::describe(&config, &p.config),
         plan: p,
         before,
         pruned: after,

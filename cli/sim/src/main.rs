@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use covey_sim::config::{Experiment, Mode};
 use covey_sim::progress::{Progress, Silent};
 use covey_sim::report::{self, Report, RoundMetrics};
-use covey_sim::{loopback, prepare, quickstart, runner};
+use covey_sim::{loopback, output, prepare, quickstart, runner};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Progress as a person sees it: a bar of the round's clients on a terminal, and one
@@ -151,13 +151,13 @@ fn main() -> Result<()> {
             for input in &inputs {
                 let is_report = input.is_dir() || input.extension().is_some_and(|e| e == "json");
                 let report = if is_report {
-                    report::read_report(input)?
+                    output::read_report(input)?
                 } else {
                     run_experiment(&Experiment::load(input)?, progress)?
                 };
                 reports.push(report);
             }
-            let files = report::write_comparison(&out, &reports)?;
+            let files = output::write_comparison(&out, &reports)?;
             println!("{}", report::comparison_table(&reports));
             println!("comparison written to {} ({} files)", out.display(), files.paths.len());
             Ok(())
@@ -190,7 +190,7 @@ fn run_experiment(exp: &Experiment, progress: &dyn Progress) -> Result<Report> {
         }
     };
     let dir = exp.report_dir();
-    report::write_report(&dir, &report)?;
+    output::write_report(&dir, &report)?;
     println!(
         "{}: {} rounds in {:.1} s, peak RSS {}; report in {}",
         exp.name,
