@@ -26,6 +26,15 @@ pub enum CoordinatorError {
     /// The state database failed.
     #[error("state database: {0}")]
     Store(#[from] sqlx::Error),
+    /// Durable state could not be serialised (a bug of this program, reported as one).
+    #[error("cannot serialise the {what}: {source}")]
+    Serialize {
+        /// What was serialised.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The state database holds something this version cannot read.
     #[error("state database is inconsistent: {0}")]
     Corrupt(String),
@@ -316,6 +325,7 @@ impl From<&CoordinatorError> for tonic::Status {
             | CoordinatorError::Io { .. }
             | CoordinatorError::Store(_)
             | CoordinatorError::Corrupt(_)
+            | CoordinatorError::Serialize { .. }
             | CoordinatorError::Tensor(_)
             | CoordinatorError::Proto(_)
             | CoordinatorError::Strategy(_)

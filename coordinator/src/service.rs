@@ -228,8 +228,7 @@ pub fn admin_interceptor(token: String) -> impl FnMut(Request<()>) -> Result<Req
         }
         let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
         let expected = format!("Bearer {token}");
-        let same = given.len() == expected.len()
-            && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        let same = covey_proto::keys::constant_time_eq(given.as_bytes(), expected.as_bytes());
         if same {
             return Ok(req);
         }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use covey_model::Checkpoint;
+use covey_model::RoundProgress;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
@@ -135,7 +135,7 @@ impl CheckpointStore {
     }
 
     /// Save `B` after `checkpoint.step` steps of `task`.
-    pub fn save(&self, task: &Task, checkpoint: &Checkpoint) -> Result<()> {
+    pub fn save(&self, task: &Task, checkpoint: &RoundProgress) -> Result<()> {
         let dir = self.bound_dir(task)?;
         let meta = HashMap::from([(STEP_KEY.to_string(), checkpoint.step.to_string())]);
         let bytes = covey_tensors::encode(&checkpoint.b, Some(meta))
@@ -145,7 +145,7 @@ impl CheckpointStore {
 
     /// The last checkpoint of `task`, if one was saved for exactly this task. An
     /// unreadable checkpoint is logged and ignored (training restarts from zero).
-    pub fn load(&self, task: &Task) -> Option<Checkpoint> {
+    pub fn load(&self, task: &Task) -> Option<RoundProgress> {
         if !self.matches(task) {
             return None;
         }
@@ -156,7 +156,7 @@ impl CheckpointStore {
             (step > 0 && step <= task.training.steps && b.values().all(|t| t.is_finite())).then_some((step, b))
         });
         match parsed {
-            Some((step, b)) => Some(Checkpoint { step, b }),
+            Some((step, b)) => Some(RoundProgress { step, b }),
             None => {
                 tracing::warn!(path = %path.display(), "ignoring an unreadable checkpoint");
                 None
@@ -251,7 +251,7 @@ mod tests {
         let store = CheckpointStore::new(dir.path());
         let task = validate(&sample_task()).expect("task");
         assert!(store.load(&task).is_none());
-        store.save(&task, &Checkpoint { step: 2, b: sample_b() }).expect("save");
+        store.save(&task, &RoundProgress { step: 2, b: sample_b() }).expect("save");
         let back = store.load(&task).expect("checkpoint");
         assert_eq!((back.step, &back.b), (2, &sample_b()));
         assert_eq!(store.pending(), vec![task.id_hex()]);

@@ -19,7 +19,7 @@ use crate::update::SignedUpdate;
 
 /// A connection to the coordinator. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Coordinator {
+pub struct CoordinatorClient {
     client: FleetClient<Channel>,
     url: String,
     backoff: BackoffConfig,
@@ -28,7 +28,7 @@ pub struct Coordinator {
 
 /// What a poll answered.
 #[derive(Debug, Clone, PartialEq)]
-pub enum PollOutcome {
+pub enum PollReply {
     /// Work to do (not yet validated: see [`crate::task::Task`]).
     Task(Box<pb::Task>),
     /// Nothing now; ask again after `retry_after`.
@@ -58,7 +58,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| AgentError::io(path, e))
 }
 
-impl Coordinator {
+impl CoordinatorClient {
     /// A lazily connected channel to `url` with the TLS, time limits and backoff of `cfg`.
     ///
     /// TLS applies to `https://` URLs: the CA is `cfg.tls.ca_cert`, else the one pinned at
@@ -154,10 +154,10 @@ impl Coordinator {
     }
 
     /// `PollTask`, signed with the device key (a fresh timestamp on every attempt).
-    pub async fn poll(&self, identity: &Identity) -> Result<PollOutcome> {
+    pub async fn poll(&self, identity: &Identity) -> Result<PollReply> {
         let resp = retry("PollTask", &self.backoff, |_| {
             let mut c = self.client.clone();
-            let timestamp_ms = crate::now_ms();
+            let timestamp_ms = covey_proto::signing::unix_ms();
             let auth = pb::DeviceAuth {
                 device_id: identity.device_id.to_vec(),
                 timestamp_ms,
@@ -167,9 +167,9 @@ impl Coordinator {
         })
         .await?;
         match resp.outcome {
-            Some(poll_task_response::Outcome::Task(t)) => Ok(PollOutcome::Task(Box::new(t))),
+            Some(poll_task_response::Outcome::Task(t)) => Ok(PollReply::Task(Box::new(t))),
             Some(poll_task_response::Outcome::Wait(w)) => {
-                Ok(PollOutcome::Wait { retry_after: Duration::from_millis(w.retry_after_ms), reason: w.reason })
+                Ok(PollReply::Wait { retry_after: Duration::from_millis(w.retry_after_ms), reason: w.reason })
             }
             None => Err(AgentError::Malformed {
                 method: "PollTask",

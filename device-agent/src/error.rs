@@ -8,6 +8,7 @@ use std::path::PathBuf;
 /// the message. [`AgentError::is_transient`] says whether retrying the same operation may
 /// succeed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     /// A file or directory of the state or data directory could not be read or written.
     #[error("{path}: {source}")]
@@ -173,7 +174,7 @@ pub enum AgentError {
     Privacy(#[from] covey_privacy::PrivacyError),
     /// The training thread panicked or was cancelled.
     #[error("training thread: {0}")]
-    Join(String),
+    Join(#[source] tokio::task::JoinError),
     /// No verified model version is cached yet.
     #[error("{state_dir}: no verified model version is cached yet; run the agent until it trains once")]
     NoModel {

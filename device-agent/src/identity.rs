@@ -69,7 +69,7 @@ impl Identity {
             coordinator_public_key,
             coordinator_url,
             label,
-            enrolled_unix_ms: crate::now_ms(),
+            enrolled_unix_ms: covey_proto::signing::unix_ms(),
         }
     }
 
@@ -164,7 +164,7 @@ impl Identity {
 
     /// The signed authentication of a request about `subject`, timestamped now.
     pub fn auth(&self, method: covey_proto::signing::DeviceMethod, subject: &[u8]) -> covey_proto::pb::DeviceAuth {
-        let timestamp_ms = crate::now_ms();
+        let timestamp_ms = covey_proto::signing::unix_ms();
         covey_proto::pb::DeviceAuth {
             device_id: self.device_id.to_vec(),
             timestamp_ms,

@@ -44,6 +44,7 @@ pub mod backoff;
 pub mod checkpoint;
 pub mod client;
 pub mod config;
+pub mod enroll;
 pub mod error;
 pub mod identity;
 pub mod infer;
@@ -53,56 +54,13 @@ pub mod task;
 pub mod train;
 pub mod update;
 
-pub use client::Coordinator;
+pub use client::CoordinatorClient;
 pub use config::{AgentConfig, BackoffConfig, TlsConfig};
+pub use enroll::{MAX_LABEL_BYTES, enroll};
 pub use error::{AgentError, Result};
 pub use identity::Identity;
 pub use infer::{AgentStatus, Generated, generate, status};
 pub use run::{RunSummary, RunUntil, run, run_with_shutdown};
 
-use covey_proto::keys::KeyPair;
-
-/// Longest enrolment label the coordinator accepts, in bytes.
-pub const MAX_LABEL_BYTES: usize = 128;
-
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Enrol this device with the coordinator of `cfg.coordinator`: generate a key pair,
-/// register its public key with `token`, and write the identity into `cfg.state_dir`
-/// (`device.key` with mode 0600, `identity.json`; `cfg.tls.ca_cert` is copied to
-/// `ca.pem` and pinned for later runs). Refuses a state directory that already holds an
-/// identity.
-pub async fn enroll(cfg: &AgentConfig, token: &str, label: &str) -> Result<Identity> {
-    cfg.validate()?;
-    let url = cfg.coordinator.clone().ok_or_else(|| AgentError::Config {
-        field: "coordinator",
-        reason: "enrolment needs the coordinator's URL".into(),
-    })?;
-    if label.len() > MAX_LABEL_BYTES {
-        return Err(AgentError::Config { field: "label", reason: format!("longer than {MAX_LABEL_BYTES} bytes") });
-    }
-    if let Ok(existing) = Identity::load(&cfg.state_dir) {
-        return Err(AgentError::AlreadyEnrolled {
-            state_dir: cfg.state_dir.clone(),
-            device_id: existing.device_id_hex(),
-        });
-    }
-    let key = KeyPair::generate().map_err(|source| AgentError::Proto { what: "device key", source })?;
-    let coordinator = Coordinator::connect(&url, cfg)?;
-    let (device_id, coordinator_key) = coordinator.enroll(key.public_key(), token, label).await?;
-    let identity = Identity::new(key, coordinator_key, url, label.to_owned());
-    debug_assert_eq!(identity.device_id, device_id);
-    identity.save(&cfg.state_dir)?;
-    if let Some(ca) = &cfg.tls.ca_cert {
-        let pem = std::fs::read(ca).map_err(|e| AgentError::io(ca, e))?;
-        identity::write_atomic(&cfg.state_dir.join(identity::CA_FILE), &pem)?;
-    }
-    tracing::info!(device = %identity.device_id_hex(), "enrolled");
-    Ok(identity)
-}
+pub use covey_proto::signing::unix_ms as now_ms;

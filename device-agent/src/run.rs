@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
 use crate::checkpoint::CheckpointStore;
-use crate::client::{Coordinator, PollOutcome, SubmitOutcome};
+use crate::client::{CoordinatorClient, PollReply, SubmitOutcome};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::identity::Identity;
@@ -106,7 +106,7 @@ pub async fn run_with_shutdown(
     // the same tasks (two independently noised updates of one task).
     let _lock = StateLock::acquire(&cfg.state_dir)?;
     let url = cfg.coordinator.clone().unwrap_or_else(|| identity.coordinator_url.clone());
-    let coordinator = Coordinator::connect(&url, &cfg)?;
+    let coordinator = CoordinatorClient::connect(&url, &cfg)?;
     tracing::info!(device = %identity.device_id_hex(), coordinator = %url, "agent started");
     let agent = Agent {
         models: ModelCache::new(&cfg.state_dir),
@@ -176,7 +176,7 @@ pub async fn run_with_shutdown(
 struct Agent {
     cfg: AgentConfig,
     identity: Identity,
-    coordinator: Coordinator,
+    coordinator: CoordinatorClient,
     models: ModelCache,
     artifacts: ArtifactCache,
     checkpoints: CheckpointStore,
@@ -189,12 +189,12 @@ impl Agent {
         let outcome = self.coordinator.poll(&self.identity).await?;
         summary.polls += 1;
         let task = match outcome {
-            PollOutcome::Wait { retry_after, reason } => {
+            PollReply::Wait { retry_after, reason } => {
                 let wait = retry_after.clamp(Duration::from_millis(10), self.cfg.max_poll_wait);
                 tracing::debug!(reason, wait_ms = wait.as_millis() as u64, "nothing to do");
                 return Ok(Some(wait));
             }
-            PollOutcome::Task(task) => task,
+            PollReply::Task(task) => task,
         };
         crate::task::verify_task(&task, &self.identity.device_id, &self.identity.coordinator_public_key)?;
         let task = crate::task::validate(&task)?;
@@ -291,7 +291,7 @@ impl Agent {
             pre_clip_norm,
             payload_bytes: update.payload().len() as u64,
             resumed_from_step,
-            submitted_unix_ms: crate::now_ms(),
+            submitted_unix_ms: covey_proto::signing::unix_ms(),
         })
     }
 
@@ -350,7 +350,7 @@ impl Agent {
     }
 
     fn check_deadline(&self, task: &Task) -> Result<()> {
-        match task.late_by(crate::now_ms()) {
+        match task.late_by(covey_proto::signing::unix_ms()) {
             Some(late_ms) => Err(AgentError::DeadlinePassed { task_id: task.id_hex(), late_ms }),
             None => Ok(()),
         }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use covey_model::{Checkpoint, LocalResult, LocalTrainSpec, LoraConfig, Resume, Tokenizer, TrainConfig};
+use covey_model::{LocalResult, LocalRound, LocalTrainSpec, LoraConfig, Resume, RoundProgress, Tokenizer, TrainConfig};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::AgentConfig;
@@ -81,7 +81,7 @@ pub(crate) struct Trained {
 
 /// Run `job` on a blocking thread of the runtime.
 pub(crate) async fn train(job: TrainJob) -> Result<Trained> {
-    tokio::task::spawn_blocking(move || train_blocking(job)).await.map_err(|e| AgentError::Join(e.to_string()))?
+    tokio::task::spawn_blocking(move || train_blocking(job)).await.map_err(AgentError::Join)?
 }
 
 fn train_blocking(job: TrainJob) -> Result<Trained> {
@@ -103,16 +103,13 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         tracing::info!(task = %task.id_hex(), step, "resuming from a checkpoint");
     }
     let device = covey_model::cpu_device();
+    let round = LocalRound { config: &model.config, base: &base, a: &a, tokenizer: &Tokenizer::Bytes, corpus: &corpus };
     let result: LocalResult = covey_model::train_local_adapter(
-        &model.config,
-        &base,
-        &a,
-        &Tokenizer::Bytes,
-        &corpus,
+        &round,
         &spec,
         &device,
         resume.map(|c| Resume { step: c.step, b: c.b }),
-        |c: Checkpoint| {
+        |c: RoundProgress| {
             if let Err(e) = store.save(&task, &c) {
                 tracing::warn!(task = %task.id_hex(), step = c.step, error = %e, "cannot save a checkpoint");
             }

@@ -1,7 +1,7 @@
 //! From trained `B` factors to the bytes uploaded, in typed steps:
 //!
 //! `NamedTensors` → [`PrivateUpdate::new`] (clip to C, add noise z·C, as the task demands)
-//! → [`SignedUpdate::sign`] (encode, bind to the task, sign) → `Coordinator::submit`.
+//! → [`SignedUpdate::sign`] (encode, bind to the task, sign) → `CoordinatorClient::submit`.
 //!
 //! Each type can only be built by the step before it, and the uploader only takes a
 //! [`SignedUpdate`], so an update that skipped clipping or noising cannot be sent.

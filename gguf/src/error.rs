@@ -8,6 +8,7 @@ use crate::GgmlType;
 ///
 /// Byte offsets are absolute positions in the file (0 = first byte of the magic).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GgufError {
     /// The first four bytes are not `GGUF`.
     #[error("not a GGUF file: magic is {found:02x?} (\"{}\"), expected \"GGUF\" (47 47 55 46)", .found.escape_ascii())]

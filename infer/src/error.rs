@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in `covey-infer`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum InferError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]

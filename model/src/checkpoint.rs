@@ -167,7 +167,7 @@ pub(crate) fn tensor_error(path: &Path, e: TensorError) -> ModelError {
         TensorError::Missing(name) => ModelError::MissingTensor { path, name },
         TensorError::Shape { name, expected, found } => ModelError::ShapeMismatch { path, name, expected, found },
         TensorError::NonFinite(name) => ModelError::NonFinite { path, name },
-        e @ TensorError::ShapeData { .. } => ModelError::Safetensors { path, reason: e.to_string() },
+        e => ModelError::Safetensors { path, reason: e.to_string() },
     }
 }
 

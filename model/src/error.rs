@@ -6,6 +6,7 @@ use std::path::PathBuf;
 ///
 /// Variants name the file and the problem so that a user can act on the message.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ModelError {
     /// A file or directory could not be read or written.
     #[error("{path}: {source}")]

@@ -29,7 +29,7 @@
 //!
 //! Architecture invariant: this crate knows nothing of gRPC, differential privacy or
 //! aggregation. It exposes plain host tensors ([`NamedTensors`], from `covey-tensors`)
-//! for those layers; [`federated`] runs one client's local FFA-LoRA round on them.
+//! for those layers; [`local_round`] runs one client's local FFA-LoRA round on them.
 
 pub mod artifact;
 pub mod batch;
@@ -41,11 +41,11 @@ pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod export;
-pub mod federated;
 pub mod generate;
 pub mod gguf_import;
 mod init;
 pub mod llama;
+pub mod local_round;
 pub mod lora;
 pub mod prune;
 pub mod tokenizer;
@@ -57,9 +57,11 @@ pub use config::{LlamaConfig, LoraConfig, LoraTarget};
 pub use covey_infer::{Model as InferenceModel, Precision};
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;
-pub use federated::{Checkpoint, LocalResult, LocalTrainSpec, Resume, evaluate_texts, train_local_adapter};
 pub use generate::SamplingConfig;
 pub use llama::{KvCache, Llama};
+pub use local_round::{
+    LocalResult, LocalRound, LocalTrainSpec, Resume, RoundProgress, evaluate_texts, train_local_adapter,
+};
 pub use tokenizer::Tokenizer;
 pub use train::TrainConfig;
 

@@ -118,6 +118,7 @@ pub const OUTPUT_NAME: &str = graph::OUTPUT;
 
 /// Everything that can go wrong while exporting.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OnnxError {
     /// A tensor the configuration needs is absent.
     #[error("missing tensor `{0}`")]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in `covey-privacy`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PrivacyError {
     /// A privacy or clipping parameter is out of range.
     #[error("invalid parameter {name} = {value}: {reason}")]
@@ -33,7 +34,7 @@ pub enum PrivacyError {
     },
     /// The operating system's random generator failed.
     #[error("the operating system's random generator failed: {0}")]
-    Entropy(String),
+    Entropy(#[source] getrandom::Error),
     /// No noise multiplier reaches the target.
     #[error("no noise multiplier up to {max} reaches ε = {target_epsilon} at δ = {delta}")]
     CalibrationFailed {

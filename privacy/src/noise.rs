@@ -62,7 +62,7 @@ impl SecureRng {
     /// A generator keyed with 32 fresh bytes from the operating system.
     pub fn from_os() -> Result<Self> {
         let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| PrivacyError::Entropy(e.to_string()))?;
+        getrandom::fill(&mut seed).map_err(PrivacyError::Entropy)?;
         Ok(Self(ChaCha20Rng::from_seed(seed)))
     }
 

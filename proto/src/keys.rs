@@ -120,6 +120,12 @@ pub fn verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<()>
     UnparsedPublicKey::new(&ED25519, public_key).verify(message, signature).map_err(|_| ProtoError::BadSignature)
 }
 
+/// Whether `a` and `b` are equal, in time that depends only on their lengths (for
+/// secrets such as bearer tokens).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,7 @@ pub const MAX_REQUEST_BYTES: usize = CHUNK_BYTES + (16 << 10);
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtoError {
     /// A signed byte string has the wrong length.
     #[error("{what}: expected {expected} bytes, got {found}")]

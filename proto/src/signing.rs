@@ -310,6 +310,18 @@ impl Reader<'_> {
     }
 }
 
+/// Longest device label an enrolment may carry, in bytes (control characters refused).
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// Milliseconds since the Unix epoch by the system clock (0 before it): the clock of
+/// request timestamps, deadlines and records on both sides of the protocol.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// A fixed-size id from a protobuf `bytes` field, with an error naming the field.
 pub fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N]> {
     bytes.try_into().map_err(|_| ProtoError::Length { what: field, expected: N, found: bytes.len() })

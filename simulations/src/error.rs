@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 /// What can go wrong in a simulation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SimError {
     /// A file or directory could not be read or written.
     #[error("{}: {source}", path.display())]

@@ -23,7 +23,7 @@ use std::time::Instant;
 use covey_agent::update::PrivateUpdate;
 use covey_coordinator::round::{PrivacyRecord, RoundFrame, RoundPolicy, privacy_spent};
 use covey_coordinator::{CoordinatorConfig, weights};
-use covey_model::{NamedTensors, Tokenizer};
+use covey_model::{LocalRound, NamedTensors, Tokenizer};
 use covey_privacy::SecureRng;
 use covey_proto::task::Task;
 use covey_strategy::{ClientUpdate, Strategy};
@@ -300,17 +300,14 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
     let device_id = covey_proto::keys::sha256(client.id.as_bytes());
     let spec = covey_agent::train::spec_for(&task.lora, &task.training, exp.rounds.training_threads, 0, &device_id);
     let device = covey_model::cpu_device();
-    let result = match covey_model::train_local_adapter(
-        &prepared.config,
-        published,
+    let local = LocalRound {
+        config: &prepared.config,
+        base: published,
         a,
-        &Tokenizer::Bytes,
-        &client.train,
-        &spec,
-        &device,
-        None,
-        |_| {},
-    ) {
+        tokenizer: &Tokenizer::Bytes,
+        corpus: &client.train,
+    };
+    let result = match covey_model::train_local_adapter(&local, &spec, &device, None, |_| {}) {
         Ok(r) => r,
         Err(e @ covey_model::ModelError::EmptyCorpus { .. }) => {
             tracing::warn!(client = %client.id, error = %e, "client drops out: too little text");

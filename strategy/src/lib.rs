@@ -170,6 +170,7 @@ pub trait ServerUpdate: Strategy {
 
 /// Everything that can go wrong in `covey-strategy`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StrategyError {
     /// An update lacks a tensor the round's first update has.
     #[error("update from {client} lacks tensor `{tensor}`")]

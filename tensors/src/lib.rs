@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TensorError {
     /// The bytes are not a valid safetensors file.
     #[error("not a valid safetensors file: {0}")]

@@ -150,7 +150,7 @@ async fn three_federated_rounds_lower_the_held_out_loss() {
     std::fs::write(&blob, &bytes).expect("corrupt the blob");
     let mut cfg = AgentConfig::new(root.path().join("agent-x"), root.path().join("data-0"));
     cfg.backoff.max_attempts = 1;
-    let client = covey_agent::Coordinator::connect(&url, &cfg).expect("client");
+    let client = covey_agent::CoordinatorClient::connect(&url, &cfg).expect("client");
     let identity = covey_agent::Identity::load(&root.path().join("agent-0")).expect("an enrolled agent");
     let err = client.fetch_artifact(&identity, &model_hash, None, 1 << 30).await.expect_err("corrupted artifact");
     // The coordinator re-hashes what it streams and ends with DATA_LOSS; the agent checks

@@ -164,131 +164,11 @@ async fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
-            let mut c = CoordinatorConfig::load(&config)?;
-            if let Ok(token) = std::env::var("COVEY_ADMIN_TOKEN") {
-                c.admin.token = token;
-            }
-            let engine = server::open_engine(c).await?;
-            let running = server::start(engine).await?;
-            eprintln!("covey-coordinator listening on {}", running.addr);
-            if let Some(m) = running.metrics_addr {
-                eprintln!("metrics on http://{m}/metrics");
-            }
-            tokio::select! {
-                r = running.server => r??,
-                r = running.rounds => { r??; eprintln!("all rounds done; still serving until Ctrl-C"); tokio::signal::ctrl_c().await?; }
-                _ = tokio::signal::ctrl_c() => eprintln!("shutting down"),
-            }
-        }
-        Command::Status(a) => {
-            let (mut c, t) = admin(&a).await?;
-            let s = c.status(authed(pb::StatusRequest {}, &t)?).await.map_err(status_error)?.into_inner();
-            let json = serde_json::json!({
-                "current_version": s.current_version, "latest_version": s.latest_version,
-                "active_devices": s.active_devices, "revoked_devices": s.revoked_devices,
-                "published_rounds": s.published_rounds, "epsilon": s.epsilon, "delta": s.delta,
-                "open_round": s.open_round.as_ref().map(|r| r.round_id),
-                "coordinator_public_key": s.coordinator_public_key,
-            });
-            print(a.json, &json, || {
-                println!("current version   {}", s.current_version);
-                println!("latest version    {}", s.latest_version);
-                println!("devices           {} active, {} revoked", s.active_devices, s.revoked_devices);
-                println!("published rounds  {}", s.published_rounds);
-                println!("privacy spent     ε = {:.4} at δ = {:e}", s.epsilon, s.delta);
-                match &s.open_round {
-                    Some(r) => println!(
-                        "open round        {} ({}, {} of {} updates)",
-                        r.round_id, r.state, r.updates, r.cohort_size
-                    ),
-                    None => println!("open round        none"),
-                }
-                println!("coordinator key   {}", s.coordinator_public_key);
-            })?;
-        }
-        Command::Rounds(a) => {
-            let (mut c, t) = admin(&a).await?;
-            let r = c
-                .list_rounds(authed(pb::ListRoundsRequest { limit: 0 }, &t)?)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let rows: Vec<Round> = r
-                .rounds
-                .iter()
-                .map(|r| Round {
-                    round_id: r.round_id,
-                    state: &r.state,
-                    base_version: r.base_version,
-                    published_version: r.published_version,
-                    cohort_size: r.cohort_size,
-                    updates: r.updates,
-                    failure: &r.failure,
-                })
-                .collect();
-            print(a.json, &rows, || {
-                println!(
-                    "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  failure",
-                    "round", "state", "base", "published", "cohort", "updates"
-                );
-                for r in &rows {
-                    println!(
-                        "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  {}",
-                        r.round_id, r.state, r.base_version, r.published_version, r.cohort_size, r.updates, r.failure
-                    );
-                }
-            })?;
-        }
-        Command::Versions(a) => {
-            let (mut c, t) = admin(&a).await?;
-            let v = c.list_versions(authed(pb::ListVersionsRequest {}, &t)?).await.map_err(status_error)?.into_inner();
-            let rows: Vec<_> = v
-                .versions
-                .iter()
-                .map(|v| {
-                    serde_json::json!({"version": v.version, "parent": v.parent, "round_id": v.round_id,
-                    "current": v.current, "epsilon": v.epsilon, "manifest_sha256": v.manifest_sha256})
-                })
-                .collect();
-            print(a.json, &rows, || {
-                println!(
-                    "{:>7} {:>6} {:>6} {:>8} {:>9}  manifest sha256",
-                    "version", "parent", "round", "current", "epsilon"
-                );
-                for v in &v.versions {
-                    println!(
-                        "{:>7} {:>6} {:>6} {:>8} {:>9.4}  {}",
-                        v.version,
-                        v.parent,
-                        v.round_id,
-                        if v.current { "*" } else { "" },
-                        v.epsilon,
-                        v.manifest_sha256
-                    );
-                }
-            })?;
-        }
-        Command::Devices(a) => {
-            let (mut c, t) = admin(&a).await?;
-            let d = c.list_devices(authed(pb::ListDevicesRequest {}, &t)?).await.map_err(status_error)?.into_inner();
-            let rows: Vec<_> = d
-                .devices
-                .iter()
-                .map(|d| {
-                    serde_json::json!({"device_id": d.device_id, "label": d.label, "revoked": d.revoked,
-                    "updates": d.updates, "last_seen_unix_ms": d.last_seen_unix_ms})
-                })
-                .collect();
-            print(a.json, &rows, || {
-                println!("{:<64} {:<16} {:>8} {:>8}", "device", "label", "revoked", "updates");
-                for d in &d.devices {
-                    // Labels come from devices: print them escaped, never raw.
-                    let label = d.label.escape_debug().to_string();
-                    println!("{:<64} {:<16} {:>8} {:>8}", d.device_id, label, d.revoked, d.updates);
-                }
-            })?;
-        }
+        Command::Serve { config } => serve(&config).await?,
+        Command::Status(a) => status(&a).await?,
+        Command::Rounds(a) => rounds(&a).await?,
+        Command::Versions(a) => versions(&a).await?,
+        Command::Devices(a) => devices(&a).await?,
         Command::Revoke { device_id, admin: a } => {
             let (mut c, t) = admin(&a).await?;
             let r = c
@@ -340,6 +220,138 @@ async fn main() -> Result<()> {
             eprintln!("enrols {uses} device(s) until {} ms since the epoch; shown once", r.expires_unix_ms);
         }
     }
+    Ok(())
+}
+
+/// `serve`: run the coordinator on `config` until Ctrl-C.
+async fn serve(config: &std::path::Path) -> Result<()> {
+    let mut c = CoordinatorConfig::load(config)?;
+    if let Ok(token) = std::env::var("COVEY_ADMIN_TOKEN") {
+        c.admin.token = token;
+    }
+    let engine = server::open_engine(c).await?;
+    let running = server::start(engine).await?;
+    eprintln!("covey-coordinator listening on {}", running.addr);
+    if let Some(m) = running.metrics_addr {
+        eprintln!("metrics on http://{m}/metrics");
+    }
+    tokio::select! {
+        r = running.server => r??,
+        r = running.rounds => { r??; eprintln!("all rounds done; still serving until Ctrl-C"); tokio::signal::ctrl_c().await?; }
+        _ = tokio::signal::ctrl_c() => eprintln!("shutting down"),
+    }
+    Ok(())
+}
+
+/// `status`: versions, devices, rounds and the privacy spent.
+async fn status(a: &AdminArgs) -> Result<()> {
+    let (mut c, t) = admin(a).await?;
+    let s = c.status(authed(pb::StatusRequest {}, &t)?).await.map_err(status_error)?.into_inner();
+    let json = serde_json::json!({
+        "current_version": s.current_version, "latest_version": s.latest_version,
+        "active_devices": s.active_devices, "revoked_devices": s.revoked_devices,
+        "published_rounds": s.published_rounds, "epsilon": s.epsilon, "delta": s.delta,
+        "open_round": s.open_round.as_ref().map(|r| r.round_id),
+        "coordinator_public_key": s.coordinator_public_key,
+    });
+    print(a.json, &json, || {
+        println!("current version   {}", s.current_version);
+        println!("latest version    {}", s.latest_version);
+        println!("devices           {} active, {} revoked", s.active_devices, s.revoked_devices);
+        println!("published rounds  {}", s.published_rounds);
+        println!("privacy spent     ε = {:.4} at δ = {:e}", s.epsilon, s.delta);
+        match &s.open_round {
+            Some(r) => {
+                println!("open round        {} ({}, {} of {} updates)", r.round_id, r.state, r.updates, r.cohort_size)
+            }
+            None => println!("open round        none"),
+        }
+        println!("coordinator key   {}", s.coordinator_public_key);
+    })?;
+    Ok(())
+}
+
+/// `rounds`: the latest rounds.
+async fn rounds(a: &AdminArgs) -> Result<()> {
+    let (mut c, t) = admin(a).await?;
+    let r = c.list_rounds(authed(pb::ListRoundsRequest { limit: 0 }, &t)?).await.map_err(status_error)?.into_inner();
+    let rows: Vec<Round> = r
+        .rounds
+        .iter()
+        .map(|r| Round {
+            round_id: r.round_id,
+            state: &r.state,
+            base_version: r.base_version,
+            published_version: r.published_version,
+            cohort_size: r.cohort_size,
+            updates: r.updates,
+            failure: &r.failure,
+        })
+        .collect();
+    print(a.json, &rows, || {
+        println!(
+            "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  failure",
+            "round", "state", "base", "published", "cohort", "updates"
+        );
+        for r in &rows {
+            println!(
+                "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  {}",
+                r.round_id, r.state, r.base_version, r.published_version, r.cohort_size, r.updates, r.failure
+            );
+        }
+    })?;
+    Ok(())
+}
+
+/// `versions`: every published version.
+async fn versions(a: &AdminArgs) -> Result<()> {
+    let (mut c, t) = admin(a).await?;
+    let v = c.list_versions(authed(pb::ListVersionsRequest {}, &t)?).await.map_err(status_error)?.into_inner();
+    let rows: Vec<_> = v
+        .versions
+        .iter()
+        .map(|v| {
+            serde_json::json!({"version": v.version, "parent": v.parent, "round_id": v.round_id,
+            "current": v.current, "epsilon": v.epsilon, "manifest_sha256": v.manifest_sha256})
+        })
+        .collect();
+    print(a.json, &rows, || {
+        println!("{:>7} {:>6} {:>6} {:>8} {:>9}  manifest sha256", "version", "parent", "round", "current", "epsilon");
+        for v in &v.versions {
+            println!(
+                "{:>7} {:>6} {:>6} {:>8} {:>9.4}  {}",
+                v.version,
+                v.parent,
+                v.round_id,
+                if v.current { "*" } else { "" },
+                v.epsilon,
+                v.manifest_sha256
+            );
+        }
+    })?;
+    Ok(())
+}
+
+/// `devices`: every enrolled device.
+async fn devices(a: &AdminArgs) -> Result<()> {
+    let (mut c, t) = admin(a).await?;
+    let d = c.list_devices(authed(pb::ListDevicesRequest {}, &t)?).await.map_err(status_error)?.into_inner();
+    let rows: Vec<_> = d
+        .devices
+        .iter()
+        .map(|d| {
+            serde_json::json!({"device_id": d.device_id, "label": d.label, "revoked": d.revoked,
+            "updates": d.updates, "last_seen_unix_ms": d.last_seen_unix_ms})
+        })
+        .collect();
+    print(a.json, &rows, || {
+        println!("{:<64} {:<16} {:>8} {:>8}", "device", "label", "revoked", "updates");
+        for d in &d.devices {
+            // Labels come from devices: print them escaped, never raw.
+            let label = d.label.escape_debug().to_string();
+            println!("{:<64} {:<16} {:>8} {:>8}", d.device_id, label, d.revoked, d.updates);
+        }
+    })?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use covey_proto::keys;
-use covey_proto::signing::{self, DeviceMethod};
+use covey_proto::signing::{self, DeviceMethod, MAX_LABEL_BYTES};
 use tracing::info;
 
 use super::{Coordinator, PollOutcome, SignedTask, now_wall_ms};
@@ -13,8 +13,6 @@ use crate::store::{DeviceRecord, EnrollOutcome, RevokeOutcome, TokenRecord, Vers
 
 /// A device's `last_seen` is written at most this often (each write is an fsync).
 const TOUCH_EVERY_MS: u64 = 1000;
-/// Longest enrolment label, in bytes.
-const MAX_LABEL_BYTES: usize = 128;
 
 fn bad_request(field: &'static str, e: impl std::fmt::Display) -> Rejection {
     Rejection::BadRequest { field, reason: e.to_string() }

@@ -186,10 +186,7 @@ impl std::fmt::Debug for Coordinator {
     }
 }
 
-/// Milliseconds since the Unix epoch by the system clock (0 before it).
-pub(crate) fn now_wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use covey_proto::signing::unix_ms as now_wall_ms;
 
 fn per_minute(n: u32) -> Quota {
     Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))

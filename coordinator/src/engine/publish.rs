@@ -166,8 +166,8 @@ impl Coordinator {
 }
 
 /// Serialise durable state; a failure is a bug of this program, reported as such.
-fn json<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| CoordinatorError::Corrupt(format!("cannot serialise the {what}: {e}")))
+fn json<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|source| CoordinatorError::Serialize { what, source })
 }
 
 /// Streams a round's stored updates to a strategy one at a time, re-verifying each

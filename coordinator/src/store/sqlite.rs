@@ -297,9 +297,10 @@ impl Store for SqliteStore {
 
     async fn insert_round(&self, r: &RoundRecord, assignments: &[Assignment]) -> Result<()> {
         let plan = match &r.plan {
-            Some(p) => {
-                Some(serde_json::to_string(p).map_err(|e| CoordinatorError::Corrupt(format!("round plan: {e}")))?)
-            }
+            Some(p) => Some(
+                serde_json::to_string(p)
+                    .map_err(|source| CoordinatorError::Serialize { what: "round plan", source })?,
+            ),
             None => None,
         };
         let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;

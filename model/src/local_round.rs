@@ -53,7 +53,7 @@ pub struct LocalTrainSpec {
     /// losses. Default 0 (plain FedAvg).
     #[serde(default)]
     pub proximal_mu: f64,
-    /// Emit a [`Checkpoint`] every this many optimizer steps; 0 never. Default 10.
+    /// Emit a [`RoundProgress`] every this many optimizer steps; 0 never. Default 10.
     #[serde(default = "ten")]
     pub checkpoint_every: usize,
 }
@@ -90,7 +90,7 @@ impl LocalTrainSpec {
     }
 }
 
-/// Where to continue an interrupted round: the last [`Checkpoint`] the run emitted.
+/// Where to continue an interrupted round: the last [`RoundProgress`] the run emitted.
 ///
 /// Training continues at optimizer step `step` with these `B`, on the same batches and
 /// learning-rate schedule as an uninterrupted run. The AdamW moments are not saved, so
@@ -98,7 +98,7 @@ impl LocalTrainSpec {
 /// run. With dropout > 0 the dropout masks after the restart differ too.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resume {
-    /// Optimizer steps already done (`Checkpoint::step`); less than `train.steps`.
+    /// Optimizer steps already done (`RoundProgress::step`); less than `train.steps`.
     pub step: usize,
     /// The `B` factors at that step, PEFT `lora_B` names.
     pub b: NamedTensors,
@@ -106,7 +106,7 @@ pub struct Resume {
 
 /// The adapter in the middle of a round, for crash recovery.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Checkpoint {
+pub struct RoundProgress {
     /// Optimizer steps done. When it equals `train.steps`, `b` is the final result.
     pub step: usize,
     /// The `B` factors after those steps, PEFT `lora_B` names.
@@ -240,6 +240,22 @@ fn tokenize_texts(
     Ok((text, docs.len(), tokens))
 }
 
+/// What one client's round trains on: the published model (shape and base weights), the
+/// frozen `A` factors the coordinator issued, the tokenizer and the local text.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalRound<'a> {
+    /// Shape of the model.
+    pub config: &'a LlamaConfig,
+    /// Base weights (Hugging Face names).
+    pub base: &'a NamedTensors,
+    /// The frozen `A` factors (PEFT names, `[r, in]`).
+    pub a: &'a NamedTensors,
+    /// How the text is tokenized.
+    pub tokenizer: &'a Tokenizer,
+    /// The local text, one document per entry.
+    pub corpus: &'a [String],
+}
+
 /// One client round: build the model from `base` (Hugging Face names), attach FFA-LoRA
 /// with the coordinator's `a_init` (frozen) and `B = 0` (or `resume.b`), train `B` on
 /// `corpus` for `spec.train.steps` optimizer steps, and return `B`.
@@ -253,34 +269,25 @@ fn tokenize_texts(
 /// Errors: invalid spec, missing / misshapen / non-finite base or `A` / `B` tensor (named),
 /// an empty corpus or one shorter than `seq_len + 1` tokens, a token outside the model's
 /// vocabulary, `resume.step >= spec.train.steps`, or a diverging loss.
-#[allow(clippy::too_many_arguments)]
 pub fn train_local_adapter(
-    config: &LlamaConfig,
-    base: &NamedTensors,
-    a_init: &NamedTensors,
-    tokenizer: &Tokenizer,
-    corpus: &[String],
+    round: &LocalRound<'_>,
     spec: &LocalTrainSpec,
     device: &Device,
     resume: Option<Resume>,
-    on_checkpoint: impl FnMut(Checkpoint),
+    on_checkpoint: impl FnMut(RoundProgress),
 ) -> Result<LocalResult> {
-    train_local(config, base, a_init, tokenizer, corpus, spec, device, resume, on_checkpoint).map(|(_, r)| r)
+    train_local(round, spec, device, resume, on_checkpoint).map(|(_, r)| r)
 }
 
 /// [`train_local_adapter`], also returning the trained model.
-#[allow(clippy::too_many_arguments)]
 fn train_local(
-    config: &LlamaConfig,
-    base: &NamedTensors,
-    a_init: &NamedTensors,
-    tokenizer: &Tokenizer,
-    corpus: &[String],
+    round: &LocalRound<'_>,
     spec: &LocalTrainSpec,
     device: &Device,
     resume: Option<Resume>,
-    mut on_checkpoint: impl FnMut(Checkpoint),
+    mut on_checkpoint: impl FnMut(RoundProgress),
 ) -> Result<(Llama, LocalResult)> {
+    let LocalRound { config, base, a: a_init, tokenizer, corpus } = *round;
     spec.validate()?;
     let train = &spec.train;
     let start_step = resume.as_ref().map_or(0, |r| r.step);
@@ -302,7 +309,7 @@ fn train_local(
             && (s.step + 1).is_multiple_of(every)
             && let Ok(b) = lora_b_tensors(m)
         {
-            on_checkpoint(Checkpoint { step: s.step + 1, b });
+            on_checkpoint(RoundProgress { step: s.step + 1, b });
         }
     })?;
     let b = lora_b_tensors(&model)?;
@@ -387,6 +394,12 @@ mod tests {
         }
     }
 
+    /// A round of the tiny model on `corpus`, byte-level.
+    fn round<'a>(base: &'a NamedTensors, a: &'a NamedTensors, corpus: &'a [String]) -> LocalRound<'a> {
+        static CONFIG: std::sync::OnceLock<LlamaConfig> = std::sync::OnceLock::new();
+        LocalRound { config: CONFIG.get_or_init(config), base, a, tokenizer: &Tokenizer::Bytes, corpus }
+    }
+
     /// The `A` factors a coordinator issues for `base()` and `lora()`.
     fn frozen_a() -> NamedTensors {
         covey_tensors::lora::frozen_a(&base(), lora().rank, &lora().targets, lora().seed)
@@ -408,14 +421,12 @@ mod tests {
         .collect()
     }
 
-    fn run(spec: &LocalTrainSpec, resume: Option<Resume>) -> (Llama, LocalResult, Vec<Checkpoint>) {
+    fn run(spec: &LocalTrainSpec, resume: Option<Resume>) -> (Llama, LocalResult, Vec<RoundProgress>) {
         let mut checkpoints = Vec::new();
         let a = frozen_a();
         let (model, result) =
-            train_local(&config(), &base(), &a, &Tokenizer::Bytes, &corpus(), spec, &cpu_device(), resume, |c| {
-                checkpoints.push(c)
-            })
-            .expect("train");
+            train_local(&round(&base(), &a, &corpus()), spec, &cpu_device(), resume, |c| checkpoints.push(c))
+                .expect("train");
         (model, result, checkpoints)
     }
 
@@ -496,11 +507,7 @@ mod tests {
         // Nothing left to train is an error.
         let a = frozen_a();
         let err = train_local_adapter(
-            &config(),
-            &base(),
-            &a,
-            &Tokenizer::Bytes,
-            &corpus(),
+            &round(&base(), &a, &corpus()),
             &spec,
             &cpu_device(),
             Some(Resume { step: 5, b: full.b }),
@@ -528,7 +535,7 @@ mod tests {
         let a = frozen_a();
         let spec = spec(2);
         let call = |a: &NamedTensors, base: &NamedTensors, corpus: &[String]| {
-            train_local_adapter(&config, base, a, &Tokenizer::Bytes, corpus, &spec, &device, None, |_| {})
+            train_local_adapter(&round(base, a, corpus), &spec, &device, None, |_| {})
                 .expect_err("must fail")
                 .to_string()
         };
@@ -577,19 +584,10 @@ mod tests {
         if let Some(t) = b.get_mut(&bname) {
             t.data[1] = f32::INFINITY;
         }
-        let err = train_local_adapter(
-            &config,
-            &base,
-            &a,
-            &Tokenizer::Bytes,
-            &corpus(),
-            &spec,
-            &device,
-            Some(Resume { step: 1, b }),
-            |_| {},
-        )
-        .expect_err("inf")
-        .to_string();
+        let err =
+            train_local_adapter(&round(&base, &a, &corpus()), &spec, &device, Some(Resume { step: 1, b }), |_| {})
+                .expect_err("inf")
+                .to_string();
         assert!(err.contains(&bname) && err.contains("LoRA B tensors"), "{err}");
     }
 
