@@ -307,7 +307,8 @@ mod tests {
     #[test]
     fn every_bad_field_is_named() {
         let m = task().to_message(&[7; 64]);
-        let cases: [(&str, fn(&mut pb::Task)); 7] = [
+        type Spoil = fn(&mut pb::Task);
+        let cases: [(&str, Spoil); 7] = [
             ("lora.rank", |m| m.lora.as_mut().map_or((), |l| l.rank = 0)),
             ("lora.targets", |m| m.lora.as_mut().map_or((), |l| l.targets = vec!["wq".into()])),
             ("training.steps", |m| m.training.as_mut().map_or((), |t| t.steps = 0)),

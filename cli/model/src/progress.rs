@@ -40,7 +40,7 @@ impl Steps {
                 bar.set_position(done);
                 bar.set_message(message.to_owned());
             }
-            None if self.show && (done % self.every == 0 || done == self.total) => {
+            None if self.show && (done.is_multiple_of(self.every) || done == self.total) => {
                 eprintln!(
                     "{done}/{} {} ({:.0} s) {message}",
                     self.total,

@@ -106,7 +106,7 @@ pub struct SignedTask {
 pub enum Opening {
     /// A round was opened (it may be failed at once when the sample came out below
     /// `min-updates`).
-    Opened(RoundRecord),
+    Opened(Box<RoundRecord>),
     /// Fewer eligible devices than `min-available`.
     NotEnoughDevices {
         /// Eligible now.
@@ -143,7 +143,7 @@ impl Opening {
     /// The round, when one was opened.
     pub fn round(self) -> Option<RoundRecord> {
         match self {
-            Self::Opened(r) => Some(r),
+            Self::Opened(r) => Some(*r),
             _ => None,
         }
     }

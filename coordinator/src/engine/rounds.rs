@@ -46,7 +46,7 @@ impl Coordinator {
         let round = match self.store.active_round().await? {
             Some(r) => r,
             None => match self.open_round().await? {
-                Opening::Opened(r) => r,
+                Opening::Opened(r) => *r,
                 Opening::BudgetReached { epsilon, next } => {
                     info!(epsilon, next, "target-epsilon reached: no more rounds");
                     return Ok(false);
@@ -129,7 +129,7 @@ impl Coordinator {
                 "round opened"
             );
         }
-        Ok(Opening::Opened(round))
+        Ok(Opening::Opened(Box::new(round)))
     }
 
     /// The plan a round was opened with; for a round stored before plans were, the plan

@@ -112,7 +112,7 @@ async fn cohorts_are_poisson_samples_at_the_accounted_rate() {
     let mut sizes = std::collections::BTreeSet::new();
     for _ in 0..rounds {
         let round = match engine.open_round().await.expect("open") {
-            Opening::Opened(r) => r,
+            Opening::Opened(r) => *r,
             other => panic!("{other:?}"),
         };
         assert_eq!((round.population, round.expected_cohort), (20, 4), "q = 4 / 20 is recorded with the round");

@@ -1,10 +1,6 @@
 //! Kill the coordinator process with SIGKILL after some updates were acknowledged; a new
 //! process on the same state completes the round with every acknowledged update.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use covey_proto::manifest::Manifest;
@@ -12,35 +8,13 @@ use covey_proto::pb::{self, admin_client::AdminClient, fleet_client::FleetClient
 use covey_tensors::NamedTensors;
 use tonic::transport::Channel;
 
+use crate::binary::spawn;
 use crate::support::{self, Device, connect, submit};
 
 async fn fetch(c: &mut FleetClient<Channel>, device: &Device, hash: &[u8]) -> Vec<u8> {
     let out = device.fetch(c, hash).await.expect("fetch");
     assert_eq!(covey_proto::keys::sha256(&out).to_vec(), hash.to_vec(), "artifact hash");
     out
-}
-
-/// Start the `covey-coordinator` binary on `config`; returns the child and its address.
-pub fn spawn(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_covey-coordinator"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn covey-coordinator");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && let Some(addr) = line.strip_prefix("covey-coordinator listening on ") {
-                sent = tx.send(addr.trim().to_owned()).is_ok();
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator did not start");
-    (child, addr.parse().expect("address"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,13 @@
 //! without any header. Prints the coordinator process's peak RSS (VmHWM) before and after
 //! each wave, how many MiB the clients got out, and the status codes they received.
 //!
-//! `cargo bench -p covey-coordinator --bench upload_flood [-- CLIENTS MIB]` (Linux: reads
-//! `/proc/<pid>/status`).
+//! `cargo bench -p covey-coordinator-cli --bench upload_flood [-- CLIENTS MIB]` (Linux:
+//! reads `/proc/<pid>/status`).
 
+#[path = "../tests/process/binary.rs"]
+mod binary;
 #[allow(dead_code)]
-#[path = "../tests/fleet/support.rs"]
+#[path = "../../../coordinator/tests/fleet/support.rs"]
 mod support;
 
 use std::collections::BTreeMap;
@@ -94,7 +96,7 @@ async fn main() {
     config.limits.max_payload_bytes = 64 << 20;
     let path = root.path().join("coordinator.toml");
     std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write config");
-    let (mut child, addr) = support::spawn(&path);
+    let (mut child, addr) = binary::spawn(&path);
     let pid = child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let url = format!("http://{addr}");
