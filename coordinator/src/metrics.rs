@@ -34,7 +34,8 @@ pub struct Metrics {
     pub updates_accepted: Counter,
     /// Updates refused, by reason.
     pub updates_rejected: Family<ReasonLabel, Counter>,
-    /// Other requests refused by a limit (rate, concurrency), by reason.
+    /// Device requests refused (authentication, enrolment tokens, rate and concurrency
+    /// limits), by reason: the label of the [`crate::Rejection`].
     pub requests_refused: Family<ReasonLabel, Counter>,
     /// Payload bytes received in accepted updates.
     pub bytes_received: Counter,
@@ -62,7 +63,7 @@ impl Default for Metrics {
         let requests_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "requests_refused",
-            "Requests refused by a rate or concurrency limit",
+            "Device requests refused (authentication, tokens, limits), by reason",
             requests_refused.clone(),
         );
         let bytes_received = Counter::default();
@@ -107,7 +108,7 @@ impl Metrics {
         self.updates_rejected.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
-    /// Count a request refused by a limit.
+    /// Count a refused device request.
     pub fn refuse(&self, reason: &str) {
         self.requests_refused.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }

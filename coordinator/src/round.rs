@@ -12,7 +12,6 @@ use covey_privacy::SecureRng;
 use covey_proto::manifest::PrivacySpent;
 use covey_proto::task::{LoraSpec, PrivacySpec, Task, TrainingSpec};
 use covey_strategy::{PrivacyEvent, RoundContext, Strategy};
-use covey_tensors::lora::LoraTarget;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -75,7 +74,7 @@ pub struct PrivacyRecord {
 }
 
 /// What a round is opened on, besides the policy's own choices.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RoundFrame {
     /// Round number.
     pub round_id: u64,
@@ -96,75 +95,39 @@ pub struct RoundFrame {
 /// precision, so the task built from it means exactly what its message says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundPlan {
-    /// Round number.
-    pub round_id: u64,
-    /// Base version.
-    pub base_version: u64,
-    /// SHA-256 of the base version's signed manifest.
-    pub base_manifest_hash: [u8; 32],
-    /// SHA-256 of the `A` factors.
-    pub a_factors_sha256: [u8; 32],
-    /// LoRA rank.
-    pub rank: usize,
-    /// LoRA alpha.
-    pub alpha: f64,
-    /// LoRA targets.
-    pub targets: Vec<LoraTarget>,
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Sequences per step.
-    pub batch_size: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Learning rate.
-    pub learning_rate: f64,
-    /// FedProx μ of the round (the strategy's).
-    pub proximal_mu: f64,
-    /// The round's batch-sampling seed (`training.seed` XOR the round number).
-    pub seed: u64,
-    /// Clip norm C of the round (the strategy's, else `privacy.clip-norm`).
-    pub clip_norm: f64,
-    /// Local noise multiplier z.
-    pub noise_multiplier: f64,
-    /// Deadline, ms since the Unix epoch.
-    pub deadline_ms: u64,
-    /// Largest payload an update may have.
-    pub max_payload_bytes: u64,
+    /// The round, its base version and deadline.
+    pub frame: RoundFrame,
+    /// LoRA layout (the `A` factors' hash is the frame's).
+    pub lora: LoraSpec,
+    /// Local training: the configuration's, the strategy's FedProx μ, the round's seed
+    /// (`training.seed` XOR the round number).
+    pub training: TrainingSpec,
+    /// Clip norm (the strategy's, else `privacy.clip-norm`) and local noise.
+    pub privacy: PrivacySpec,
 }
 
 impl RoundPlan {
     /// The task of one device: this plan with its task id and nonce.
     pub fn task(&self, task_id: [u8; 16], nonce: [u8; 32]) -> Task {
+        let f = &self.frame;
         Task {
-            round_id: self.round_id,
+            round_id: f.round_id,
             task_id,
             nonce,
-            base_version: self.base_version,
-            base_manifest_hash: self.base_manifest_hash,
-            lora: LoraSpec {
-                rank: self.rank,
-                alpha: self.alpha,
-                targets: self.targets.clone(),
-                a_factors_sha256: self.a_factors_sha256,
-            },
-            training: TrainingSpec {
-                steps: self.steps,
-                batch_size: self.batch_size,
-                seq_len: self.seq_len,
-                learning_rate: self.learning_rate,
-                proximal_mu: self.proximal_mu,
-                seed: self.seed,
-            },
-            privacy: PrivacySpec { clip_norm: self.clip_norm, noise_multiplier: self.noise_multiplier },
-            deadline_unix_ms: self.deadline_ms,
-            max_payload_bytes: self.max_payload_bytes,
+            base_version: f.base_version,
+            base_manifest_hash: f.base_manifest_hash,
+            lora: self.lora.clone(),
+            training: self.training.clone(),
+            privacy: self.privacy,
+            deadline_unix_ms: f.deadline_ms,
+            max_payload_bytes: f.max_payload_bytes,
         }
     }
 
     /// Examples behind every update: steps × batch size. The aggregation weight of every
     /// update of the round, whatever a device declares.
     pub fn examples_per_update(&self) -> u64 {
-        self.steps as u64 * self.batch_size as u64
+        self.training.examples()
     }
 }
 
@@ -238,23 +201,25 @@ impl<'a> RoundPolicy<'a> {
         let c = self.config;
         let asked = strategy.configure_round(&sampling.context(frame.round_id));
         RoundPlan {
-            round_id: frame.round_id,
-            base_version: frame.base_version,
-            base_manifest_hash: frame.base_manifest_hash,
-            a_factors_sha256: frame.a_factors_sha256,
-            rank: c.lora.rank,
-            alpha: f64::from(c.lora.alpha),
-            targets: c.lora.lora_targets(),
-            steps: c.training.steps as usize,
-            batch_size: c.training.batch_size as usize,
-            seq_len: c.training.seq_len as usize,
-            learning_rate: f64::from(c.training.learning_rate),
-            proximal_mu: wire(asked.proximal_mu),
-            seed: c.training.seed ^ frame.round_id,
-            clip_norm: asked.clip_norm.unwrap_or(c.privacy.clip_norm),
-            noise_multiplier: c.privacy.local_noise_multiplier,
-            deadline_ms: frame.deadline_ms,
-            max_payload_bytes: frame.max_payload_bytes,
+            frame: *frame,
+            lora: LoraSpec {
+                rank: c.lora.rank,
+                alpha: f64::from(c.lora.alpha),
+                targets: c.lora.lora_targets(),
+                a_factors_sha256: frame.a_factors_sha256,
+            },
+            training: TrainingSpec {
+                steps: c.training.steps as usize,
+                batch_size: c.training.batch_size as usize,
+                seq_len: c.training.seq_len as usize,
+                learning_rate: f64::from(c.training.learning_rate),
+                proximal_mu: wire(asked.proximal_mu),
+                seed: c.training.seed ^ frame.round_id,
+            },
+            privacy: PrivacySpec {
+                clip_norm: asked.clip_norm.unwrap_or(c.privacy.clip_norm),
+                noise_multiplier: c.privacy.local_noise_multiplier,
+            },
         }
     }
 
@@ -269,7 +234,9 @@ impl<'a> RoundPolicy<'a> {
     ) -> Option<PrivacyRecord> {
         match released {
             Some(e) => Some(PrivacyRecord { q: e.sampling_rate, z: e.noise_multiplier }),
-            None if plan.noise_multiplier > 0.0 => Some(PrivacyRecord { q: sampling.rate(), z: plan.noise_multiplier }),
+            None if plan.privacy.noise_multiplier > 0.0 => {
+                Some(PrivacyRecord { q: sampling.rate(), z: plan.privacy.noise_multiplier })
+            }
             None => None,
         }
     }
@@ -347,7 +314,7 @@ mod tests {
         let s = p.sampling(10).expect("sampling");
         let mut strategy = covey_strategy::build(&c.strategy, None, SecureRng::from_seed([0; 32])).expect("strategy");
         let plan = p.plan(&frame(5), &s, &mut *strategy);
-        assert_eq!((plan.clip_norm, plan.seed, plan.examples_per_update()), (0.75, 100 ^ 5, 20 * 8));
+        assert_eq!((plan.privacy.clip_norm, plan.training.seed, plan.examples_per_update()), (0.75, 100 ^ 5, 20 * 8));
         let task = plan.task([4; 16], [5; 32]);
         let message = task.to_message(&[0; 64]);
         assert_eq!(Task::try_from(&message).expect("valid"), task, "the task means what its message says");

@@ -28,7 +28,7 @@
 //!    task, and every artifact against the manifest, before anything is written
 //!    ([`models`]).
 //! 3. `B` is trained on a blocking thread with `A` frozen, checkpointed every
-//!    `checkpoint_every` steps under `state/checkpoint/{task id}` ([`task`]).
+//!    `checkpoint_every` steps under `state/checkpoint/{task id}` ([`checkpoint`]).
 //! 4. `B` is clipped to `C` and noised (`z·C`) as the task says, encoded, bound to the
 //!    task in a signed header, persisted, and streamed to the coordinator ([`update`]).
 //!

@@ -5,12 +5,13 @@
 //! for the LoRA and training fields), so a task and its message mean exactly the same.
 
 use covey_tensors::lora::LoraTarget;
+use serde::{Deserialize, Serialize};
 
 use crate::signing::{TaskBinding, fixed};
 use crate::{ProtoError, Result, pb};
 
 /// LoRA layout of a task.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSpec {
     /// Rank r (≥ 1).
     pub rank: usize,
@@ -23,7 +24,7 @@ pub struct LoraSpec {
 }
 
 /// Local training hyper-parameters of a task.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingSpec {
     /// Optimizer steps (≥ 1).
     pub steps: usize,
@@ -47,7 +48,7 @@ impl TrainingSpec {
 }
 
 /// Privacy settings of a task.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PrivacySpec {
     /// L2 bound C of the whole update; 0: no clipping.
     pub clip_norm: f64,

@@ -1,8 +1,8 @@
 //! SVG learning curves with plotters.
 //!
 //! [`plot_run`] draws one run's curves (perplexity, accuracy, train loss, ε) and
-//! [`plot_compare`] overlays several runs. Plots are rendered in memory and written
-//! atomically. Non-finite points are left out, and flat or one-point series get a padded
+//! [`plot_compare`] overlays several runs, each as an SVG document in memory (the
+//! `output` module writes them). Non-finite points are left out, and flat or one-point series get a padded
 //! y range so every panel has a drawable extent.
 
 use std::error::Error;

@@ -63,6 +63,19 @@ fn bytes_per_token(text: &str, tokens: &[u32]) -> f64 {
     text.len() as f64 / tokens.len().max(1) as f64
 }
 
+/// [`train`] with a progress report per step (a bar on a terminal), unless `progress`
+/// is false.
+fn train_showing(
+    model: Llama,
+    batcher: &mut Batcher,
+    config: &TrainConfig,
+    device: &Device,
+    progress: bool,
+) -> Result<(Llama, TrainReport)> {
+    let steps = Steps::new(progress, config.steps as u64, "steps");
+    train(model, batcher, config, device, |s, _| steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss)))
+}
+
 /// Pretrain a byte-level model from scratch, hold out whole documents, save it to
 /// `opts.out` (with `metrics.json`) and report held-out metrics.
 pub fn pretrain(opts: &PretrainOptions, device: &Device) -> Result<PretrainResult> {
@@ -84,11 +97,7 @@ pub fn pretrain(opts: &PretrainOptions, device: &Device) -> Result<PretrainResul
     let ad = device.clone().autodiff();
     let model = Llama::init(&opts.model, opts.train.seed, &ad)?;
     let mut batcher = Batcher::new(tokenizer.encode(&train_text)?, opts.train.seq_len, opts.train.seed, &opts.data)?;
-    let steps = Steps::new(opts.progress, opts.train.steps as u64, "steps");
-    let (model, report) = train(model, &mut batcher, &opts.train, &ad, |s, _| {
-        steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss));
-    })?;
-    drop(steps);
+    let (model, report) = train_showing(model, &mut batcher, &opts.train, &ad, opts.progress)?;
     let model = model.valid();
     checkpoint::save_model(&model, &tokenizer, &opts.out)?;
     let eval_text = if held_text.is_empty() { train_text.clone() } else { held_text };
@@ -181,11 +190,7 @@ pub fn finetune(opts: &FinetuneOptions, device: &Device) -> Result<FinetuneResul
     let trainable_params = checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
     let mut batcher =
         Batcher::new(tokenizer.encode(&opts.train_text)?, seq, opts.train.seed, Path::new("fine-tuning text"))?;
-    let steps = Steps::new(opts.progress, opts.train.steps as u64, "steps");
-    let (model, report) = train(model, &mut batcher, &opts.train, &ad, |s, _| {
-        steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss));
-    })?;
-    drop(steps);
+    let (model, report) = train_showing(model, &mut batcher, &opts.train, &ad, opts.progress)?;
     let model = model.valid();
     let after = evaluate(&model, &eval_tokens, seq, opts.train.batch_size, bpt, None, device)?;
     checkpoint::save_adapter(&model, &opts.out, opts.base.to_str())?;

@@ -107,18 +107,18 @@ impl Coordinator {
             return Err(self.reject(Rejection::Replay));
         }
         let plan = self.plan_of(&round).await?;
-        if header.base_manifest_hash != plan.base_manifest_hash {
+        if header.base_manifest_hash != plan.frame.base_manifest_hash {
             return Err(self.reject(Rejection::WrongBaseVersion));
         }
-        let (c, z) = (plan.clip_norm, plan.noise_multiplier);
+        let (c, z) = (plan.privacy.clip_norm, plan.privacy.noise_multiplier);
         if header.clip_norm.to_bits() != c.to_bits() || header.noise_multiplier.to_bits() != z.to_bits() {
             return Err(self.reject(Rejection::PrivacyMismatch(format!(
                 "header C = {}, z = {}; task C = {c}, z = {z}",
                 header.clip_norm, header.noise_multiplier
             ))));
         }
-        if header.payload_len > plan.max_payload_bytes {
-            return Err(self.reject(Rejection::Oversized { limit: plan.max_payload_bytes }));
+        if header.payload_len > plan.frame.max_payload_bytes {
+            return Err(self.reject(Rejection::Oversized { limit: plan.frame.max_payload_bytes }));
         }
         let expected = plan.examples_per_update();
         if header.num_examples != expected {
@@ -161,10 +161,10 @@ impl Coordinator {
         drop(payload);
         let existed = self.uploads.size(&h.payload_sha256).is_ok();
         let payload_sha256 = pending.commit()?;
-        let local_noise = permit.plan.noise_multiplier > 0.0;
+        let local_noise = permit.plan.privacy.noise_multiplier > 0.0;
         let record = UpdateRecord {
             id: 0,
-            round_id: permit.plan.round_id,
+            round_id: permit.plan.frame.round_id,
             device_id: h.device_id,
             header: permit.signed_header.clone(),
             signature: permit.signature.clone(),
@@ -185,9 +185,9 @@ impl Coordinator {
         };
         self.metrics.updates_accepted.inc();
         self.metrics.bytes_received.inc_by(bytes);
-        info!(update = id, round = permit.plan.round_id, bytes, "update stored");
+        info!(update = id, round = permit.plan.frame.round_id, bytes, "update stored");
         self.wake.notify_one();
-        Ok((id, permit.plan.round_id))
+        Ok((id, permit.plan.frame.round_id))
     }
 
     /// Shapes, finiteness and norm of a payload (the decoded tensors are not kept: the
@@ -210,7 +210,7 @@ impl Coordinator {
         if let Some(extra) = tensors.keys().find(|n| !self.expected_b.contains_key(*n)) {
             return Err(Rejection::WrongTensors(format!("unexpected tensor `{extra}`")));
         }
-        let (clip_norm, z) = (plan.clip_norm, plan.noise_multiplier);
+        let (clip_norm, z) = (plan.privacy.clip_norm, plan.privacy.noise_multiplier);
         if clip_norm > 0.0 {
             // Local noise of std z·C per value has norm about z·C·√d; allow a wide margin.
             let noise = z * (self.b_values as f64).sqrt() + 5.0 * z;

@@ -6,7 +6,8 @@
 //! What a device says is checked against what the coordinator knows itself: the signed
 //! header must carry the task's round, nonce, base version, clip norm, noise and number
 //! of examples (steps × batch size, which is also the aggregation weight: never the
-//! device's word); the cohort is sampled here (Poisson, from the OS CSPRNG) and the
+//! device's word); the cohort is sampled here (Poisson, from the OS CSPRNG; from
+//! `rounds.seed` in simulations) and the
 //! sampling rate the accountant uses is the one the sampling used. The round's
 //! parameters are decided by the pure [`crate::round`] policy when it opens and stored
 //! on its record.
@@ -42,7 +43,7 @@ use crate::artifacts::Artifacts;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Rejection, Result};
 use crate::metrics::Metrics;
-use crate::round::NoRound;
+pub use crate::round::NoRound;
 use crate::store::{RoundRecord, Store, TokenRecord, VersionRecord};
 use crate::weights;
 
@@ -107,36 +108,8 @@ pub enum Opening {
     /// A round was opened (it may be failed at once when the sample came out below
     /// `min-updates`).
     Opened(Box<RoundRecord>),
-    /// Fewer eligible devices than `min-available`.
-    NotEnoughDevices {
-        /// Eligible now.
-        eligible: usize,
-    },
-    /// `privacy.population` is below the eligible devices: refused, since the sampling
-    /// rate would understate each device's chance of being sampled.
-    PopulationTooSmall {
-        /// Configured.
-        population: usize,
-        /// Eligible now.
-        eligible: usize,
-    },
-    /// One more round would take ε past `privacy.target-epsilon`.
-    BudgetReached {
-        /// ε spent so far.
-        epsilon: f64,
-        /// ε after one more round.
-        next: f64,
-    },
-}
-
-impl From<NoRound> for Opening {
-    fn from(n: NoRound) -> Self {
-        match n {
-            NoRound::NotEnoughDevices { eligible } => Self::NotEnoughDevices { eligible },
-            NoRound::PopulationTooSmall { population, eligible } => Self::PopulationTooSmall { population, eligible },
-            NoRound::BudgetReached { epsilon, next } => Self::BudgetReached { epsilon, next },
-        }
-    }
+    /// No round opens now, and why.
+    NotOpened(NoRound),
 }
 
 impl Opening {

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use super::{Coordinator, Opening};
 use crate::error::{CoordinatorError, Result};
 use crate::metrics::OutcomeLabel;
-use crate::round::{RoundFrame, RoundPlan, RoundPolicy, Sampling};
+use crate::round::{NoRound, RoundFrame, RoundPlan, RoundPolicy, Sampling};
 use crate::store::{Assignment, DeviceRecord, RoundRecord, RoundState};
 
 impl Coordinator {
@@ -47,11 +47,11 @@ impl Coordinator {
             Some(r) => r,
             None => match self.open_round().await? {
                 Opening::Opened(r) => *r,
-                Opening::BudgetReached { epsilon, next } => {
+                Opening::NotOpened(NoRound::BudgetReached { epsilon, next }) => {
                     info!(epsilon, next, "target-epsilon reached: no more rounds");
                     return Ok(false);
                 }
-                Opening::NotEnoughDevices { .. } | Opening::PopulationTooSmall { .. } => {
+                Opening::NotOpened(_) => {
                     let _ = tokio::time::timeout(self.config.rounds.poll_interval, self.wake.notified()).await;
                     return Ok(true);
                 }
@@ -76,7 +76,7 @@ impl Coordinator {
         let sampling = match policy.sampling(eligible.len()) {
             Ok(s) => s,
             Err(no) => {
-                if let crate::round::NoRound::PopulationTooSmall { population, eligible } = no {
+                if let NoRound::PopulationTooSmall { population, eligible } = no {
                     error!(
                         population,
                         eligible,
@@ -84,11 +84,11 @@ impl Coordinator {
                          be understated)"
                     );
                 }
-                return Ok(no.into());
+                return Ok(Opening::NotOpened(no));
             }
         };
         if let Some(no) = policy.within_budget(&self.privacy_events().await?, &sampling)? {
-            return Ok(no.into());
+            return Ok(Opening::NotOpened(no));
         }
         let id = self.store.rounds(1).await?.first().map_or(1, |r| r.id + 1);
         let cohort: Vec<&DeviceRecord> =

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use covey_coordinator::artifacts::Artifacts;
 use covey_coordinator::engine::{Coordinator, Opening, PollOutcome, SignedTask, StoredUpdates};
 use covey_coordinator::metrics::Metrics;
+use covey_coordinator::round::NoRound;
 use covey_coordinator::store::{
     Assignment, DeviceRecord, EnrollOutcome, MemoryStore, RevokeOutcome, RoundRecord, RoundState, SqliteStore, Store,
     TokenRecord, UpdateRecord, VersionRecord,
@@ -134,7 +135,10 @@ async fn cohorts_are_poisson_samples_at_the_accounted_rate() {
     small.privacy.population = 2;
     let engine = open(small, Arc::new(MemoryStore::default()), Artifacts::memory()).await;
     enrolled(&engine, 4).await;
-    assert_eq!(engine.open_round().await.expect("open"), Opening::PopulationTooSmall { population: 2, eligible: 4 });
+    assert_eq!(
+        engine.open_round().await.expect("open"),
+        Opening::NotOpened(NoRound::PopulationTooSmall { population: 2, eligible: 4 })
+    );
 }
 
 /// M10: a missing privacy ledger while published rounds exist is corruption, not ε = 0;
@@ -170,7 +174,10 @@ async fn a_missing_ledger_is_corruption_and_target_epsilon_stops_rounds() {
     let epsilon = engine.epsilon().await.expect("epsilon");
     assert!((epsilon - one_round).abs() < 1e-9 && epsilon <= target, "ε {epsilon}");
     assert_eq!(store.versions().await.expect("versions").len(), 2, "exactly one round was published");
-    assert_eq!(engine.open_round().await.expect("open"), Opening::BudgetReached { epsilon, next: two_rounds });
+    assert_eq!(
+        engine.open_round().await.expect("open"),
+        Opening::NotOpened(NoRound::BudgetReached { epsilon, next: two_rounds })
+    );
 
     // Delete the ledger row: ε must not silently restart from 0.
     drop(engine);
