@@ -262,7 +262,7 @@ impl PendingBlob {
                 }
                 let path = Artifacts::path(dir, &hash);
                 std::fs::rename(&*tmp, &path).map_err(|e| CoordinatorError::io(&path, e))?;
-                std::fs::File::open(&*dir).and_then(|d| d.sync_all()).map_err(|e| CoordinatorError::io(dir, e))?;
+                covey_fs::sync_dir(dir).map_err(|e| CoordinatorError::io(dir, e))?;
             }
             Sink::Memory { blobs, namespace, bytes } => {
                 lock(blobs).insert((namespace.clone(), hash), Arc::new(std::mem::take(bytes)));

@@ -204,7 +204,8 @@ impl TeacherCache {
     }
 
     /// Run `teacher` over every window and store its top-`k` logits at `path`
-    /// (written to a temporary name, then renamed: an interrupted build leaves no cache).
+    /// (written to a temporary name, synced, then renamed: an interrupted build leaves no
+    /// cache, and a crash after it leaves a whole one).
     /// `on_window(done, total)` hears of each window (how a caller shows progress).
     pub fn build(
         path: &Path,
@@ -230,7 +231,7 @@ impl TeacherCache {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
         }
-        let tmp = path.with_extension("partial");
+        let tmp = covey_fs::temp_path(path);
         let file = File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
         let mut out = BufWriter::new(file);
         let json = serde_json::to_vec(&header).map_err(|source| ModelError::Json { path: path.to_owned(), source })?;
@@ -253,9 +254,12 @@ impl TeacherCache {
             }
             on_window(i + 1, windows.len());
         }
-        out.flush().map_err(io)?;
-        drop(out);
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        drop(file);
         std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        covey_fs::sync_dir(dir).map_err(|e| ModelError::io(dir, e))?;
         Self::open(path, windows)
     }
 
