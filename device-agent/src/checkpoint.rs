@@ -227,8 +227,8 @@ impl CheckpointStore {
 
 /// `B` factors of a checkpoint, for tests.
 #[cfg(test)]
-pub(crate) fn sample_b() -> covey_model::NamedTensors {
-    let mut b = covey_model::NamedTensors::new();
+pub(crate) fn sample_b() -> covey_tensors::NamedTensors {
+    let mut b = covey_tensors::NamedTensors::new();
     b.insert(
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
         covey_tensors::HostTensor::new(vec![2, 2], vec![3.0, 0.0, 0.0, 4.0]).expect("tensor"),

@@ -73,7 +73,7 @@ pub(crate) struct TrainJob {
 /// The trained `B` with the figures reported beside it.
 #[derive(Debug)]
 pub(crate) struct Trained {
-    pub b: covey_model::NamedTensors,
+    pub b: covey_tensors::NamedTensors,
     pub examples: u64,
     pub loss: f32,
     pub resumed_from: Option<usize>,

@@ -9,12 +9,11 @@
 
 use std::fmt;
 
-use covey_model::NamedTensors;
 use covey_privacy::clip::{ClipNorm, clip};
 use covey_privacy::noise::{NoiseMultiplier, SecureRng, privatize};
 use covey_proto::keys;
 use covey_proto::signing::UpdateHeader;
-use covey_tensors::{HostTensor, TensorError, global_norm};
+use covey_tensors::{HostTensor, NamedTensors, TensorError, global_norm};
 
 use crate::error::{AgentError, Result};
 use crate::identity::Identity;

@@ -35,7 +35,7 @@ pub struct LoopbackOutcome {
     /// The report.
     pub report: Report,
     /// The final published weights (int8, decoded), as devices hold them.
-    pub published: covey_model::NamedTensors,
+    pub published: covey_tensors::NamedTensors,
     /// State directory of the first agent (it holds the verified final model).
     pub agent_state: PathBuf,
 }
@@ -207,7 +207,7 @@ impl<'a> Scorer<'a> {
     async fn score(
         &mut self,
         round: &covey_coordinator::store::RoundRecord,
-    ) -> Result<(RoundMetrics, covey_model::NamedTensors)> {
+    ) -> Result<(RoundMetrics, covey_tensors::NamedTensors)> {
         let updates = self.engine.store().updates(round.id).await?;
         let (weights, model_bytes, manifest) = published_weights(&self.engine, round.published_version).await?;
         let metrics = evaluate_blocking(self.prepared, weights.clone()).await?;
@@ -294,7 +294,7 @@ async fn version_manifest(engine: &covey_coordinator::Coordinator, version: u64)
 async fn published_weights(
     engine: &covey_coordinator::Coordinator,
     version: u64,
-) -> Result<(covey_model::NamedTensors, usize, Manifest)> {
+) -> Result<(covey_tensors::NamedTensors, usize, Manifest)> {
     let manifest = version_manifest(engine, version).await?;
     let hash: [u8; 32] = hex::decode(&manifest.model.sha256)
         .ok()
@@ -307,7 +307,7 @@ async fn published_weights(
 
 async fn evaluate_blocking(
     prepared: &Arc<Prepared>,
-    weights: covey_model::NamedTensors,
+    weights: covey_tensors::NamedTensors,
 ) -> Result<covey_model::EvalMetrics> {
     let prepared = prepared.clone();
     tokio::task::spawn_blocking(move || prepare::evaluate(&prepared, &weights))
