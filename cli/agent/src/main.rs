@@ -145,6 +145,8 @@ async fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "covey_agent=info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log piped to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Enroll(a) => enroll(a).await,
