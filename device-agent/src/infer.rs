@@ -33,9 +33,9 @@ pub fn generate(state_dir: &Path, prompt: &str, sampling: &SamplingConfig) -> Re
     let source = PathBuf::from(format!("model version {}", model.version()));
     let llama = covey_model::checkpoint::from_base_tensors(&model.config, &tensors, &source, &device)?;
     let tokenizer = Tokenizer::Bytes;
-    let ids = tokenizer.encode(prompt)?;
+    let ids = tokenizer.encode(prompt).map_err(covey_model::ModelError::from)?;
     let out = covey_model::generate::generate(&llama, &ids, sampling, None, &device)?;
-    Ok(Generated { version: model.version(), text: tokenizer.decode(&out)? })
+    Ok(Generated { version: model.version(), text: tokenizer.decode(&out).map_err(covey_model::ModelError::from)? })
 }
 
 /// What `covey-agent status` shows.

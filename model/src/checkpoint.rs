@@ -22,10 +22,8 @@ use crate::llama::{DecoderLayer, Llama};
 use crate::lora::LoraLinear;
 use crate::tokenizer::Tokenizer;
 
-/// Weights file of a base model directory.
-pub const MODEL_FILE: &str = "model.safetensors";
-/// Config file of a base model directory.
-pub const CONFIG_FILE: &str = "config.json";
+pub use covey_artifact::CONFIG_FILE;
+pub use covey_artifact::MODEL_FILE;
 /// Weights file of an adapter directory.
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 /// PEFT config file of an adapter directory.
@@ -178,7 +176,7 @@ pub fn save_model(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<()
     meta.insert("format".to_string(), "pt".to_string());
     write_safetensors(&dir.join(MODEL_FILE), &base_tensors(model), Some(meta))?;
     model.config.save(&dir.join(CONFIG_FILE))?;
-    tokenizer.save_to_dir(dir)
+    Ok(tokenizer.save_to_dir(dir)?)
 }
 
 /// Load a base model directory onto `device`.

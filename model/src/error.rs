@@ -143,6 +143,9 @@ pub enum ModelError {
     /// The inference engine (`covey-infer`) refused a model or input.
     #[error(transparent)]
     Infer(covey_infer::InferError),
+    /// A model artifact (`covey-artifact`) error with no counterpart here.
+    #[error(transparent)]
+    Artifact(covey_artifact::ArtifactError),
 }
 
 impl From<covey_infer::InferError> for ModelError {
@@ -153,6 +156,31 @@ impl From<covey_infer::InferError> for ModelError {
             I::Json { path, source } => Self::Json { path, source },
             I::InvalidConfig { path, field, reason } => Self::InvalidConfig { path, field, reason },
             other => Self::Infer(other),
+        }
+    }
+}
+
+impl From<covey_artifact::ArtifactError> for ModelError {
+    /// The same variant, by name: a message reads the same from either crate.
+    fn from(e: covey_artifact::ArtifactError) -> Self {
+        use covey_artifact::ArtifactError as A;
+        match e {
+            A::Io { path, source } => Self::Io { path, source },
+            A::Json { path, source } => Self::Json { path, source },
+            A::InvalidConfig { path, field, reason } => Self::InvalidConfig { path, field, reason },
+            A::Safetensors { path, reason } => Self::Safetensors { path, reason },
+            A::MissingTensor { path, name } => Self::MissingTensor { path, name },
+            A::ShapeMismatch { path, name, expected, found } => Self::ShapeMismatch { path, name, expected, found },
+            A::UnsupportedDtype { path, name, dtype } => Self::UnsupportedDtype { path, name, dtype },
+            A::NonFinite { path, name } => Self::NonFinite { path, name },
+            A::Tokenizer { path, reason } => Self::Tokenizer { path, reason },
+            A::TokenOutOfRange { id, vocab } => Self::TokenOutOfRange { id, vocab },
+            A::Gguf { path, source } => Self::Gguf { path, source },
+            A::UnsupportedModel { path, reason } => Self::UnsupportedModel { path, reason },
+            A::Onnx(e) => Self::Onnx(e),
+            A::ChatTemplate(e) => Self::ChatTemplate(e),
+            A::Infer(e) => Self::Infer(e),
+            other => Self::Artifact(other),
         }
     }
 }

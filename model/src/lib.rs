@@ -31,29 +31,24 @@
 //! aggregation. It exposes plain host tensors ([`NamedTensors`], from `covey-tensors`)
 //! for those layers; [`local_round`] runs one client's local FFA-LoRA round on them.
 
-pub mod artifact;
 pub mod batch;
-pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod distill;
 pub mod error;
 pub mod eval;
-pub mod export;
 pub mod generate;
-pub mod gguf_import;
 mod init;
 pub mod llama;
 pub mod local_round;
 pub mod lora;
 pub mod prune;
-pub mod tokenizer;
 pub mod train;
 
-pub use artifact::LoadedModel;
 pub use checkpoint::{HostTensor, NamedTensors};
 pub use config::{LlamaConfig, LoraConfig, LoraTarget};
+pub use covey_artifact::{LoadedModel, artifact, chat, export, gguf_import, tokenizer};
 pub use covey_infer::{Model as InferenceModel, Precision};
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;

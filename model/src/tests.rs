@@ -408,3 +408,23 @@ fn qlora_trains_adapters_on_a_quantized_base_and_leaves_it_untouched() {
         assert_eq!(checkpoint::base_tensors(&trained), base_before, "{bits}-bit: the quantized base is frozen");
     }
 }
+
+/// A model directory written by `covey-artifact`'s exporter loads in burn, as trained.
+#[test]
+fn a_safetensors_export_loads_in_burn() {
+    use covey_tensors::quant::StoredTensor;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LlamaConfig { tie_word_embeddings: false, ..LlamaConfig::tiny() };
+    let m = crate::LoadedModel {
+        source: "tiny".into(),
+        config: config.clone(),
+        tensors: covey_infer::random_tensors(&config, 11).into_iter().map(|(n, t)| (n, StoredTensor::F32(t))).collect(),
+        tokenizer: Tokenizer::Bytes,
+        chat_template: None,
+        special: Default::default(),
+        description: "tiny".into(),
+    };
+    crate::export::export_safetensors(&m, dir.path()).expect("export");
+    let burn = checkpoint::load_model(dir.path(), &cpu_device()).expect("burn loads it");
+    assert_eq!(burn.config, config);
+}

@@ -232,14 +232,14 @@ pub fn sample(prepared: &Prepared, weights: &NamedTensors, prompt: &str, count: 
     let device = covey_model::cpu_device();
     let model = covey_model::checkpoint::from_base_tensors(&prepared.config, weights, Path::new("published"), &device)?;
     let tokenizer = Tokenizer::Bytes;
-    let ids = tokenizer.encode(prompt)?;
+    let ids = tokenizer.encode(prompt).map_err(covey_model::ModelError::from)?;
     let sampling = covey_model::SamplingConfig {
         max_new_tokens: count,
         temperature: 0.0,
         ..covey_model::SamplingConfig::default()
     };
     let out = covey_model::generate::generate(&model, &ids, &sampling, None, &device)?;
-    Ok(tokenizer.decode(&out)?)
+    Ok(tokenizer.decode(&out).map_err(covey_model::ModelError::from)?)
 }
 
 /// The report of a finished run of `prepared` in `mode`: its rounds, the summary, and

@@ -15,11 +15,12 @@ use covey_tensors::quant::{Scheme, StoredTensor};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{self, Message};
-use crate::checkpoint::{CONFIG_FILE, MODEL_FILE, tensor_error};
-use crate::config::LlamaConfig;
-use crate::error::{ModelError, Result};
+use crate::error::tensor_error;
+use crate::error::{ArtifactError, Result};
 use crate::gguf_import::{self, SpecialTokens};
 use crate::tokenizer::{TOKENIZER_FILE, Tokenizer};
+use crate::{CONFIG_FILE, MODEL_FILE};
+use covey_infer::LlamaConfig;
 
 /// Hugging Face's file for the chat template and special tokens.
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
@@ -66,20 +67,20 @@ impl LoadedModel {
             return Self::open_gguf(path);
         }
         if path.is_file() {
-            return Err(ModelError::UnsupportedModel {
+            return Err(ArtifactError::UnsupportedModel {
                 path: path.to_owned(),
                 reason: "expected a .gguf file or a model directory (config.json + model.safetensors)".into(),
             });
         }
         let config = LlamaConfig::load(&path.join(CONFIG_FILE))?;
         let file = path.join(MODEL_FILE);
-        let bytes = std::fs::read(&file).map_err(|e| ModelError::io(&file, e))?;
+        let bytes = std::fs::read(&file).map_err(|e| ArtifactError::io(&file, e))?;
         let (tensors, meta) = covey_tensors::quant::decode_stored(&bytes).map_err(|e| tensor_error(&file, e))?;
         let tokenizer = Tokenizer::for_model_dir(path)?;
         let tc_path = path.join(TOKENIZER_CONFIG_FILE);
         let tc: TokenizerConfig = if tc_path.exists() {
-            let text = std::fs::read_to_string(&tc_path).map_err(|e| ModelError::io(&tc_path, e))?;
-            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: tc_path.clone(), source })?
+            let text = std::fs::read_to_string(&tc_path).map_err(|e| ArtifactError::io(&tc_path, e))?;
+            serde_json::from_str(&text).map_err(|source| ArtifactError::Json { path: tc_path.clone(), source })?
         } else {
             TokenizerConfig::default()
         };
@@ -169,7 +170,7 @@ impl LoadedModel {
     /// A conversation rendered with the model's chat template, ready for the
     /// assistant's reply.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| ModelError::UnsupportedModel {
+        let template = self.chat_template.as_deref().ok_or_else(|| ArtifactError::UnsupportedModel {
             path: self.source.clone(),
             reason: "the model has no chat template".into(),
         })?;
@@ -198,7 +199,7 @@ impl LoadedModel {
     /// Write a model directory: `config.json`, `model.safetensors` (the weights as held
     /// now: f32, int8 or int4), `tokenizer.json`, `tokenizer_config.json`.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| ArtifactError::io(dir, e))?;
         self.config.save(&dir.join(CONFIG_FILE))?;
         let file = dir.join(MODEL_FILE);
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -209,7 +210,7 @@ impl LoadedModel {
             covey_tensors::encode(&self.f32_tensors(), Some(meta))
         }
         .map_err(|e| tensor_error(&file, e))?;
-        std::fs::write(&file, bytes).map_err(|e| ModelError::io(&file, e))?;
+        std::fs::write(&file, bytes).map_err(|e| ArtifactError::io(&file, e))?;
         self.tokenizer.save_to_dir(dir)?;
         let token = |id: Option<u32>| match (&self.tokenizer, id) {
             (Tokenizer::HuggingFace(t), Some(id)) => t.id_to_token(id),
@@ -223,8 +224,8 @@ impl LoadedModel {
         };
         let path = dir.join(TOKENIZER_CONFIG_FILE);
         let text =
-            serde_json::to_string_pretty(&tc).map_err(|source| ModelError::Json { path: path.clone(), source })?;
-        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+            serde_json::to_string_pretty(&tc).map_err(|source| ArtifactError::Json { path: path.clone(), source })?;
+        std::fs::write(&path, text).map_err(|e| ArtifactError::io(&path, e))?;
         if !matches!(self.tokenizer, Tokenizer::HuggingFace(_)) && dir.join(TOKENIZER_FILE).exists() {
             tracing::warn!("a stale tokenizer.json is left in {}", dir.display());
         }

@@ -15,8 +15,8 @@ use covey_gguf::{GgufFile, Value};
 use covey_tensors::{HostTensor, NamedTensors};
 use serde_json::json;
 
-use crate::config::LlamaConfig;
-use crate::error::{ModelError, Result};
+use crate::error::{ArtifactError, Result};
+use covey_infer::LlamaConfig;
 
 /// A model read from a GGUF file.
 pub struct ImportedModel {
@@ -47,12 +47,12 @@ pub struct SpecialTokens {
     pub add_bos: bool,
 }
 
-fn gguf_err(path: &Path, e: covey_gguf::GgufError) -> ModelError {
-    ModelError::Gguf { path: path.to_owned(), source: e }
+fn gguf_err(path: &Path, e: covey_gguf::GgufError) -> ArtifactError {
+    ArtifactError::Gguf { path: path.to_owned(), source: e }
 }
 
-fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
-    ModelError::UnsupportedModel { path: path.to_owned(), reason: reason.into() }
+fn bad(path: &Path, reason: impl Into<String>) -> ArtifactError {
+    ArtifactError::UnsupportedModel { path: path.to_owned(), reason: reason.into() }
 }
 
 /// The Hugging Face name of a GGUF tensor name, or `None` for tensors Covey does not use.
@@ -183,7 +183,7 @@ pub fn config_from_gguf(file: &GgufFile, path: &Path) -> Result<LlamaConfig> {
             file.get("llama.attention.layer_norm_rms_epsilon").and_then(Value::as_f64).unwrap_or(1e-5),
         ),
     };
-    config.validate().map_err(|e| ModelError::from(e).in_file(path))?;
+    config.validate().map_err(|e| ArtifactError::from(e).in_file(path))?;
     if let Some(rot) = file.get("llama.rope.dimension_count").and_then(Value::as_u64)
         && rot as usize != config.head_dim()
     {
@@ -220,13 +220,13 @@ pub fn import_gguf(path: &Path) -> Result<ImportedModel> {
     for (name, shape) in covey_infer::expected_shapes(&config) {
         match tensors.get(&name) {
             None => {
-                return Err(ModelError::MissingTensor {
+                return Err(ArtifactError::MissingTensor {
                     path: path.to_owned(),
                     name: gguf_name(&name).unwrap_or(name),
                 });
             }
             Some(t) if t.shape != shape => {
-                return Err(ModelError::ShapeMismatch {
+                return Err(ArtifactError::ShapeMismatch {
                     path: path.to_owned(),
                     name: gguf_name(&name).unwrap_or(name),
                     expected: shape,
@@ -338,7 +338,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile, path: &Path) -> Result<(tokenizers::
     let tokenizer: tokenizers::Tokenizer = spec
         .to_string()
         .parse()
-        .map_err(|e: tokenizers::Error| ModelError::Tokenizer { path: path.to_owned(), reason: e.to_string() })?;
+        .map_err(|e: tokenizers::Error| ArtifactError::Tokenizer { path: path.to_owned(), reason: e.to_string() })?;
     let id = |key: &str| file.get(key).and_then(int_of).and_then(|v| u32::try_from(v).ok());
     let special = SpecialTokens {
         bos: id("tokenizer.ggml.bos_token_id"),

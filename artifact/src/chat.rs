@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+use crate::error::{ArtifactError, Result};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,8 +35,8 @@ pub fn render(
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", template).map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    env.add_template("chat", template).map_err(|e| ArtifactError::ChatTemplate(e.to_string()))?;
+    let tmpl = env.get_template("chat").map_err(|e| ArtifactError::ChatTemplate(e.to_string()))?;
     let messages: Vec<minijinja::Value> = messages
         .iter()
         .map(|m| {
@@ -53,7 +53,7 @@ pub fn render(
         bos_token => bos_token,
         eos_token => eos_token,
     })
-    .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+    .map_err(|e| ArtifactError::ChatTemplate(e.to_string()))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::error::{ModelError, Result};
+use crate::error::{ArtifactError, Result};
 
 /// File name of a Hugging Face tokenizer inside a model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -20,9 +20,9 @@ pub enum Tokenizer {
 impl Tokenizer {
     /// Load a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| ArtifactError::io(path, e))?;
         let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| ModelError::Tokenizer { path: path.to_owned(), reason: e.to_string() })?;
+            .map_err(|e| ArtifactError::Tokenizer { path: path.to_owned(), reason: e.to_string() })?;
         Ok(Self::HuggingFace(Box::new(tok)))
     }
 
@@ -47,7 +47,7 @@ impl Tokenizer {
             Self::HuggingFace(t) => t
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| ModelError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
+                .map_err(|e| ArtifactError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
         }
     }
 
@@ -57,13 +57,13 @@ impl Tokenizer {
             Self::Bytes => {
                 let bytes = ids
                     .iter()
-                    .map(|&id| u8::try_from(id).map_err(|_| ModelError::TokenOutOfRange { id, vocab: 256 }))
+                    .map(|&id| u8::try_from(id).map_err(|_| ArtifactError::TokenOutOfRange { id, vocab: 256 }))
                     .collect::<Result<Vec<u8>>>()?;
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
             Self::HuggingFace(t) => t
                 .decode(ids, true)
-                .map_err(|e| ModelError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
+                .map_err(|e| ArtifactError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
         }
     }
 
@@ -73,7 +73,7 @@ impl Tokenizer {
             Self::Bytes => Ok(()),
             Self::HuggingFace(t) => {
                 let path = dir.join(TOKENIZER_FILE);
-                t.save(&path, false).map_err(|e| ModelError::Tokenizer { path: path.clone(), reason: e.to_string() })
+                t.save(&path, false).map_err(|e| ArtifactError::Tokenizer { path: path.clone(), reason: e.to_string() })
             }
         }
     }

@@ -1,0 +1,184 @@
+//! The one error type of `covey-artifact`.
+
+use std::path::{Path, PathBuf};
+
+use covey_tensors::TensorError;
+
+/// Everything that can go wrong reading, converting or writing a model artifact.
+///
+/// Variants name the file and the problem so that a user can act on the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArtifactError {
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file (config, adapter config, corpus line) is malformed.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        /// The file involved.
+        path: PathBuf,
+        /// The parser's error, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A configuration value is missing, out of range or inconsistent.
+    #[error("invalid configuration{}: {field}: {reason}", origin(.path))]
+    InvalidConfig {
+        /// The file the configuration came from, if any.
+        path: Option<PathBuf>,
+        /// The offending field.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A safetensors file is truncated or malformed.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors {
+        /// The file involved.
+        path: PathBuf,
+        /// The decoder's explanation.
+        reason: String,
+    },
+    /// A tensor expected in a checkpoint is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor {
+        /// The file involved.
+        path: PathBuf,
+        /// The tensor name that was expected.
+        name: String,
+    },
+    /// A tensor has the wrong shape for the model configuration.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The file (or source) involved.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor has an element type this crate cannot read.
+    #[error("{path}: tensor `{name}` has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file involved.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// A tensor contains NaN or infinite values.
+    #[error("{path}: tensor `{name}` contains non-finite values")]
+    NonFinite {
+        /// The file (or source) involved.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tokenizer file could not be loaded.
+    #[error("{path}: invalid tokenizer: {reason}")]
+    Tokenizer {
+        /// The file involved.
+        path: PathBuf,
+        /// The tokenizer library's explanation.
+        reason: String,
+    },
+    /// A token id is outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} entries")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A GGUF file is malformed or holds something this version cannot read.
+    #[error("{path}: {source}")]
+    Gguf {
+        /// The file involved.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: covey_gguf::GgufError,
+    },
+    /// A model file is valid but describes a model Covey does not support.
+    #[error("{path}: unsupported model: {reason}")]
+    UnsupportedModel {
+        /// The file involved.
+        path: PathBuf,
+        /// What is not supported.
+        reason: String,
+    },
+    /// The ONNX exporter refused the model.
+    #[error("ONNX export: {0}")]
+    Onnx(#[source] covey_onnx::OnnxError),
+    /// A chat template could not be rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// The inference engine (`covey-infer`) refused a model or input.
+    #[error(transparent)]
+    Infer(covey_infer::InferError),
+}
+
+impl From<covey_infer::InferError> for ArtifactError {
+    fn from(e: covey_infer::InferError) -> Self {
+        use covey_infer::InferError as I;
+        match e {
+            I::Io { path, source } => Self::Io { path, source },
+            I::Json { path, source } => Self::Json { path, source },
+            I::InvalidConfig { path, field, reason } => Self::InvalidConfig { path, field, reason },
+            other => Self::Infer(other),
+        }
+    }
+}
+
+fn origin(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => format!(" in {}", p.display()),
+        None => String::new(),
+    }
+}
+
+impl ArtifactError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+    /// An impossible configuration value.
+    pub fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidConfig { path: None, field, reason: reason.into() }
+    }
+    /// Attach the file a configuration came from.
+    pub(crate) fn in_file(self, file: impl Into<PathBuf>) -> Self {
+        match self {
+            Self::InvalidConfig { path: None, field, reason } => {
+                Self::InvalidConfig { path: Some(file.into()), field, reason }
+            }
+            other => other,
+        }
+    }
+}
+
+/// A `covey-tensors` error as an [`ArtifactError`] naming `path`.
+pub fn tensor_error(path: &Path, e: TensorError) -> ArtifactError {
+    let path = path.to_owned();
+    match e {
+        TensorError::Safetensors(reason) => ArtifactError::Safetensors { path, reason },
+        TensorError::UnsupportedDtype { name, dtype } => ArtifactError::UnsupportedDtype { path, name, dtype },
+        TensorError::Missing(name) => ArtifactError::MissingTensor { path, name },
+        TensorError::Shape { name, expected, found } => ArtifactError::ShapeMismatch { path, name, expected, found },
+        TensorError::NonFinite(name) => ArtifactError::NonFinite { path, name },
+        e => ArtifactError::Safetensors { path, reason: e.to_string() },
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = ArtifactError> = std::result::Result<T, E>;
