@@ -90,14 +90,6 @@ pub enum ModelError {
         /// The tensor name.
         name: String,
     },
-    /// A tokenizer file could not be loaded.
-    #[error("{path}: invalid tokenizer: {reason}")]
-    Tokenizer {
-        /// The file involved.
-        path: PathBuf,
-        /// The tokenizer library's explanation.
-        reason: String,
-    },
     /// A corpus holds no usable text.
     #[error("{path}: corpus is empty{}", hint(.needed))]
     EmptyCorpus {
@@ -117,15 +109,6 @@ pub enum ModelError {
         /// The vocabulary size.
         vocab: usize,
     },
-    /// A GGUF file is malformed or holds something this version cannot read.
-    #[error("{path}: {source}")]
-    Gguf {
-        /// The file involved.
-        path: PathBuf,
-        /// The reader's error.
-        #[source]
-        source: covey_gguf::GgufError,
-    },
     /// A model file is valid but describes a model Covey does not support.
     #[error("{path}: unsupported model: {reason}")]
     UnsupportedModel {
@@ -134,16 +117,11 @@ pub enum ModelError {
         /// What is not supported.
         reason: String,
     },
-    /// The ONNX exporter refused the model.
-    #[error("ONNX export: {0}")]
-    Onnx(#[source] covey_onnx::OnnxError),
-    /// A chat template could not be rendered.
-    #[error("chat template: {0}")]
-    ChatTemplate(String),
     /// The inference engine (`covey-infer`) refused a model or input.
     #[error(transparent)]
     Infer(covey_infer::InferError),
-    /// A model artifact (`covey-artifact`) error with no counterpart here.
+    /// A model artifact error (`covey-artifact`: tokenizer, GGUF, chat template, ONNX
+    /// export) with no counterpart here.
     #[error(transparent)]
     Artifact(covey_artifact::ArtifactError),
 }
@@ -173,12 +151,8 @@ impl From<covey_artifact::ArtifactError> for ModelError {
             A::ShapeMismatch { path, name, expected, found } => Self::ShapeMismatch { path, name, expected, found },
             A::UnsupportedDtype { path, name, dtype } => Self::UnsupportedDtype { path, name, dtype },
             A::NonFinite { path, name } => Self::NonFinite { path, name },
-            A::Tokenizer { path, reason } => Self::Tokenizer { path, reason },
             A::TokenOutOfRange { id, vocab } => Self::TokenOutOfRange { id, vocab },
-            A::Gguf { path, source } => Self::Gguf { path, source },
             A::UnsupportedModel { path, reason } => Self::UnsupportedModel { path, reason },
-            A::Onnx(e) => Self::Onnx(e),
-            A::ChatTemplate(e) => Self::ChatTemplate(e),
             A::Infer(e) => Self::Infer(e),
             other => Self::Artifact(other),
         }
