@@ -21,9 +21,26 @@ impl Tokenizer {
     /// Load a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| ArtifactError::io(path, e))?;
-        let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| ArtifactError::Tokenizer { path: path.to_owned(), reason: e.to_string() })?;
+        Self::from_json_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// A Hugging Face tokenizer from the bytes of a `tokenizer.json` (`what` names their
+    /// origin in errors).
+    pub fn from_json_bytes(bytes: &[u8], what: &str) -> Result<Self> {
+        let tok = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| ArtifactError::Tokenizer { path: what.into(), reason: e.to_string() })?;
         Ok(Self::HuggingFace(Box::new(tok)))
+    }
+
+    /// The `tokenizer.json` bytes of a Hugging Face tokenizer; `None` for bytes.
+    pub fn to_json_bytes(&self) -> Result<Option<Vec<u8>>> {
+        match self {
+            Self::Bytes => Ok(None),
+            Self::HuggingFace(t) => t
+                .to_string(false)
+                .map(|s| Some(s.into_bytes()))
+                .map_err(|e| ArtifactError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
+        }
     }
 
     /// The tokenizer of a model directory: its `tokenizer.json` if present, else bytes.
@@ -109,6 +126,10 @@ mod tests {
         let t = Tokenizer::from_file(&path).expect("load");
         assert_eq!(t.vocab_size(), 5);
         assert_eq!(t.encode("to be or not to be").expect("encode"), vec![1, 2, 3, 4, 1, 2]);
+        let json = t.to_json_bytes().expect("serialize").expect("a tokenizer.json");
+        let back = Tokenizer::from_json_bytes(&json, "round trip").expect("reload");
+        assert_eq!(back.encode("not to be").expect("encode"), vec![4, 1, 2]);
+        assert!(Tokenizer::Bytes.to_json_bytes().expect("bytes").is_none());
     }
 
     #[test]

@@ -24,8 +24,10 @@ pub struct CoordinatorConfig {
     /// Directory holding `state.sqlite`, `artifacts/` and `coordinator.key`; created on
     /// first start. Default `covey-state`.
     pub state_dir: PathBuf,
-    /// Directory of the initial model (`config.json` + `model.safetensors`, Hugging Face
-    /// Llama names), read once, on first start. Required on first start.
+    /// The initial model, read once, on first start: a `.gguf` file or a model directory
+    /// (`config.json`, `model.safetensors` in f32, int8 or int4, and optionally
+    /// `tokenizer.json` and `tokenizer_config.json`; Hugging Face Llama names), as
+    /// `covey-model` reads it. Required on first start.
     pub initial_model: Option<PathBuf>,
     /// Operator authentication.
     pub admin: AdminConfig,
@@ -45,6 +47,8 @@ pub struct CoordinatorConfig {
     pub strategy: covey_strategy::StrategyConfig,
     /// Upload limits.
     pub limits: LimitsConfig,
+    /// Base releases and adapter versions.
+    pub publish: PublishSection,
 }
 
 impl Default for CoordinatorConfig {
@@ -63,6 +67,7 @@ impl Default for CoordinatorConfig {
             privacy: PrivacySection::default(),
             strategy: covey_strategy::StrategyConfig::FedAvg { server_learning_rate: 1.0 },
             limits: LimitsConfig::default(),
+            publish: PublishSection::default(),
         }
     }
 }
@@ -117,6 +122,45 @@ pub struct TlsConfig {
     /// certificates asked.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+}
+
+/// How the weights of a base release are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleaseQuantization {
+    /// int8 per output channel (symmetric).
+    Int8,
+    /// int4 in groups of 32 (asymmetric); int8 for rows that do not split into groups.
+    Int4,
+}
+
+impl ReleaseQuantization {
+    /// The codec.
+    pub fn scheme(self) -> covey_tensors::quant::Scheme {
+        match self {
+            Self::Int8 => covey_tensors::quant::Scheme::Int8,
+            Self::Int4 => covey_tensors::quant::Scheme::Int4,
+        }
+    }
+}
+
+/// Base releases and adapter versions. Each round publishes only the aggregated adapter
+/// (cumulative since the release); every `release-every` rounds the coordinator merges it
+/// into its f32 master and publishes a new quantized base release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PublishSection {
+    /// Quantization of base releases: `int8` or `int4`. Default `int8`.
+    pub quantization: ReleaseQuantization,
+    /// Rounds per base release: the round that brings an adapter to this many rounds cuts
+    /// a new release instead (1: every round republishes the whole model). Default 10.
+    pub release_every: u64,
+}
+
+impl Default for PublishSection {
+    fn default() -> Self {
+        Self { quantization: ReleaseQuantization::Int8, release_every: 10 }
+    }
 }
 
 /// LoRA layout (FFA-LoRA: the coordinator issues the frozen `A`, devices train `B`).
@@ -355,6 +399,9 @@ impl CoordinatorConfig {
                 let known: Vec<&str> = LoraTarget::ALL.iter().map(|t| t.hf_name()).collect();
                 return bad("lora.targets", format!("unknown target `{t}` (known: {})", known.join(", ")));
             }
+        }
+        if self.publish.release_every == 0 {
+            return bad("publish.release-every", "must be at least 1".into());
         }
         let r = &self.rounds;
         if r.min_updates == 0 {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use covey_proto::manifest::SpecialTokens;
 use covey_tensors::NamedTensors;
 
 use crate::config::LoraSection;
@@ -15,39 +16,90 @@ pub fn num_layers(master: &NamedTensors) -> usize {
     covey_tensors::lora::num_layers(master)
 }
 
-/// Read the initial model directory: `config.json` bytes and the f32 master weights, checked
-/// to hold every projection the LoRA targets name.
-pub fn read_initial_model(dir: &Path, lora: &LoraSection) -> Result<(Vec<u8>, NamedTensors)> {
-    let config_path = dir.join("config.json");
-    let config = std::fs::read(&config_path).map_err(|e| CoordinatorError::io(&config_path, e))?;
-    serde_json::from_slice::<serde_json::Value>(&config)
-        .map_err(|e| CoordinatorError::Model { path: config_path.clone(), reason: format!("not JSON: {e}") })?;
-    let weights_path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&weights_path).map_err(|e| CoordinatorError::io(&weights_path, e))?;
-    let (master, _) = covey_tensors::quant::decode_model(&bytes)
-        .map_err(|e| CoordinatorError::Model { path: weights_path.clone(), reason: e.to_string() })?;
+/// The initial model as the coordinator keeps it: f32 master weights and what a release
+/// ships beside them.
+#[derive(Debug, Clone)]
+pub struct InitialModel {
+    /// `config.json` (Hugging Face Llama names).
+    pub config_json: Vec<u8>,
+    /// The weights in f32 (quantized files are dequantized once, here).
+    pub master: NamedTensors,
+    /// `tokenizer.json`; `None` for the byte-level tokenizer.
+    pub tokenizer_json: Option<Vec<u8>>,
+    /// Jinja chat template.
+    pub chat_template: Option<String>,
+    /// BOS / EOS.
+    pub special_tokens: SpecialTokens,
+    /// One line on the origin.
+    pub description: String,
+}
+
+/// Read the initial model: a `.gguf` file or a model directory (f32, int8 or int4
+/// weights, tokenizer, chat template), through `covey-artifact` (no ML framework); checked
+/// to hold every projection the LoRA targets name, and a tokenizer that fits the
+/// embedding.
+pub fn read_initial_model(path: &Path, lora: &LoraSection) -> Result<InitialModel> {
+    let bad = |reason: String| CoordinatorError::Model { path: path.to_owned(), reason };
+    let loaded = covey_artifact::LoadedModel::open(path).map_err(|e| bad(e.to_string()))?;
+    let master = loaded.f32_tensors();
     let layers = num_layers(&master);
     if layers == 0 {
-        return Err(CoordinatorError::Model { path: weights_path, reason: "no decoder layers found".into() });
+        return Err(bad("no decoder layers found".into()));
+    }
+    if loaded.config.num_hidden_layers != layers {
+        return Err(bad(format!(
+            "config.json says {} layers, the weights hold {layers}",
+            loaded.config.num_hidden_layers
+        )));
     }
     for l in 0..layers {
         for t in lora.lora_targets() {
             let name = t.weight_name(l);
             match master.get(&name) {
                 Some(w) if w.shape.len() == 2 && w.is_finite() => {}
-                Some(_) => {
-                    return Err(CoordinatorError::Model {
-                        path: weights_path,
-                        reason: format!("`{name}` is not a finite 2-D tensor"),
-                    });
-                }
-                None => {
-                    return Err(CoordinatorError::Model { path: weights_path, reason: format!("`{name}` is missing") });
-                }
+                Some(_) => return Err(bad(format!("`{name}` is not a finite 2-D tensor"))),
+                None => return Err(bad(format!("`{name}` is missing"))),
             }
         }
     }
-    Ok((config, master))
+    let vocab = loaded.tokenizer.vocab_size();
+    if vocab > loaded.config.vocab_size {
+        return Err(bad(format!("the tokenizer has {vocab} tokens, the embedding only {}", loaded.config.vocab_size)));
+    }
+    let config_json = serde_json::to_vec_pretty(&loaded.config)
+        .map_err(|source| CoordinatorError::Serialize { what: "model config", source })?;
+    let tokenizer_json = loaded.tokenizer.to_json_bytes().map_err(|e| bad(e.to_string()))?;
+    let s = &loaded.special;
+    Ok(InitialModel {
+        config_json,
+        master,
+        tokenizer_json,
+        chat_template: loaded.chat_template.clone(),
+        special_tokens: SpecialTokens { bos: s.bos, eos: s.eos, add_bos: s.add_bos },
+        description: loaded.description.clone(),
+    })
+}
+
+/// `prev + step`, tensor by tensor: the adapter's `B` after one more round. Both must hold
+/// the same names and shapes.
+pub fn accumulate(prev: &NamedTensors, step: &NamedTensors) -> Result<NamedTensors> {
+    if prev.len() != step.len() {
+        return Err(CoordinatorError::Corrupt(format!(
+            "the adapter holds {} tensors, the round's step {}",
+            prev.len(),
+            step.len()
+        )));
+    }
+    prev.iter()
+        .map(|(name, p)| {
+            let s = step
+                .get(name)
+                .filter(|s| s.shape == p.shape)
+                .ok_or_else(|| CoordinatorError::Corrupt(format!("the round's step lacks `{name}` {:?}", p.shape)))?;
+            let data = p.data.iter().zip(&s.data).map(|(a, b)| a + b).collect();
+            Ok((name.clone(), covey_tensors::HostTensor { shape: p.shape.clone(), data }))
+        })
+        .collect()
 }
 
 /// The frozen `A` factors devices train against ([`covey_tensors::lora::frozen_a`]).

@@ -160,6 +160,9 @@ pub enum AgentError {
     /// Local training failed (bad tensors, empty corpus, diverging loss...).
     #[error("local training: {0}")]
     Model(#[from] covey_model::ModelError),
+    /// Local inference (`generate`, `chat`) failed: tokenizer, chat template, engine.
+    #[error("local inference: {0}")]
+    Inference(#[source] covey_model::ModelError),
     /// Encoding or decoding tensors failed.
     #[error("{what}: {source}")]
     Tensor {
@@ -235,6 +238,7 @@ impl AgentError {
             | Self::DeadlinePassed { .. }
             | Self::PayloadTooLarge { .. }
             | Self::Model(_)
+            | Self::Inference(_)
             | Self::Tensor { .. }
             | Self::Privacy(_)
             | Self::Join(_)

@@ -18,7 +18,7 @@ use crate::client::{CoordinatorClient, PollReply, SubmitOutcome};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::identity::Identity;
-use crate::models::{ArtifactCache, ModelCache, VerifiedManifest, VerifiedModel};
+use crate::models::{ModelCache, VerifiedManifest, VerifiedModel};
 use crate::task::Task;
 use crate::train::{TrainJob, local_spec, train};
 use crate::update::{PrivateUpdate, SignedUpdate};
@@ -76,6 +76,13 @@ pub struct HistoryEntry {
     /// Optimizer step training resumed from after a restart, if it did.
     #[serde(default)]
     pub resumed_from_step: Option<usize>,
+    /// Bytes downloaded for the task (manifest excluded): 0 when the version was cached,
+    /// the adapter alone when only it was new.
+    #[serde(default)]
+    pub downloaded_bytes: u64,
+    /// Seconds spent training.
+    #[serde(default)]
+    pub train_seconds: f64,
     /// When it was accepted, ms since the Unix epoch.
     pub submitted_unix_ms: u64,
 }
@@ -110,7 +117,6 @@ pub async fn run_with_shutdown(
     tracing::info!(device = %identity.device_id_hex(), coordinator = %url, "agent started");
     let agent = Agent {
         models: ModelCache::new(&cfg.state_dir),
-        artifacts: ArtifactCache::new(&cfg.state_dir),
         checkpoints: CheckpointStore::new(&cfg.state_dir),
         cfg,
         identity,
@@ -178,7 +184,6 @@ struct Agent {
     identity: Identity,
     coordinator: CoordinatorClient,
     models: ModelCache,
-    artifacts: ArtifactCache,
     checkpoints: CheckpointStore,
 }
 
@@ -242,11 +247,10 @@ impl Agent {
         // Refuse early (before any download or training) what the budget cannot pay for;
         // the charge itself comes just before the update is noised and signed.
         self.check_budget(task)?;
-        let model = self.ensure_model(task).await?;
-        let a_factors = self.ensure_artifact(&task.lora.a_factors_sha256).await?;
+        let (model, downloaded) = self.ensure_model(task).await?;
+        check_layout(task, &model)?;
         let job = TrainJob {
             model,
-            a_factors,
             data_dir: self.cfg.data_dir.clone(),
             spec: local_spec(task, &self.cfg, &self.identity.device_id),
             task: task.clone(),
@@ -263,7 +267,10 @@ impl Agent {
         let signed = SignedUpdate::sign(private, task, &self.identity, trained.examples, trained.loss)?;
         self.checkpoints.save_update(task, &signed)?;
         self.checkpoints.mark_sent(task)?;
-        self.upload(task, &signed, Some(pre_clip), trained.resumed_from).await.map(|e| (e, task.base_version))
+        let mut entry = self.upload(task, &signed, Some(pre_clip), trained.resumed_from).await?;
+        entry.downloaded_bytes = downloaded;
+        entry.train_seconds = started.elapsed().as_secs_f64();
+        Ok((entry, task.base_version))
     }
 
     async fn upload(
@@ -291,6 +298,8 @@ impl Agent {
             pre_clip_norm,
             payload_bytes: update.payload().len() as u64,
             resumed_from_step,
+            downloaded_bytes: 0,
+            train_seconds: 0.0,
             submitted_unix_ms: covey_proto::signing::unix_ms(),
         })
     }
@@ -356,11 +365,13 @@ impl Agent {
         }
     }
 
-    /// The task's base version, from the cache or downloaded and verified (then cached).
-    async fn ensure_model(&self, task: &Task) -> Result<VerifiedModel> {
+    /// The task's base version, from the cache or downloaded and verified (then cached),
+    /// and the bytes downloaded for it. Artifacts already cached (a release shared with an
+    /// earlier version, the `A` factors) are not downloaded again.
+    async fn ensure_model(&self, task: &Task) -> Result<(VerifiedModel, u64)> {
         let key = self.identity.coordinator_public_key;
         match self.models.load(task.base_version, &key) {
-            Ok(m) if m.manifest_hash == task.base_manifest_hash => return Ok(m),
+            Ok(m) if m.manifest_hash == task.base_manifest_hash => return Ok((m, 0)),
             Ok(_) => {
                 tracing::warn!(version = task.base_version, "the cached version differs from the task's; fetching")
             }
@@ -375,27 +386,59 @@ impl Agent {
             task.base_version,
             Some(&task.base_manifest_hash),
         )?;
-        let max = self.cfg.max_artifact_bytes;
-        let m = manifest.manifest();
-        tracing::info!(version = m.version, model_bytes = m.model.size, "fetching a verified version");
-        let id = &self.identity;
-        let model = self.coordinator.fetch_artifact(id, &manifest.model_sha256(), Some(m.model.size), max).await?;
-        let config = self.coordinator.fetch_artifact(id, &manifest.config_sha256(), Some(m.config.size), max).await?;
-        let stored = self.models.store(&manifest, model, config)?;
-        self.models.prune(self.cfg.keep_versions);
-        Ok(stored)
-    }
-
-    /// An artifact named by its hash, from the cache or downloaded and verified (then cached).
-    async fn ensure_artifact(&self, sha256: &[u8; 32]) -> Result<Vec<u8>> {
-        if let Some(bytes) = self.artifacts.get(sha256) {
-            return Ok(bytes);
+        let mut downloaded = 0u64;
+        for (a, sha256) in manifest.artifacts() {
+            if self.models.artifacts().get(&sha256).is_some() {
+                continue;
+            }
+            tracing::info!(version = task.base_version, artifact = %a.sha256, format = %a.format, bytes = a.size,
+                "fetching a verified artifact");
+            let bytes = self
+                .coordinator
+                .fetch_artifact(&self.identity, &sha256, Some(a.size), self.cfg.max_artifact_bytes)
+                .await?;
+            downloaded += bytes.len() as u64;
+            self.models.artifacts().put(&sha256, &bytes)?;
         }
-        let bytes = self.coordinator.fetch_artifact(&self.identity, sha256, None, self.cfg.max_artifact_bytes).await?;
-        self.artifacts.retain(&[]);
-        self.artifacts.put(sha256, &bytes)?;
-        Ok(bytes)
+        let stored = self.models.store(&manifest)?;
+        self.models.prune(self.cfg.keep_versions);
+        Ok((stored, downloaded))
     }
+}
+
+/// The task's LoRA layout must be the version's: the same `A` factors, rank, alpha and
+/// targets (an adapter trained on anything else would merge into the wrong base).
+fn check_layout(task: &Task, model: &VerifiedModel) -> Result<()> {
+    let layout = &model.manifest.lora;
+    let bad = |field: &'static str, reason: String| AgentError::InvalidTask { task_id: task.id_hex(), field, reason };
+    if layout.a.sha256_bytes().ok() != Some(task.lora.a_factors_sha256) {
+        return Err(bad(
+            "lora.a_factors_sha256",
+            format!(
+                "names {}, version {} issues {}",
+                hex::encode(task.lora.a_factors_sha256),
+                model.version(),
+                layout.a.sha256
+            ),
+        ));
+    }
+    let targets: Vec<&str> = task.lora.targets.iter().map(|t| t.hf_name()).collect();
+    if task.lora.rank != layout.rank || task.lora.alpha as f32 != layout.alpha || targets != layout.targets {
+        return Err(bad(
+            "lora",
+            format!(
+                "rank {} alpha {} targets {:?}, version {} has rank {} alpha {} targets {:?}",
+                task.lora.rank,
+                task.lora.alpha,
+                targets,
+                model.version(),
+                layout.rank,
+                layout.alpha,
+                layout.targets
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// An exclusive lock on `state/agent.lock`, held while the agent runs (released by the

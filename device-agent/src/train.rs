@@ -1,10 +1,10 @@
-//! Local training of one task, on a blocking thread: decode the verified model and the
-//! `A` factors, read the local corpus, and train `B` with `covey_model::train_local_adapter`,
-//! checkpointing as it goes.
+//! Local training of one task, on a blocking thread: the verified version's weights (its
+//! release with the adapter merged in), its `A` factors and tokenizer, the local corpus;
+//! `B` is trained with `covey_model::train_local_adapter`, checkpointing as it goes.
 
 use std::path::PathBuf;
 
-use covey_model::{LocalResult, LocalRound, LocalTrainSpec, LoraConfig, Resume, RoundProgress, Tokenizer, TrainConfig};
+use covey_model::{LocalResult, LocalRound, LocalTrainSpec, LoraConfig, Resume, RoundProgress, TrainConfig};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::AgentConfig;
@@ -63,7 +63,6 @@ pub fn spec_for(
 #[derive(Debug)]
 pub(crate) struct TrainJob {
     pub model: VerifiedModel,
-    pub a_factors: Vec<u8>,
     pub data_dir: PathBuf,
     pub spec: LocalTrainSpec,
     pub task: Task,
@@ -85,7 +84,7 @@ pub(crate) async fn train(job: TrainJob) -> Result<Trained> {
 }
 
 fn train_blocking(job: TrainJob) -> Result<Trained> {
-    let TrainJob { model, a_factors, data_dir, spec, task, store } = job;
+    let TrainJob { model, data_dir, spec, task, store } = job;
     let examples = (spec.train.steps * spec.train.batch_size * spec.train.grad_accum) as u64;
     let resume = store.load(&task);
     if let Some(c) = &resume
@@ -94,16 +93,21 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         tracing::info!(task = %task.id_hex(), "the checkpoint holds the final B: nothing left to train");
         return Ok(Trained { b: c.b.clone(), examples, loss: f32::NAN, resumed_from: Some(c.step) });
     }
+    // The version's weights: the release dequantized with the adapter merged in.
     let base = model.base_tensors()?;
-    let (a, _) =
-        covey_tensors::decode(&a_factors).map_err(|source| AgentError::Tensor { what: "LoRA A factors", source })?;
     let corpus: Vec<String> = covey_model::data::load_corpus(&data_dir)?.into_iter().map(|d| d.text).collect();
     let resumed_from = resume.as_ref().map(|c| c.step);
     if let Some(step) = resumed_from {
         tracing::info!(task = %task.id_hex(), step, "resuming from a checkpoint");
     }
     let device = covey_model::cpu_device();
-    let round = LocalRound { config: &model.config, base: &base, a: &a, tokenizer: &Tokenizer::Bytes, corpus: &corpus };
+    let round = LocalRound {
+        config: &model.config,
+        base: &base,
+        a: model.a_factors(),
+        tokenizer: &model.tokenizer,
+        corpus: &corpus,
+    };
     let result: LocalResult = covey_model::train_local_adapter(
         &round,
         &spec,

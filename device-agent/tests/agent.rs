@@ -12,7 +12,7 @@ use std::time::Duration;
 use covey_agent::{AgentConfig, AgentError, BackoffConfig, RunUntil};
 use covey_model::{LlamaConfig, LoraConfig, LoraTarget, NamedTensors};
 use covey_proto::keys::{self, KeyPair};
-use covey_proto::manifest::{ArtifactRef, Manifest, PrivacySpent};
+use covey_proto::manifest::{ArtifactRef, LoraLayout, MANIFEST_SCHEMA, Manifest, PrivacySpent, Release, SpecialTokens};
 use covey_proto::pb::fleet_server::{Fleet, FleetServer};
 use covey_proto::pb::{self, poll_task_response, update_chunk};
 use covey_proto::signing::{DeviceMethod, TaskBinding, UpdateHeader, device_request_bytes, device_request_bytes_for};
@@ -92,14 +92,28 @@ impl Mock {
         let a = covey_tensors::lora::frozen_a(&base, lora().rank, &lora().targets, lora().seed);
         let a = covey_tensors::encode(&a, None).expect("a");
         let manifest = Manifest {
-            schema: 1,
+            schema: MANIFEST_SCHEMA,
             version: 1,
             parent: 0,
             round_id: 0,
-            model: art(&model, "safetensors-int8"),
+            release: Release {
+                version: 1,
+                architecture: "llama".into(),
+                model: art(&model, "safetensors-int8"),
+                quantization: "int8-per-channel-symmetric".into(),
+                config: art(&config_bytes, "llama-config-json"),
+                tokenizer: None,
+                chat_template: None,
+                special_tokens: SpecialTokens::default(),
+            },
+            lora: LoraLayout {
+                rank: lora().rank,
+                alpha: lora().alpha as f32,
+                targets: vec!["q_proj".into(), "v_proj".into()],
+                a: art(&a, "safetensors-f32"),
+            },
+            adapter: None,
             master_sha256: "00".repeat(32),
-            config: art(&config_bytes, "llama-config-json"),
-            quantization: "int8-per-channel-symmetric".into(),
             privacy: PrivacySpent { epsilon: 0.0, delta: 0.0, accountant: "none".into(), rounds: 0 },
             created_unix_ms: 1,
         };

@@ -82,6 +82,9 @@ pub enum ProtoError {
     /// A manifest is not valid JSON of the expected shape.
     #[error("manifest: {0}")]
     Manifest(#[source] serde_json::Error),
+    /// A manifest parses but contradicts itself (schema, hashes, release and adapter).
+    #[error("manifest: {0}")]
+    BadManifest(String),
 }
 
 /// Result of this crate.

@@ -39,11 +39,79 @@ pub struct PrivacySpent {
     pub rounds: u64,
 }
 
+/// Current format version of [`Manifest`].
+pub const MANIFEST_SCHEMA: u32 = 2;
+
+/// Special token ids of a model's tokenizer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialTokens {
+    /// Beginning of sequence.
+    pub bos: Option<u32>,
+    /// End of sequence (generation stops there).
+    pub eos: Option<u32>,
+    /// Whether a prompt starts with BOS.
+    pub add_bos: bool,
+}
+
+/// A base release: the merged weights, quantized, with everything needed to tokenize,
+/// prompt and run them. Devices keep a release until a version names another one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    /// The version that cut this release (its first version).
+    pub version: u64,
+    /// Model architecture: `llama`.
+    pub architecture: String,
+    /// Weights: `safetensors-int8`, `safetensors-int4` or `safetensors-f32`.
+    pub model: ArtifactRef,
+    /// Quantization scheme of `model`: `int8-per-channel-symmetric`,
+    /// `int4-group32-asymmetric` (int8 where a row does not split into groups) or `none`.
+    pub quantization: String,
+    /// `config.json` of the model (Hugging Face Llama names).
+    pub config: ArtifactRef,
+    /// Hugging Face `tokenizer.json`; absent for the built-in byte-level tokenizer.
+    pub tokenizer: Option<ArtifactRef>,
+    /// Jinja chat template, for instruct models.
+    pub chat_template: Option<String>,
+    /// Special tokens.
+    pub special_tokens: SpecialTokens,
+}
+
+/// The LoRA layout devices train: the frozen `A` factors the coordinator issues, the
+/// same for every version of a state directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraLayout {
+    /// Rank r (the largest a device may train).
+    pub rank: usize,
+    /// Scale numerator: an adapter adds `alpha / rank · B A`.
+    pub alpha: f32,
+    /// Target projections (`q_proj`, `v_proj`, ...).
+    pub targets: Vec<String>,
+    /// The `A` factors (PEFT-named safetensors, f32).
+    pub a: ArtifactRef,
+}
+
+/// The aggregated adapter of a version: its `B` factors, cumulative since the release
+/// (the version's weights are the release's plus `alpha / rank · B A`). Cumulative rather
+/// than a delta per round: a device that missed rounds needs only the newest adapter,
+/// every adapter has the same size, and any version (rollback included) is one release
+/// plus one adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adapter {
+    /// Rounds aggregated into it since the release.
+    pub rounds: u64,
+    /// The `B` factors (PEFT-named safetensors, f32).
+    pub b: ArtifactRef,
+}
+
 /// The manifest of one model version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// Format version of this document (1).
+    /// Format version of this document ([`MANIFEST_SCHEMA`]).
     pub schema: u32,
     /// Version number, from 1.
     pub version: u64,
@@ -51,18 +119,34 @@ pub struct Manifest {
     pub parent: u64,
     /// Round that produced it, 0 for the first.
     pub round_id: u64,
-    /// The quantized weights devices run and train on.
-    pub model: ArtifactRef,
-    /// Hex SHA-256 of the full-precision master weights kept by the coordinator.
+    /// The base release this version runs on.
+    pub release: Release,
+    /// The LoRA layout devices train.
+    pub lora: LoraLayout,
+    /// The aggregated adapter on top of the release; absent on the version that cut it.
+    pub adapter: Option<Adapter>,
+    /// Hex SHA-256 of the full-precision master weights of the release, kept by the
+    /// coordinator.
     pub master_sha256: String,
-    /// `config.json` of the model (Hugging Face Llama names).
-    pub config: ArtifactRef,
-    /// Quantization scheme of `model`: `int8-per-channel-symmetric` or `none`.
-    pub quantization: String,
     /// Privacy spent so far.
     pub privacy: PrivacySpent,
     /// Creation time, ms since the Unix epoch.
     pub created_unix_ms: u64,
+}
+
+impl ArtifactRef {
+    /// The 32 bytes of [`ArtifactRef::sha256`].
+    pub fn sha256_bytes(&self) -> Result<[u8; 32]> {
+        parse_sha256(&self.sha256)
+    }
+}
+
+/// The 32 bytes of a hex SHA-256.
+pub fn parse_sha256(hex_digest: &str) -> Result<[u8; 32]> {
+    hex::decode(hex_digest)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| ProtoError::BadManifest(format!("`{hex_digest}` is not a SHA-256 (64 hex digits)")))
 }
 
 impl Manifest {
@@ -73,10 +157,50 @@ impl Manifest {
         Ok((bytes, signature))
     }
 
-    /// Verify `signature` over `bytes` with the coordinator's public key, then parse.
+    /// Verify `signature` over `bytes` with the coordinator's public key, then parse and
+    /// check the document ([`Manifest::check`]).
     pub fn verify(bytes: &[u8], signature: &[u8], coordinator_key: &[u8]) -> Result<Self> {
         keys::verify(coordinator_key, &signed_bytes(bytes), signature)?;
-        serde_json::from_slice(bytes).map_err(ProtoError::Manifest)
+        let m: Self = serde_json::from_slice(bytes).map_err(ProtoError::Manifest)?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// Check what does not need the artifacts: the schema, every hash, the release
+    /// cut no later than the version, an adapter absent exactly on the release's version.
+    pub fn check(&self) -> Result<()> {
+        let bad = |reason: String| Err(ProtoError::BadManifest(reason));
+        if self.schema != MANIFEST_SCHEMA {
+            return bad(format!("schema {} (this program reads {MANIFEST_SCHEMA})", self.schema));
+        }
+        for a in self.artifacts() {
+            a.sha256_bytes()?;
+        }
+        parse_sha256(&self.master_sha256)?;
+        if self.release.version == 0 || self.release.version > self.version {
+            return bad(format!("release of version {} named by version {}", self.release.version, self.version));
+        }
+        match &self.adapter {
+            None if self.release.version != self.version => {
+                bad(format!("version {} has no adapter on release {}", self.version, self.release.version))
+            }
+            Some(_) if self.release.version == self.version => {
+                bad(format!("version {} cuts a release and carries an adapter", self.version))
+            }
+            Some(a) if a.rounds == 0 => bad("an adapter of 0 rounds".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every artifact the version names: the release's model, config and tokenizer, the
+    /// `A` factors and the adapter's `B`.
+    pub fn artifacts(&self) -> Vec<&ArtifactRef> {
+        let r = &self.release;
+        let mut out = vec![&r.model, &r.config];
+        out.extend(&r.tokenizer);
+        out.push(&self.lora.a);
+        out.extend(self.adapter.as_ref().map(|a| &a.b));
+        out
     }
 }
 
@@ -91,17 +215,26 @@ fn signed_bytes(manifest: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn manifest() -> Manifest {
+    pub(crate) fn manifest() -> Manifest {
         let art = |f: &str| ArtifactRef { sha256: "ab".repeat(32), size: 10, format: f.into() };
         Manifest {
-            schema: 1,
+            schema: MANIFEST_SCHEMA,
             version: 2,
             parent: 1,
             round_id: 1,
-            model: art("safetensors-int8"),
+            release: Release {
+                version: 1,
+                architecture: "llama".into(),
+                model: art("safetensors-int8"),
+                quantization: "int8-per-channel-symmetric".into(),
+                config: art("llama-config-json"),
+                tokenizer: Some(art("tokenizer-json")),
+                chat_template: Some("{{ messages }}".into()),
+                special_tokens: SpecialTokens { bos: Some(1), eos: Some(2), add_bos: false },
+            },
+            lora: LoraLayout { rank: 4, alpha: 8.0, targets: vec!["q_proj".into()], a: art("safetensors-f32") },
+            adapter: Some(Adapter { rounds: 1, b: art("safetensors-f32") }),
             master_sha256: "cd".repeat(32),
-            config: art("llama-config-json"),
-            quantization: "int8-per-channel-symmetric".into(),
             privacy: PrivacySpent {
                 epsilon: 0.5,
                 delta: 1e-5,
@@ -123,5 +256,33 @@ mod tests {
         assert!(matches!(Manifest::verify(&tampered, &sig, &k.public_key()), Err(ProtoError::BadSignature)));
         let other = KeyPair::generate().expect("key");
         assert!(Manifest::verify(&bytes, &sig, &other.public_key()).is_err());
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_refused() {
+        let k = KeyPair::generate().expect("key");
+        let refused = |m: Manifest| {
+            let (bytes, sig) = m.sign(&k).expect("sign");
+            match Manifest::verify(&bytes, &sig, &k.public_key()) {
+                Err(ProtoError::BadManifest(reason)) => reason,
+                other => panic!("accepted or other error: {other:?}"),
+            }
+        };
+        let mut m = manifest();
+        m.schema = 1;
+        assert!(refused(m).contains("schema 1"));
+        let mut m = manifest();
+        m.adapter = None;
+        assert!(refused(m).contains("no adapter"));
+        let mut m = manifest();
+        m.release.version = 2;
+        assert!(refused(m).contains("carries an adapter"));
+        let mut m = manifest();
+        m.release.version = 3;
+        assert!(refused(m).contains("release of version 3"));
+        let mut m = manifest();
+        m.lora.a.sha256 = "xyz".into();
+        assert!(refused(m).contains("xyz"));
+        assert_eq!(manifest().artifacts().len(), 5);
     }
 }

@@ -5,7 +5,9 @@
 //! --test vectors` rewrites it after a deliberate change of the wire format.
 
 use covey_proto::keys::{self, KeyPair};
-use covey_proto::manifest::{ArtifactRef, Manifest, PrivacySpent};
+use covey_proto::manifest::{
+    Adapter, ArtifactRef, LoraLayout, MANIFEST_SCHEMA, Manifest, PrivacySpent, Release, SpecialTokens,
+};
 use covey_proto::signing::{self, DeviceMethod, TaskBinding, UpdateHeader};
 use serde_json::{Value, json};
 
@@ -112,14 +114,28 @@ fn vectors() -> Value {
 
     let art = |hash: &str, size, format: &str| ArtifactRef { sha256: hash.into(), size, format: format.into() };
     let manifest = Manifest {
-        schema: 1,
+        schema: MANIFEST_SCHEMA,
         version: 2,
         parent: 1,
         round_id: 1,
-        model: art(&hex::encode(keys::sha256(b"int8")), 1000, "safetensors-int8"),
+        release: Release {
+            version: 1,
+            architecture: "llama".into(),
+            model: art(&hex::encode(keys::sha256(b"int8")), 1000, "safetensors-int8"),
+            quantization: "int8-per-channel-symmetric".into(),
+            config: art(&hex::encode(keys::sha256(b"config")), 100, "llama-config-json"),
+            tokenizer: Some(art(&hex::encode(keys::sha256(b"tokenizer")), 500, "tokenizer-json")),
+            chat_template: None,
+            special_tokens: SpecialTokens { bos: Some(1), eos: Some(2), add_bos: false },
+        },
+        lora: LoraLayout {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            a: art(&hex::encode(keys::sha256(b"a")), 200, "safetensors-f32"),
+        },
+        adapter: Some(Adapter { rounds: 1, b: art(&hex::encode(keys::sha256(b"b")), 300, "safetensors-f32") }),
         master_sha256: hex::encode(keys::sha256(b"master")),
-        config: art(&hex::encode(keys::sha256(b"config")), 100, "llama-config-json"),
-        quantization: "int8-per-channel-symmetric".into(),
         privacy: PrivacySpent { epsilon: 1.5, delta: 1e-5, accountant: "rdp-subsampled-gaussian".into(), rounds: 1 },
         created_unix_ms: ts,
     };

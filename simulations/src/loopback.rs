@@ -127,7 +127,7 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: &dyn Progress) 
 
     // Round 0: the initial version; its wall time is starting the coordinator and
     // enrolling the agents.
-    let (mut published, _, _) = published_weights(&engine, 1).await?;
+    let (mut published, _) = published_weights(&engine, 1).await?;
     let mut rounds = vec![RoundMetrics {
         wall_seconds: started.elapsed().as_secs_f64(),
         ..round_zero(&evaluate_blocking(&prepared, published.clone()).await?)
@@ -192,15 +192,13 @@ fn round_zero(m: &covey_model::EvalMetrics) -> RoundMetrics {
 struct Scorer<'a> {
     prepared: &'a Arc<Prepared>,
     engine: Arc<covey_coordinator::Coordinator>,
-    a_bytes: u64,
-    seen: std::collections::HashSet<[u8; 32]>,
+    /// The artifacts each device holds (hex SHA-256).
+    seen: std::collections::HashMap<[u8; 32], std::collections::HashSet<String>>,
 }
 
 impl<'a> Scorer<'a> {
     fn new(prepared: &'a Arc<Prepared>, engine: Arc<covey_coordinator::Coordinator>) -> Result<Self> {
-        let a = covey_coordinator::weights::a_factors(&prepared.master, &prepared.experiment.lora);
-        let a_bytes = covey_tensors::encode(&a, None)?.len() as u64;
-        Ok(Self { prepared, engine, a_bytes, seen: std::collections::HashSet::new() })
+        Ok(Self { prepared, engine, seen: std::collections::HashMap::new() })
     }
 
     /// The metrics of a published round, and the weights devices now hold.
@@ -209,7 +207,7 @@ impl<'a> Scorer<'a> {
         round: &covey_coordinator::store::RoundRecord,
     ) -> Result<(RoundMetrics, covey_tensors::NamedTensors)> {
         let updates = self.engine.store().updates(round.id).await?;
-        let (weights, model_bytes, manifest) = published_weights(&self.engine, round.published_version).await?;
+        let (weights, manifest) = published_weights(&self.engine, round.published_version).await?;
         let metrics = evaluate_blocking(self.prepared, weights.clone()).await?;
         // Devices under local noise report no loss.
         let reported: Vec<(f64, f64)> =
@@ -217,24 +215,27 @@ impl<'a> Scorer<'a> {
         let examples: f64 = reported.iter().map(|(_, n)| n).sum();
         let train_loss =
             if reported.is_empty() { f64::NAN } else { reported.iter().map(|(l, n)| l * n).sum::<f64>() / examples };
-        let base_model_bytes = version_manifest(&self.engine, round.base_version).await?.model.size;
+        let base = version_manifest(&self.engine, round.base_version).await?;
         let mut up = 0u64;
         let mut down = 0u64;
         for u in &updates {
             let header =
                 UpdateHeader::parse(&u.header).map_err(|e| SimError::Data(format!("stored update header: {e}")))?;
             up += header.payload_len + UPDATE_OVERHEAD_BYTES as u64;
-            // The device fetched the round's base version; the A factors once.
-            down += base_model_bytes;
-            if self.seen.insert(u.device_id) {
-                down += self.a_bytes;
+            // The device fetched what of the round's base version it did not hold yet (its
+            // artifact cache is content-addressed: a release, the A factors come once).
+            let held = self.seen.entry(u.device_id).or_default();
+            for a in base.artifacts() {
+                if held.insert(a.sha256.clone()) {
+                    down += a.size;
+                }
             }
         }
         let n = updates.len().max(1) as u64;
         tracing::info!(
             round = round.id,
             version = round.published_version,
-            model_bytes,
+            release = manifest.release.version,
             perplexity = metrics.perplexity,
             "published"
         );
@@ -289,20 +290,15 @@ async fn version_manifest(engine: &covey_coordinator::Coordinator, version: u64)
         .map_err(|e| SimError::Data(format!("manifest of version {version}: {e}")))
 }
 
-/// The int8 weights of `version` as devices receive them (decoded), the artifact's size,
+/// The weights of `version` as devices run them (the release decoded, the adapter merged),
 /// and its verified manifest.
 async fn published_weights(
     engine: &covey_coordinator::Coordinator,
     version: u64,
-) -> Result<(covey_tensors::NamedTensors, usize, Manifest)> {
+) -> Result<(covey_tensors::NamedTensors, Manifest)> {
     let manifest = version_manifest(engine, version).await?;
-    let hash: [u8; 32] = hex::decode(&manifest.model.sha256)
-        .ok()
-        .and_then(|h| h.try_into().ok())
-        .ok_or_else(|| SimError::Data(format!("manifest of version {version}: bad model hash")))?;
-    let bytes = engine.artifacts().get(&hash)?;
-    let (weights, _) = covey_tensors::quant::decode_model(&bytes)?;
-    Ok((weights, bytes.len(), manifest))
+    let (weights, _) = engine.device_weights(version).await?;
+    Ok((weights, manifest))
 }
 
 async fn evaluate_blocking(

@@ -73,6 +73,9 @@ impl Prepared {
         // A simulation: cohorts from the experiment's seed (a coordinator of devices draws
         // them from the OS CSPRNG).
         c.rounds.seed = Some(exp.seed);
+        // Every round publishes a base release, so devices hold the merged int8 weights
+        // the in-process runner scores.
+        c.publish.release_every = 1;
         c
     }
 
@@ -163,8 +166,8 @@ fn load_model(exp: &Experiment) -> Result<(LlamaConfig, Vec<u8>, NamedTensors)> 
             format!("simulations use byte-level models (vocabulary 256); this one has {}", config.vocab_size),
         ));
     }
-    let (config_json, master) = covey_coordinator::weights::read_initial_model(dir, &exp.lora)?;
-    Ok((config, config_json, master))
+    let initial = covey_coordinator::weights::read_initial_model(dir, &exp.lora)?;
+    Ok((config, initial.config_json, initial.master))
 }
 
 /// Test texts of clients (those whose id starts with one of `prefixes`, or all) taken in

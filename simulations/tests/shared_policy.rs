@@ -100,7 +100,7 @@ async fn same_round(strategy: &str) {
     // int8 model and the `A` factors the coordinator serves, and uploads it signed.
     let v1 = engine.store().version(1).await.expect("store").expect("version 1");
     let manifest = Manifest::verify(&v1.manifest, &v1.signature, &engine.public_key()).expect("manifest");
-    let model_hash: [u8; 32] = hex::decode(&manifest.model.sha256).expect("hex").try_into().expect("32 bytes");
+    let model_hash: [u8; 32] = hex::decode(&manifest.release.model.sha256).expect("hex").try_into().expect("32 bytes");
     let (published, _) =
         covey_tensors::quant::decode_model(&engine.artifacts().get(&model_hash).expect("model")).expect("int8");
     let a = weights::a_factors(&prepared.master, &engine.config().lora);

@@ -119,10 +119,10 @@ async fn three_federated_rounds_lower_the_held_out_loss() {
     for v in versions.iter().rev() {
         let m = Manifest::verify(&v.manifest, &v.signature, &engine.public_key()).expect("signed manifest");
         assert_eq!(m.version, v.version);
-        let master =
-            covey_tensors::decode(&engine.artifacts().get(&v.master_sha256).expect("master")).expect("decode").0;
+        // The weights devices run: the int8 release plus the adapter.
+        let (weights, _) = engine.device_weights(v.version).await.expect("weights");
         let metrics =
-            covey_model::evaluate_texts(&config, &master, &Tokenizer::Bytes, &held_out, 64, &device).expect("eval");
+            covey_model::evaluate_texts(&config, &weights, &Tokenizer::Bytes, &held_out, 64, &device).expect("eval");
         losses.push(metrics.mean_nll);
     }
     eprintln!("held-out NLL by version: {losses:?}");
@@ -142,8 +142,8 @@ async fn three_federated_rounds_lower_the_held_out_loss() {
     assert!(covey_agent::models::VerifiedManifest::verify(&v.manifest, &forged, &key, v.version, None).is_err());
     // ... and an artifact whose bytes do not match the hash it was asked for.
     let manifest = Manifest::verify(&v.manifest, &v.signature, &key).expect("manifest");
-    let model_hash: [u8; 32] = hex::decode(&manifest.model.sha256).expect("hex").try_into().expect("32 bytes");
-    let blob = root.path().join("coordinator/artifacts").join(&manifest.model.sha256);
+    let model_hash = manifest.release.model.sha256_bytes().expect("hash");
+    let blob = root.path().join("coordinator/artifacts").join(&manifest.release.model.sha256);
     let mut bytes = std::fs::read(&blob).expect("blob");
     let last = bytes.len() - 1;
     bytes[last] ^= 1;

@@ -18,7 +18,7 @@
 //! | `devices.rs` | enrolment, tokens, request authentication, polls and tasks, heartbeats, downloads, revocation |
 //! | `intake.rs` | update uploads: header first, then the streamed payload |
 //! | `rounds.rs` | the round driver: opening, collecting, deadlines, operator actions |
-//! | `publish.rs` | aggregation, privacy accounting, building and signing versions |
+//! | `publish.rs` | aggregation, privacy accounting, adapter versions and base releases, signing |
 
 mod devices;
 mod intake;
@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::Duration;
 
 use covey_proto::keys::{self, KeyPair};
-use covey_proto::manifest::Manifest;
 use covey_proto::signing::TaskBinding;
 use covey_proto::task::Task;
 use covey_strategy::{Strategy, StrategyState};
@@ -123,7 +122,6 @@ impl Opening {
 }
 
 const KEY_A: &str = "a_factors";
-const KEY_CONFIG: &str = "config_json";
 const KEY_STRATEGY: &str = "strategy";
 const KEY_PRIVACY: &str = "privacy_events";
 /// Header allowance of an update payload over its tensor bytes (safetensors JSON).
@@ -142,7 +140,6 @@ pub struct Coordinator {
     wake: Notify,
     versions: watch::Sender<u64>,
     a_hash: [u8; 32],
-    config_hash: [u8; 32],
     expected_b: BTreeMap<String, Vec<usize>>,
     b_values: usize,
     max_payload: u64,
@@ -174,17 +171,15 @@ fn device_rate(config: &CoordinatorConfig) -> u32 {
     config.limits.device_requests_per_minute.max(polls.saturating_add(30))
 }
 
-/// The model and config artifacts a signed manifest names.
-fn manifest_artifacts(v: &VersionRecord) -> Result<[[u8; 32]; 2]> {
-    let m: Manifest = serde_json::from_slice(&v.manifest)
-        .map_err(|e| CoordinatorError::Corrupt(format!("manifest of version {}: {e}", v.version)))?;
-    let parse = |h: &str| -> Result<[u8; 32]> {
-        hex::decode(h)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| CoordinatorError::Corrupt(format!("manifest of version {}: bad hash {h}", v.version)))
-    };
-    Ok([parse(&m.model.sha256)?, parse(&m.config.sha256)?])
+/// The artifacts a stored version's signed manifest names.
+fn manifest_artifacts(v: &VersionRecord) -> Result<Vec<[u8; 32]>> {
+    let m = publish::parse_manifest(v)?;
+    m.artifacts()
+        .into_iter()
+        .map(|a| {
+            a.sha256_bytes().map_err(|e| CoordinatorError::Corrupt(format!("manifest of version {}: {e}", v.version)))
+        })
+        .collect()
 }
 
 impl Coordinator {
@@ -207,7 +202,6 @@ impl Coordinator {
             v.and_then(|b| b.try_into().ok()).ok_or_else(|| CoordinatorError::Corrupt(format!("{what} hash missing")))
         };
         let a_hash = hash_state(store.get_state(KEY_A).await?, KEY_A)?;
-        let config_hash = hash_state(store.get_state(KEY_CONFIG).await?, KEY_CONFIG)?;
         let current = store.current_version().await?;
         let master = publish::load_master(&*store, &artifacts, current).await?;
         // The A factors devices train against were fixed on first start: a changed [lora]
@@ -244,7 +238,7 @@ impl Coordinator {
                 })
                 .await?;
         }
-        let mut served = HashSet::from([a_hash, config_hash]);
+        let mut served = HashSet::from([a_hash]);
         for v in store.versions().await? {
             served.extend(manifest_artifacts(&v)?);
         }
@@ -269,7 +263,6 @@ impl Coordinator {
             wake: Notify::new(),
             versions: watch::Sender::new(current),
             a_hash,
-            config_hash,
             expected_b,
             b_values,
             max_payload,

@@ -1,67 +1,100 @@
 //! Aggregation and publishing: stream a round's stored updates (verified again) to the
-//! strategy, merge the step into the master weights, compose the round's privacy event,
-//! build the f32 and int8 artifacts, sign the manifest and publish in one transaction.
+//! strategy, add the step to the adapter (cumulative since the base release), compose the
+//! round's privacy event, and publish either an adapter version (its `B` only) or, every
+//! `publish.release-every` rounds, a new base release (the adapter merged into the f32
+//! master, quantized int8 or int4); sign the manifest and publish in one transaction.
 
 use std::collections::HashMap;
 
 use covey_proto::keys::{self, KeyPair};
-use covey_proto::manifest::{ArtifactRef, Manifest, PrivacySpent};
+use covey_proto::manifest::{Adapter, ArtifactRef, LoraLayout, MANIFEST_SCHEMA, Manifest, PrivacySpent, Release};
 use covey_proto::signing::UpdateHeader;
 use covey_strategy::{ClientUpdate, Strategy};
 use covey_tensors::NamedTensors;
 use tracing::{error, info, warn};
 
 use super::rounds::sampling_of;
-use super::{Coordinator, KEY_A, KEY_CONFIG, KEY_PRIVACY, KEY_STRATEGY, now_wall_ms};
+use super::{Coordinator, KEY_A, KEY_PRIVACY, KEY_STRATEGY, now_wall_ms};
 use crate::artifacts::Artifacts;
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, ReleaseQuantization};
 use crate::error::{CoordinatorError, Result};
 use crate::round::{PrivacyRecord, RoundPolicy, privacy_spent};
 use crate::store::{RoundRecord, Store, UpdateRecord, VersionRecord};
 use crate::weights;
 
-/// What a new version is made of.
-struct VersionInput<'a> {
-    master: &'a NamedTensors,
+/// Format of the `config.json` artifact.
+pub const CONFIG_FORMAT: &str = "llama-config-json";
+/// Format of the `tokenizer.json` artifact.
+pub const TOKENIZER_FORMAT: &str = "tokenizer-json";
+/// Format of f32 safetensors artifacts (the LoRA factors).
+pub const F32_FORMAT: &str = "safetensors-f32";
+
+/// Where a new version sits in the chain and what it spent.
+struct VersionInput {
     version: u64,
     parent: u64,
     round_id: u64,
-    config_hash: [u8; 32],
     privacy: PrivacySpent,
 }
 
-/// Import `config.initial_model` as version 1, with the `A` factors, the model config
-/// and an empty privacy ledger (first start).
+/// What a new version publishes.
+enum Publication<'a> {
+    /// A base release: `master` merged, quantized, with the parent's config, tokenizer,
+    /// template and special tokens (`template.version` and `model` are replaced).
+    Release { master: &'a NamedTensors, template: Release },
+    /// An adapter on the parent's release: its `B`, cumulative since the release.
+    Adapter { release: Release, master_sha256: [u8; 32], b: &'a NamedTensors, rounds: u64 },
+}
+
+fn artifact_ref(hash: [u8; 32], size: usize, format: &str) -> ArtifactRef {
+    ArtifactRef { sha256: hex::encode(hash), size: size as u64, format: format.into() }
+}
+
+/// Import `config.initial_model` as version 1 (a base release), with the `A` factors and
+/// an empty privacy ledger (first start).
 pub(super) async fn import_initial_model(
     config: &CoordinatorConfig,
     store: &dyn Store,
     artifacts: &Artifacts,
     key: &KeyPair,
 ) -> Result<()> {
-    let dir = config.initial_model.clone().ok_or_else(|| CoordinatorError::Config {
+    let path = config.initial_model.clone().ok_or_else(|| CoordinatorError::Config {
         field: "initial-model".into(),
-        reason: "required on first start (a directory with config.json and model.safetensors)".into(),
+        reason: "required on first start (a .gguf file, or a model directory with config.json and \
+                 model.safetensors)"
+            .into(),
     })?;
-    let (config_json, master) = weights::read_initial_model(&dir, &config.lora)?;
-    let a = weights::a_factors(&master, &config.lora);
-    let a_hash = artifacts.put(&covey_tensors::encode(&a, None)?)?;
-    let config_hash = artifacts.put(&config_json)?;
-    let input = VersionInput {
-        master: &master,
-        version: 1,
-        parent: 0,
-        round_id: 0,
-        config_hash,
-        privacy: privacy_spent(&[], config.privacy.delta)?,
+    let model = weights::read_initial_model(&path, &config.lora)?;
+    let a = weights::a_factors(&model.master, &config.lora);
+    let a_bytes = covey_tensors::encode(&a, None)?;
+    let a_hash = artifacts.put(&a_bytes)?;
+    let config_hash = artifacts.put(&model.config_json)?;
+    let tokenizer = match &model.tokenizer_json {
+        Some(bytes) => Some(artifact_ref(artifacts.put(bytes)?, bytes.len(), TOKENIZER_FORMAT)),
+        None => None,
     };
-    let (v, _) = build_version(artifacts, key, &input)?;
-    let state = [
-        (KEY_A.into(), a_hash.to_vec()),
-        (KEY_CONFIG.into(), config_hash.to_vec()),
-        (KEY_PRIVACY.into(), b"[]".to_vec()),
-    ];
+    let template = Release {
+        version: 1,
+        architecture: "llama".into(),
+        model: artifact_ref([0; 32], 0, ""),
+        quantization: String::new(),
+        config: artifact_ref(config_hash, model.config_json.len(), CONFIG_FORMAT),
+        tokenizer,
+        chat_template: model.chat_template.clone(),
+        special_tokens: model.special_tokens.clone(),
+    };
+    let lora = LoraLayout {
+        rank: config.lora.rank,
+        alpha: config.lora.alpha,
+        targets: config.lora.targets.clone(),
+        a: artifact_ref(a_hash, a_bytes.len(), F32_FORMAT),
+    };
+    let input = VersionInput { version: 1, parent: 0, round_id: 0, privacy: privacy_spent(&[], config.privacy.delta)? };
+    let publication = Publication::Release { master: &model.master, template };
+    let (v, _) = build_version(artifacts, key, config, &lora, &input, publication)?;
+    let state = [(KEY_A.into(), a_hash.to_vec()), (KEY_PRIVACY.into(), b"[]".to_vec())];
     store.publish(0, &v, &state).await?;
-    info!(version = 1, "imported the initial model from {}", dir.display());
+    info!(version = 1, model = %model.description, "imported the initial model from {}", path.display());
     Ok(())
 }
 
@@ -92,8 +125,7 @@ impl Coordinator {
         let sampling = sampling_of(round);
         let failures = (round.cohort_size as usize).saturating_sub(records.len());
         let base = self.version(round.base_version).await?;
-        let master = decode_blob(&self.artifacts, &base.master_sha256)?;
-        let a = decode_blob(&self.artifacts, &self.a_hash)?;
+        let parent = parse_manifest(&base)?;
         let aggregate = {
             let mut stream = StoredUpdates::new(&records, &self.uploads, &keys_by_device, plan.examples_per_update());
             let aggregate = strategy.aggregate(&sampling.context(round.id), &mut stream, failures)?;
@@ -111,25 +143,41 @@ impl Coordinator {
             aggregate
         };
         let Some(aggregate) = aggregate else { return Ok(None) };
-        let merged = weights::merge_step(&master, &a, &aggregate.step, &self.config.lora)?;
+        // The adapter after this round, cumulative since the release (the first round on
+        // a release takes the step as it is).
+        let (b, rounds) = match &parent.adapter {
+            Some(adapter) => {
+                let prev = decode_blob(&self.artifacts, &adapter.b.sha256_bytes()?)?;
+                (weights::accumulate(&prev, &aggregate.step)?, adapter.rounds + 1)
+            }
+            None => (aggregate.step.clone(), 1),
+        };
+        let merged;
+        let publication = if rounds >= self.config.publish.release_every {
+            let release_master = decode_blob(&self.artifacts, &base.master_sha256)?;
+            let a = decode_blob(&self.artifacts, &self.a_hash)?;
+            merged = weights::merge_step(&release_master, &a, &b, &self.config.lora)?;
+            Publication::Release { master: &merged, template: parent.release.clone() }
+        } else {
+            Publication::Adapter { release: parent.release.clone(), master_sha256: base.master_sha256, b: &b, rounds }
+        };
         let mut events = self.privacy_events().await?;
         events.extend(RoundPolicy::new(&self.config).privacy_event(&plan, &sampling, aggregate.privacy.as_ref()));
         let version = self.store.versions().await?.first().map_or(1, |v| v.version + 1);
         let input = VersionInput {
-            master: &merged,
             version,
             parent: round.base_version,
             round_id: round.id,
-            config_hash: self.config_hash,
             privacy: privacy_spent(&events, self.config.privacy.delta)?,
         };
-        let (v, model_sha256) = build_version(&self.artifacts, &self.key, &input)?;
+        let (v, new_artifacts) =
+            build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
         let state = json(&strategy.state()?, "strategy state")?;
         let events = json(&events, "privacy events")?;
         let current =
             self.store.publish(round.id, &v, &[(KEY_STRATEGY.into(), state), (KEY_PRIVACY.into(), events)]).await?;
         // Served from now on, not before: an aggregate whose publish was refused never is.
-        self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(model_sha256);
+        self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(new_artifacts);
         if current {
             self.metrics.current_version.set(version as i64);
         } else {
@@ -141,6 +189,21 @@ impl Coordinator {
         }
         self.versions.send_replace(version);
         Ok(Some(version))
+    }
+
+    /// The weights devices run at `version`, in f32: its release's quantized weights
+    /// dequantized, plus `alpha / rank · B A` of its adapter. Also returns the manifest.
+    pub async fn device_weights(&self, version: u64) -> Result<(NamedTensors, Manifest)> {
+        let record = self.store.version(version).await?.ok_or(CoordinatorError::NoSuchVersion(version))?;
+        let manifest = parse_manifest(&record)?;
+        let (mut weights, _) =
+            covey_tensors::quant::decode_model(&self.artifacts.get(&manifest.release.model.sha256_bytes()?)?)?;
+        if let Some(adapter) = &manifest.adapter {
+            let mut factors = decode_blob(&self.artifacts, &manifest.lora.a.sha256_bytes()?)?;
+            factors.extend(decode_blob(&self.artifacts, &adapter.b.sha256_bytes()?)?);
+            covey_tensors::lora::merge(&mut weights, &factors, manifest.lora.alpha / manifest.lora.rank as f32)?;
+        }
+        Ok((weights, manifest))
     }
 
     /// The accountant's events. A missing ledger while published rounds exist is
@@ -257,32 +320,61 @@ pub(super) async fn load_master(store: &dyn Store, artifacts: &Artifacts, versio
     decode_blob(artifacts, &v.master_sha256)
 }
 
-/// Store master (f32) and device (int8) weights, and sign a manifest for them; returns
-/// the version and the SHA-256 of its int8 model.
-fn build_version(artifacts: &Artifacts, key: &KeyPair, input: &VersionInput<'_>) -> Result<(VersionRecord, [u8; 32])> {
-    let master_bytes = covey_tensors::encode(input.master, None)?;
-    let master_sha256 = artifacts.put(&master_bytes)?;
-    let int8 = covey_tensors::quant::encode_int8(input.master, HashMap::new())?;
-    let model_sha256 = artifacts.put(&int8)?;
-    let config_size = artifacts.size(&input.config_hash)?;
+/// The manifest a stored version signed.
+pub(super) fn parse_manifest(v: &VersionRecord) -> Result<Manifest> {
+    let m: Manifest = serde_json::from_slice(&v.manifest).map_err(|e| {
+        CoordinatorError::Corrupt(format!(
+            "manifest of version {}: {e} (a state directory of an older Covey: start a new one)",
+            v.version
+        ))
+    })?;
+    m.check().map_err(|e| CoordinatorError::Corrupt(format!("manifest of version {}: {e}", v.version)))?;
+    Ok(m)
+}
+
+/// Store what `publication` needs (a release: its f32 master and quantized weights; an
+/// adapter: its `B`), and sign a manifest for it. Returns the version and the artifacts it
+/// adds (served once published).
+fn build_version(
+    artifacts: &Artifacts,
+    key: &KeyPair,
+    config: &CoordinatorConfig,
+    lora: &LoraLayout,
+    input: &VersionInput,
+    publication: Publication<'_>,
+) -> Result<(VersionRecord, Vec<[u8; 32]>)> {
+    let (release, adapter, master_sha256, added) = match publication {
+        Publication::Release { master, mut template } => {
+            let master_sha256 = artifacts.put(&covey_tensors::encode(master, None)?)?;
+            let quantization = config.publish.quantization;
+            let bytes = covey_tensors::quant::encode_quantized(master, quantization.scheme(), HashMap::new())?;
+            let model_sha256 = artifacts.put(&bytes)?;
+            let (format, scheme) = match quantization {
+                ReleaseQuantization::Int8 => ("safetensors-int8", covey_tensors::quant::INT8_SCHEME),
+                ReleaseQuantization::Int4 => ("safetensors-int4", covey_tensors::quant::INT4_SCHEME),
+            };
+            template.version = input.version;
+            template.model = artifact_ref(model_sha256, bytes.len(), format);
+            template.quantization = scheme.into();
+            (template, None, master_sha256, vec![model_sha256])
+        }
+        Publication::Adapter { release, master_sha256, b, rounds } => {
+            let bytes = covey_tensors::encode(b, None)?;
+            let b_sha256 = artifacts.put(&bytes)?;
+            let adapter = Adapter { rounds, b: artifact_ref(b_sha256, bytes.len(), F32_FORMAT) };
+            (release, Some(adapter), master_sha256, vec![b_sha256])
+        }
+    };
     let epsilon = input.privacy.epsilon;
     let manifest = Manifest {
-        schema: 1,
+        schema: MANIFEST_SCHEMA,
         version: input.version,
         parent: input.parent,
         round_id: input.round_id,
-        model: ArtifactRef {
-            sha256: hex::encode(model_sha256),
-            size: int8.len() as u64,
-            format: "safetensors-int8".into(),
-        },
+        release,
+        lora: lora.clone(),
+        adapter,
         master_sha256: hex::encode(master_sha256),
-        config: ArtifactRef {
-            sha256: hex::encode(input.config_hash),
-            size: config_size,
-            format: "llama-config-json".into(),
-        },
-        quantization: covey_tensors::quant::INT8_SCHEME.into(),
         privacy: input.privacy.clone(),
         created_unix_ms: now_wall_ms(),
     };
@@ -298,5 +390,5 @@ fn build_version(artifacts: &Artifacts, key: &KeyPair, input: &VersionInput<'_>)
         epsilon,
         created_ms: now_wall_ms(),
     };
-    Ok((record, model_sha256))
+    Ok((record, added))
 }

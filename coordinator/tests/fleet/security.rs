@@ -269,7 +269,7 @@ async fn only_published_artifacts_are_served_and_only_to_enrolled_devices() {
     assert_eq!(keys::sha256(&d.fetch(&mut c, &a).await.expect("A factors")).to_vec(), a);
     let signed = d.manifest(&mut c, 1).await.expect("manifest");
     let manifest: covey_proto::manifest::Manifest = serde_json::from_slice(&signed.manifest).expect("json");
-    let model = hex::decode(&manifest.model.sha256).expect("hex");
+    let model = hex::decode(&manifest.release.model.sha256).expect("hex");
     assert_eq!(keys::sha256(&d.fetch(&mut c, &model).await.expect("model")).to_vec(), model);
     for (what, hash) in [
         ("a device update", h.payload_sha256.to_vec()),

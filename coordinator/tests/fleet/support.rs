@@ -24,7 +24,7 @@ fn tensor(shape: &[usize], seed: u32) -> HostTensor {
 /// A two-layer model directory with Hugging Face names.
 pub fn write_tiny_model(dir: &Path) -> PathBuf {
     let mut m = NamedTensors::new();
-    m.insert("model.embed_tokens.weight".into(), tensor(&[32, HIDDEN], 1));
+    m.insert("model.embed_tokens.weight".into(), tensor(&[256, HIDDEN], 1));
     m.insert("model.norm.weight".into(), HostTensor::new(vec![HIDDEN], vec![1.0; HIDDEN]).expect("norm"));
     for l in 0..2 {
         let p = format!("model.layers.{l}");
@@ -43,7 +43,9 @@ pub fn write_tiny_model(dir: &Path) -> PathBuf {
     let dir = dir.join("model");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("model.safetensors"), covey_tensors::encode(&m, None).expect("encode")).expect("write");
-    std::fs::write(dir.join("config.json"), br#"{"hidden_size": 8, "num_hidden_layers": 2}"#).expect("write");
+    let config = br#"{"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "intermediate_size": 16, "vocab_size": 256, "max_position_embeddings": 64}"#;
+    std::fs::write(dir.join("config.json"), config).expect("write");
     dir
 }
 
@@ -74,6 +76,8 @@ pub fn config(root: &Path) -> CoordinatorConfig {
     c.limits.device_requests_per_minute = 100_000;
     c.enrollment.per_minute = 10_000;
     c.enrollment.per_token_per_minute = 10_000;
+    // Every round cuts a base release (the merged master, int8), unless a test says otherwise.
+    c.publish.release_every = 1;
     c
 }
 

@@ -122,7 +122,7 @@ async fn acknowledged_updates_survive_sigkill() {
     assert_ne!(master, initial, "the round changed the weights");
     // The devices' artifact is int8 and decodes close to the master.
     let model = covey_tensors::quant::decode_model(
-        &fetch(&mut c, &devices[0], &hex::decode(&manifest.model.sha256).expect("hex")).await,
+        &fetch(&mut c, &devices[0], &hex::decode(&manifest.release.model.sha256).expect("hex")).await,
     )
     .expect("int8 model")
     .0;
