@@ -1,5 +1,6 @@
 //! `covey-agent`: enrol a device, run it against a coordinator, show its state, and
-//! generate text with the newest verified model.
+//! generate text or chat with the newest verified model (its release and adapter, on the
+//! int8 / int4 inference engine, with the model's tokenizer and chat template).
 
 use std::path::PathBuf;
 
@@ -7,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use covey_agent::{AgentConfig, RunUntil};
 use covey_model::SamplingConfig;
+use covey_model::chat::Message;
 
 #[derive(Parser)]
 #[command(name = "covey-agent", version, about = "Covey device agent: private federated LoRA fine-tuning")]
@@ -25,6 +27,9 @@ enum Command {
     Status(StatusArgs),
     /// Continue a prompt with the newest verified model version.
     Generate(GenerateArgs),
+    /// Chat with the newest verified model version (its chat template): one reply to
+    /// --prompt, or a conversation read from standard input, one message per line.
+    Chat(ChatArgs),
 }
 
 /// Connection settings shared by `enroll` and `run`.
@@ -124,7 +129,7 @@ struct GenerateArgs {
     /// Text to continue.
     #[arg(long)]
     prompt: String,
-    /// Tokens (bytes) to generate.
+    /// Tokens to generate.
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
     /// Softmax temperature; 0 is greedy.
@@ -133,6 +138,28 @@ struct GenerateArgs {
     /// Keep only the k most likely tokens.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// State directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// One user message to answer (default: read a conversation from standard input).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// System message opening the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens to generate per reply.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -153,6 +180,7 @@ async fn main() -> Result<()> {
         Command::Run(a) => run(a).await,
         Command::Status(a) => status(a),
         Command::Generate(a) => generate(a).await,
+        Command::Chat(a) => chat(a),
     }
 }
 
@@ -225,7 +253,39 @@ async fn generate(a: GenerateArgs) -> Result<()> {
     let state = a.state.clone();
     let prompt = a.prompt.clone();
     let out = tokio::task::spawn_blocking(move || covey_agent::generate(&state, &prompt, &sampling)).await??;
-    eprintln!("(model version {})", out.version);
+    eprintln!("(model version {}, release {})", out.version, out.release);
     println!("{}{}", a.prompt, out.text);
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    use std::io::BufRead;
+    let sampling = SamplingConfig {
+        max_new_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: None,
+        top_p: None,
+        seed: a.seed,
+    };
+    let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let reply = |history: &mut Vec<Message>, text: &str| -> Result<()> {
+        history.push(Message::new("user", text));
+        let out = covey_agent::chat(&a.state, history, &sampling)?;
+        eprintln!("(model version {}, release {})", out.version, out.release);
+        println!("{}", out.text);
+        history.push(Message::new("assistant", &out.text));
+        Ok(())
+    };
+    if let Some(p) = &a.prompt {
+        return reply(&mut history, p);
+    }
+    eprintln!("chatting with the model of {} — one message per line, Ctrl-D to end", a.state.display());
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        if !line.is_empty() {
+            reply(&mut history, line)?;
+        }
+    }
     Ok(())
 }

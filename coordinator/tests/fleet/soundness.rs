@@ -21,12 +21,12 @@ use covey_proto::signing::DeviceMethod;
 
 use crate::support::{self, Device};
 
-async fn open(config: CoordinatorConfig, store: Arc<dyn Store>, artifacts: Artifacts) -> Arc<Coordinator> {
+pub(crate) async fn open(config: CoordinatorConfig, store: Arc<dyn Store>, artifacts: Artifacts) -> Arc<Coordinator> {
     let key = KeyPair::generate().expect("key");
     Coordinator::open(config, store, artifacts, key, Arc::new(Metrics::default())).await.expect("engine")
 }
 
-async fn enrolled(engine: &Coordinator, n: usize) -> Vec<Device> {
+pub(crate) async fn enrolled(engine: &Coordinator, n: usize) -> Vec<Device> {
     let devices: Vec<Device> = (0..n).map(|_| Device::new()).collect();
     for d in &devices {
         engine.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
@@ -34,7 +34,7 @@ async fn enrolled(engine: &Coordinator, n: usize) -> Vec<Device> {
     devices
 }
 
-async fn task_for(engine: &Coordinator, d: &Device) -> SignedTask {
+pub(crate) async fn task_for(engine: &Coordinator, d: &Device) -> SignedTask {
     for _ in 0..1000 {
         let auth = d.auth(DeviceMethod::Poll, engine.now_ms());
         match engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll") {
@@ -45,7 +45,7 @@ async fn task_for(engine: &Coordinator, d: &Device) -> SignedTask {
     panic!("no task");
 }
 
-fn pb(t: &SignedTask) -> covey_proto::pb::Task {
+pub(crate) fn pb(t: &SignedTask) -> covey_proto::pb::Task {
     covey_coordinator::service::task_message(t)
 }
 

@@ -1,0 +1,138 @@
+//! Base releases and adapter versions: each round publishes only the aggregated adapter
+//! (cumulative since the release), every `publish.release-every` rounds a new quantized
+//! release; what devices run at each version is exactly what the manifests say.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use covey_coordinator::artifacts::Artifacts;
+use covey_coordinator::config::ReleaseQuantization;
+use covey_coordinator::engine::Coordinator;
+use covey_coordinator::store::MemoryStore;
+use covey_proto::manifest::Manifest;
+use covey_proto::signing::DeviceMethod;
+use covey_tensors::NamedTensors;
+
+use crate::soundness::{enrolled, open, pb, task_for};
+use crate::support::{self, Device};
+
+/// One round with every device sending `delta(seed + i)`; returns the mean step and the
+/// version published.
+async fn round(engine: &Arc<Coordinator>, devices: &[Device], seed: u32) -> (NamedTensors, u64) {
+    let before = engine.store().versions().await.expect("versions").len();
+    let mut mean: NamedTensors = support::delta(0);
+    mean.values_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x = 0.0));
+    for (i, d) in devices.iter().enumerate() {
+        let t = task_for(engine, d).await;
+        let delta = support::delta(seed + i as u32);
+        for (name, x) in &delta {
+            let m = mean.get_mut(name).expect("name");
+            m.data.iter_mut().zip(&x.data).for_each(|(m, x)| *m += x / devices.len() as f32);
+        }
+        let (h, s, p) = d.update(&pb(&t), &delta);
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
+    }
+    for _ in 0..400 {
+        if engine.store().versions().await.expect("versions").len() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let current = engine.store().current_version().await.expect("current");
+    assert_eq!(current as usize, before + 1, "round published");
+    (mean, current)
+}
+
+fn manifest(engine: &Coordinator, bytes: &[u8], signature: &[u8]) -> Manifest {
+    Manifest::verify(bytes, signature, &engine.public_key()).expect("signed manifest")
+}
+
+fn max_diff(a: &NamedTensors, b: &NamedTensors) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().flat_map(|(n, x)| x.data.iter().zip(&b[n].data).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+}
+
+#[tokio::test(start_paused = true)]
+async fn rounds_publish_adapters_and_every_third_a_release() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.publish.release_every = 3;
+    config.publish.quantization = ReleaseQuantization::Int4;
+    config.rounds.min_updates = 4;
+    let engine = open(config, Arc::new(MemoryStore::default()), Artifacts::memory()).await;
+    let devices = enrolled(&engine, 4).await;
+    let driver = tokio::spawn(engine.clone().run_rounds());
+
+    let v1 = engine.store().version(1).await.expect("v").expect("v1");
+    let m1 = manifest(&engine, &v1.manifest, &v1.signature);
+    assert_eq!((m1.release.version, m1.adapter.is_none()), (1, true));
+    assert_eq!(m1.release.model.format, "safetensors-int4");
+    assert_eq!(m1.release.tokenizer, None, "a byte-level model ships no tokenizer");
+    let (w1, _) = engine.device_weights(1).await.expect("weights");
+
+    // Rounds 1 and 2 publish adapters on release 1; B is cumulative, exactly.
+    let (step1, v2) = round(&engine, &devices, 1).await;
+    let (step2, v3) = round(&engine, &devices, 11).await;
+    let mut cumulative = step1.clone();
+    for (n, t) in cumulative.iter_mut() {
+        t.data.iter_mut().zip(&step2[n].data).for_each(|(x, y)| *x += y);
+    }
+    let a =
+        covey_tensors::decode(&engine.artifacts().get(&m1.lora.a.sha256_bytes().expect("a")).expect("A")).expect("A").0;
+    for (version, expected, rounds) in [(v2, &step1, 1), (v3, &cumulative, 2)] {
+        let record = engine.store().version(version).await.expect("v").expect("version");
+        let m = manifest(&engine, &record.manifest, &record.signature);
+        assert_eq!(m.release, m1.release, "version {version} keeps release 1");
+        assert_eq!(m.master_sha256, m1.master_sha256, "no new master before the release");
+        let adapter = m.adapter.expect("an adapter version");
+        assert_eq!(adapter.rounds, rounds);
+        let b = covey_tensors::decode(&engine.artifacts().get(&adapter.b.sha256_bytes().expect("b")).expect("B"))
+            .expect("B")
+            .0;
+        assert!(max_diff(&b, expected) < 1e-6, "version {version}: B is the sum of the rounds' steps");
+        assert!(adapter.b.size < m1.release.model.size / 4, "an adapter is small beside the release");
+        // Devices run release 1's int4 weights plus alpha/r · B A.
+        let (w, _) = engine.device_weights(version).await.expect("weights");
+        let mut expected_w = w1.clone();
+        let mut factors = a.clone();
+        factors.extend(b);
+        covey_tensors::lora::merge(&mut expected_w, &factors, 4.0 / 2.0).expect("merge");
+        assert!(max_diff(&w, &expected_w) < 1e-6);
+    }
+
+    // Round 3 brings the adapter to 3 rounds: a new release, merged and quantized.
+    let (step3, v4) = round(&engine, &devices, 21).await;
+    let record = engine.store().version(v4).await.expect("v").expect("v4");
+    let m4 = manifest(&engine, &record.manifest, &record.signature);
+    assert_eq!((m4.release.version, m4.adapter.is_none()), (v4, true));
+    assert_ne!(m4.release.model.sha256, m1.release.model.sha256);
+    assert_eq!((&m4.release.config, &m4.lora), (&m1.release.config, &m1.lora));
+    let master4 =
+        covey_tensors::decode(&engine.artifacts().get(&record.master_sha256).expect("master")).expect("master").0;
+    let master1 = covey_tensors::decode(&engine.artifacts().get(&v1.master_sha256).expect("master")).expect("m").0;
+    let mut expected_master = master1;
+    let mut factors = a.clone();
+    for (n, t) in cumulative.iter_mut() {
+        t.data.iter_mut().zip(&step3[n].data).for_each(|(x, y)| *x += y);
+    }
+    factors.extend(cumulative);
+    covey_tensors::lora::merge(&mut expected_master, &factors, 4.0 / 2.0).expect("merge");
+    assert!(max_diff(&master4, &expected_master) < 1e-5, "the release merges all three rounds");
+
+    // Every artifact of every version is served; rolling back to an adapter version works.
+    for v in 1..=v4 {
+        let record = engine.store().version(v).await.expect("v").expect("version");
+        for art in manifest(&engine, &record.manifest, &record.signature).artifacts() {
+            let hash = art.sha256_bytes().expect("hash");
+            let auth = devices[0].auth_for(DeviceMethod::FetchArtifact, engine.now_ms(), &hash);
+            engine
+                .authorize_fetch(&hash, &auth.device_id, auth.timestamp_ms, &auth.signature)
+                .await
+                .unwrap_or_else(|e| panic!("version {v}: {} is not served: {e}", art.format));
+        }
+    }
+    assert_eq!(engine.rollback(v3).await.expect("rollback").0, v3);
+    let t = task_for(&engine, &devices[0]).await;
+    assert_eq!(t.binding.base_version, v3);
+    driver.abort();
+}

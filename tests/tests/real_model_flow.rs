@@ -1,0 +1,233 @@
+//! One model artifact through the whole system, as a product team's would flow: a small
+//! random Llama carrying a real byte-level BPE `tokenizer.json` (trained here, at test
+//! time) and a ChatML chat template, stored int8, is the coordinator's initial model;
+//! four real agents train on it over loopback gRPC for three rounds with the model's own
+//! tokenizer; rounds publish adapters and every second one a new int4 base release; each
+//! device downloads the release once and then only what changed; the agent chats with
+//! the adapted model. Corrupted artifacts are refused and nothing is cached.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use covey_agent::{AgentConfig, RunUntil};
+use covey_coordinator::config::ReleaseQuantization;
+use covey_coordinator::{CoordinatorConfig, server};
+use covey_model::chat::Message;
+use covey_model::{LlamaConfig, LoadedModel, Tokenizer};
+use covey_proto::manifest::Manifest;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+const TOKEN: &str = "real-model-flow-token";
+const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Macbeth, from the repository's data, in five parts: four devices' text and a held-out
+/// part.
+fn corpus() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare/macbeth_gut.txt");
+    let text = std::fs::read_to_string(&path).expect("data/shakespeare/macbeth_gut.txt ships with the repository");
+    let lines: Vec<&str> = text.lines().collect();
+    lines.chunks(lines.len().div_ceil(5)).map(|c| c.join("\n")).collect()
+}
+
+/// A byte-level BPE tokenizer (GPT-2 / SmolLM2 style) trained on `texts`, with ChatML's
+/// special tokens.
+fn train_bpe(texts: &[String], vocab: usize) -> HfTokenizer {
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|t| AddedToken::from(t, true)).to_vec();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let mut tok = HfTokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.train(&mut trainer, texts.iter()).expect("train the BPE tokenizer");
+    tok
+}
+
+/// The initial model directory: random weights stored int8, `tokenizer.json`,
+/// `tokenizer_config.json` with the chat template and special tokens.
+fn initial_model(root: &Path, texts: &[String]) -> (PathBuf, LlamaConfig) {
+    let hf = train_bpe(texts, 512);
+    let vocab = hf.get_vocab_size(true);
+    assert!(vocab > 300, "a real merge table, not bytes alone: {vocab} tokens");
+    let config = LlamaConfig {
+        hidden_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 128,
+        vocab_size: vocab,
+        max_position_embeddings: 128,
+        ..LlamaConfig::default()
+    };
+    let raw = root.join("raw");
+    let model = covey_model::Llama::init(&config, 5, &covey_model::cpu_device()).expect("init");
+    covey_model::checkpoint::save_model(&model, &Tokenizer::HuggingFace(Box::new(hf)), &raw).expect("save");
+    let tc = serde_json::json!({
+        "chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+    });
+    std::fs::write(raw.join("tokenizer_config.json"), tc.to_string()).expect("tokenizer_config.json");
+    // What `covey-model quantize` writes: the same directory, weights int8.
+    let mut loaded = LoadedModel::open(&raw).expect("open the model directory");
+    loaded.quantize(covey_tensors::quant::Scheme::Int8).expect("quantize");
+    let dir = root.join("model-int8");
+    loaded.save_dir(&dir).expect("save int8");
+    (dir, config)
+}
+
+fn coordinator_config(root: &Path, model: &Path) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: None,
+        state_dir: root.join("coordinator"),
+        initial_model: Some(model.to_owned()),
+        ..CoordinatorConfig::default()
+    };
+    c.enrollment.tokens = vec![TOKEN.into()];
+    c.enrollment.per_token_per_minute = 100;
+    c.lora.rank = 4;
+    c.lora.alpha = 8.0;
+    c.rounds.target_updates = 4;
+    c.rounds.over_selection = 0.0;
+    c.rounds.min_updates = 4;
+    c.rounds.min_available = 4;
+    c.rounds.max_rounds = 3;
+    c.rounds.deadline = Duration::from_secs(600);
+    c.rounds.pause = Duration::from_millis(10);
+    c.rounds.poll_interval = Duration::from_millis(200);
+    c.training.steps = 12;
+    c.training.batch_size = 4;
+    c.training.seq_len = 48;
+    c.training.learning_rate = 1e-2;
+    c.privacy.clip_norm = 10.0;
+    c.publish.release_every = 2;
+    c.publish.quantization = ReleaseQuantization::Int4;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
+    let root = tempfile::tempdir().expect("tmp");
+    let parts = corpus();
+    let (model_dir, config) = initial_model(root.path(), &parts);
+    let tokenizer = Tokenizer::for_model_dir(&model_dir).expect("tokenizer");
+    let held_out = vec![parts[4].clone()];
+
+    let engine = server::open_engine(coordinator_config(root.path(), &model_dir)).await.expect("engine");
+    let running = server::start(engine.clone()).await.expect("start");
+    let url = format!("http://{}", running.addr);
+    let v1 = engine.store().version(1).await.expect("v").expect("v1");
+    let m1 = Manifest::verify(&v1.manifest, &v1.signature, &engine.public_key()).expect("v1");
+    let tok_ref = m1.release.tokenizer.clone().expect("the release carries the tokenizer");
+    assert_eq!(tok_ref.format, "tokenizer-json");
+    assert_eq!(m1.release.chat_template.as_deref(), Some(CHATML));
+    assert!(m1.release.special_tokens.eos.is_some());
+    assert_eq!(m1.release.model.format, "safetensors-int4");
+
+    let mut agents = Vec::new();
+    let mut states = Vec::new();
+    for (i, part) in parts.iter().take(4).enumerate() {
+        let data = root.path().join(format!("data-{i}"));
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("local.txt"), part).expect("write data");
+        let state = root.path().join(format!("agent-{i}"));
+        let mut cfg = AgentConfig::new(state.clone(), data);
+        cfg.coordinator = Some(url.clone());
+        cfg.max_poll_wait = Duration::from_millis(500);
+        covey_agent::enroll(&cfg, TOKEN, &format!("agent-{i}")).await.expect("enrol");
+        agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(3))));
+        states.push(state);
+    }
+    for a in agents {
+        let summary = tokio::time::timeout(Duration::from_secs(900), a)
+            .await
+            .expect("agents finish")
+            .expect("join")
+            .expect("run");
+        assert_eq!(summary.rounds, vec![1, 2, 3]);
+    }
+    let store = engine.store().clone();
+    for _ in 0..600 {
+        if store.versions().await.expect("versions").len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Versions: 1 the initial release, 2 an adapter, 3 a release (two rounds), 4 an adapter.
+    let mut manifests = Vec::new();
+    for v in 1..=4 {
+        let r = store.version(v).await.expect("v").expect("version");
+        manifests.push(Manifest::verify(&r.manifest, &r.signature, &engine.public_key()).expect("signed"));
+    }
+    let kinds: Vec<(u64, bool)> = manifests.iter().map(|m| (m.release.version, m.adapter.is_some())).collect();
+    assert_eq!(kinds, vec![(1, false), (1, true), (3, false), (3, true)]);
+    assert_eq!(manifests[2].release.tokenizer, m1.release.tokenizer, "a release keeps the tokenizer");
+
+    // The held-out loss, with the model's tokenizer, on the weights devices run, falls.
+    let device = covey_model::cpu_device();
+    let mut losses = Vec::new();
+    for v in 1..=4 {
+        let (w, _) = engine.device_weights(v).await.expect("weights");
+        losses
+            .push(covey_model::evaluate_texts(&config, &w, &tokenizer, &held_out, 48, &device).expect("eval").mean_nll);
+    }
+    eprintln!("held-out NLL by version: {losses:?}");
+    assert!(losses[3] < losses[0] - 0.05, "held-out loss did not fall: {losses:?}");
+
+    // Each device downloaded version 1 whole, then only the adapter, then only the new
+    // release's weights (config, tokenizer and A are cached by content), as it trained on
+    // versions 1, 2 and 3.
+    let size = |m: &Manifest| m.artifacts().iter().map(|a| a.size).sum::<u64>();
+    let expected =
+        [size(&manifests[0]), manifests[1].adapter.as_ref().expect("b").b.size, manifests[2].release.model.size];
+    for state in &states {
+        let history = covey_agent::run::read_history(state);
+        let got: Vec<(u64, u64)> = history.iter().map(|h| (h.base_version, h.downloaded_bytes)).collect();
+        assert_eq!(got, vec![(1, expected[0]), (2, expected[1]), (3, expected[2])], "{}", state.display());
+    }
+    eprintln!(
+        "bytes down per device: first {} / adapter round {} / new release {}",
+        expected[0], expected[1], expected[2]
+    );
+
+    // The agent chats with the newest version it holds (3: the release it last trained on),
+    // through the chat template, on the int4 engine.
+    let sampling = covey_model::SamplingConfig { max_new_tokens: 12, temperature: 0.0, ..Default::default() };
+    let reply = covey_agent::chat(&states[0], &[Message::new("user", "Who is Macbeth?")], &sampling).expect("chat");
+    assert_eq!((reply.version, reply.release), (3, 3));
+    assert!(reply.new_tokens > 0 && reply.prompt_tokens > 5, "{reply:?}");
+    let generated = covey_agent::generate(&states[0], "MACBETH.", &sampling).expect("generate");
+    assert!(generated.new_tokens > 0, "{generated:?}");
+
+    // A tokenizer whose bytes do not match the manifest is refused, and nothing is cached.
+    let blob = root.path().join("coordinator/artifacts").join(&tok_ref.sha256);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    bytes[10] ^= 1;
+    std::fs::write(&blob, &bytes).expect("corrupt the tokenizer");
+    let state = root.path().join("agent-late");
+    let mut cfg = AgentConfig::new(state.clone(), root.path().join("data-0"));
+    cfg.coordinator = Some(url.clone());
+    cfg.backoff.max_attempts = 2;
+    cfg.max_task_failures = Some(1);
+    cfg.max_poll_wait = Duration::from_millis(200);
+    covey_agent::enroll(&cfg, TOKEN, "late").await.expect("enrol");
+    let client = covey_agent::CoordinatorClient::connect(&url, &cfg).expect("client");
+    let identity = covey_agent::Identity::load(&state).expect("identity");
+    let err = client
+        .fetch_artifact(&identity, &tok_ref.sha256_bytes().expect("hash"), Some(tok_ref.size), 1 << 30)
+        .await
+        .expect_err("a corrupted tokenizer");
+    assert!(
+        matches!(err, covey_agent::AgentError::ArtifactMismatch { .. }) || err.code() == Some(tonic::Code::DataLoss),
+        "{err}"
+    );
+    assert!(covey_agent::status(&state).expect("status").cached_versions.is_empty());
+    running.abort();
+}
