@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use covey_proto::manifest::ArtifactRef;
 use covey_proto::pb::fleet_client::FleetClient;
 use covey_proto::pb::{self, poll_task_response, update_chunk};
 use covey_proto::signing::DeviceMethod;
@@ -13,9 +14,39 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::backoff::{Backoff, retry};
 use crate::config::{AgentConfig, BackoffConfig};
+use crate::download::PieceWriter;
 use crate::error::{AgentError, Result};
 use crate::identity::{CA_FILE, Identity};
 use crate::update::SignedUpdate;
+
+/// Where downloaded bytes go, in order.
+trait Sink: Send {
+    /// Offset of the next byte.
+    fn offset(&self) -> u64;
+    /// Take the next bytes.
+    fn accept(&mut self, data: &[u8]) -> Result<()>;
+}
+
+impl Sink for Vec<u8> {
+    fn offset(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn accept(&mut self, data: &[u8]) -> Result<()> {
+        self.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+impl Sink for PieceWriter<'_> {
+    fn offset(&self) -> u64 {
+        PieceWriter::offset(self)
+    }
+
+    fn accept(&mut self, data: &[u8]) -> Result<()> {
+        PieceWriter::accept(self, data)
+    }
+}
 
 /// A connection to the coordinator. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -192,7 +223,7 @@ impl CoordinatorClient {
     }
 
     /// `FetchArtifact`, signed by the device: the whole artifact named by `sha256`,
-    /// reassembled from its chunks.
+    /// reassembled from its chunks in memory.
     /// An interrupted download resumes at the offset reached. The result is checked: every
     /// chunk at the expected offset, the announced size constant, at most `max_bytes`,
     /// equal to `expected_size` when given, and the SHA-256 equal to the one requested.
@@ -205,35 +236,10 @@ impl CoordinatorClient {
     ) -> Result<Vec<u8>> {
         let name = hex::encode(sha256);
         let mismatch = |reason: String| AgentError::ArtifactMismatch { sha256: name.clone(), reason };
-        let backoff = Backoff::from(&self.backoff);
         let mut buf: Vec<u8> = Vec::new();
-        let mut total: Option<u64> = None;
-        let mut attempt = 0u32;
-        loop {
-            let result =
-                self.fetch_from(identity, sha256, &mut buf, &mut total, expected_size, max_bytes, &mismatch).await;
-            match result {
-                Ok(()) => break,
-                Err(e)
-                    if e.is_transient()
-                        && (self.backoff.max_attempts == 0 || attempt + 1 < self.backoff.max_attempts) =>
-                {
-                    let delay = backoff.delay(attempt);
-                    tracing::warn!(artifact = %name, offset = buf.len(), attempt, error = %e, "download interrupted, resuming");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let total = total.unwrap_or(0);
+        let total = self.fetch_into(identity, sha256, &mut buf, expected_size, max_bytes).await?;
         if buf.len() as u64 != total {
             return Err(mismatch(format!("stream ended at {} of {total} bytes", buf.len())));
-        }
-        if let Some(size) = expected_size
-            && size != total
-        {
-            return Err(mismatch(format!("{total} bytes, the manifest says {size}")));
         }
         let got = covey_proto::keys::sha256(&buf);
         if &got != sha256 {
@@ -242,12 +248,80 @@ impl CoordinatorClient {
         Ok(buf)
     }
 
+    /// `FetchArtifact` of a manifest's artifact into the partial file `partial`, piece by
+    /// piece ([`PieceWriter`]): resumes after the pieces a previous attempt (or process)
+    /// verified, checks every piece against the manifest, then the whole file. Returns the
+    /// completed file's path and the bytes received from the network.
+    pub async fn download(
+        &self,
+        identity: &Identity,
+        artifact: &ArtifactRef,
+        partial: &Path,
+        max_bytes: u64,
+    ) -> Result<(std::path::PathBuf, u64)> {
+        let sha256 = artifact
+            .sha256_bytes()
+            .map_err(|e| AgentError::ArtifactMismatch { sha256: artifact.sha256.clone(), reason: e.to_string() })?;
+        if artifact.size > max_bytes {
+            return Err(AgentError::ArtifactMismatch {
+                sha256: artifact.sha256.clone(),
+                reason: format!("{} bytes exceed the limit of {max_bytes}", artifact.size),
+            });
+        }
+        let mut writer = PieceWriter::resume(artifact, partial)?;
+        if writer.verified() < artifact.size {
+            self.fetch_into(identity, &sha256, &mut writer, Some(artifact.size), max_bytes).await?;
+        }
+        let received = writer.received();
+        Ok((writer.finish()?, received))
+    }
+
+    /// Stream `sha256` into `sink` from the offset it has reached, resuming there after
+    /// transient failures; returns the artifact's announced size.
+    async fn fetch_into(
+        &self,
+        identity: &Identity,
+        sha256: &[u8; 32],
+        sink: &mut dyn Sink,
+        expected_size: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        let name = hex::encode(sha256);
+        let mismatch = |reason: String| AgentError::ArtifactMismatch { sha256: name.clone(), reason };
+        let backoff = Backoff::from(&self.backoff);
+        let mut total: Option<u64> = None;
+        let mut attempt = 0u32;
+        loop {
+            let result = self.fetch_from(identity, sha256, sink, &mut total, expected_size, max_bytes, &mismatch).await;
+            match result {
+                Ok(()) => break,
+                Err(e)
+                    if e.is_transient()
+                        && (self.backoff.max_attempts == 0 || attempt + 1 < self.backoff.max_attempts) =>
+                {
+                    let delay = backoff.delay(attempt);
+                    tracing::warn!(artifact = %name, offset = sink.offset(), attempt, error = %e, "download interrupted, resuming");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let total = total.unwrap_or(0);
+        if let Some(size) = expected_size
+            && size != total
+        {
+            return Err(mismatch(format!("{total} bytes, the manifest says {size}")));
+        }
+        Ok(total)
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn fetch_from(
         &self,
         identity: &Identity,
         sha256: &[u8; 32],
-        buf: &mut Vec<u8>,
+        sink: &mut dyn Sink,
         total: &mut Option<u64>,
         expected_size: Option<u64>,
         max_bytes: u64,
@@ -255,7 +329,7 @@ impl CoordinatorClient {
     ) -> Result<()> {
         let mut c = self.client.clone();
         let auth = identity.auth(DeviceMethod::FetchArtifact, sha256);
-        let req = pb::FetchArtifactRequest { sha256: sha256.to_vec(), offset: buf.len() as u64, auth: Some(auth) };
+        let req = pb::FetchArtifactRequest { sha256: sha256.to_vec(), offset: sink.offset(), auth: Some(auth) };
         let mut stream = self.unary("FetchArtifact", c.fetch_artifact(req)).await?;
         loop {
             let next = tokio::time::timeout(self.request_timeout, stream.message()).await;
@@ -291,17 +365,17 @@ impl CoordinatorClient {
                 }
                 Some(_) => {}
             }
-            if chunk.offset != buf.len() as u64 {
-                return Err(mismatch(format!("chunk at offset {}, expected {}", chunk.offset, buf.len())));
+            if chunk.offset != sink.offset() {
+                return Err(mismatch(format!("chunk at offset {}, expected {}", chunk.offset, sink.offset())));
             }
-            if chunk.data.len() > CHUNK_BYTES || (buf.len() + chunk.data.len()) as u64 > chunk.total_size {
+            if chunk.data.len() > CHUNK_BYTES || sink.offset() + chunk.data.len() as u64 > chunk.total_size {
                 return Err(mismatch(format!(
                     "chunk of {} bytes at {} overruns the artifact",
                     chunk.data.len(),
                     chunk.offset
                 )));
             }
-            buf.extend_from_slice(&chunk.data);
+            sink.accept(&chunk.data)?;
         }
     }
 

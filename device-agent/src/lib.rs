@@ -44,6 +44,7 @@ pub mod backoff;
 pub mod checkpoint;
 pub mod client;
 pub mod config;
+pub mod download;
 pub mod enroll;
 pub mod error;
 pub mod identity;

@@ -15,7 +15,8 @@
 //!   them (config, tokenizer, factors of the shapes the layout says); cached versions are
 //!   verified again when read ([`ModelCache::load`]), so a file altered on disk is refused.
 //!
-//! Layout: `models/v{n}/{manifest.json, manifest.sig}` and `artifacts/{sha256 hex}`.
+//! Layout: `models/v{n}/{manifest.json, manifest.sig}`, `artifacts/{sha256 hex}`, and
+//! `artifacts/partial/{sha256 hex}` for downloads in progress ([`crate::download`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub const MODELS_DIR: &str = "models";
 pub const ARTIFACTS_DIR: &str = "artifacts";
 const MANIFEST_FILE: &str = "manifest.json";
 const SIGNATURE_FILE: &str = "manifest.sig";
+/// Directory of downloads in progress, under the artifacts directory.
+const PARTIAL_DIR: &str = "partial";
 
 /// Release weight formats the agent reads (all through `covey_tensors::quant`).
 pub const MODEL_FORMATS: [&str; 3] = ["safetensors-int8", "safetensors-int4", "safetensors-f32"];
@@ -454,6 +457,23 @@ impl ArtifactCache {
         std::fs::read(&p).map_err(|e| AgentError::io(p, e))
     }
 
+    /// Where a download of `sha256` in progress keeps its verified pieces
+    /// (`artifacts/partial/{sha256}`; the directory is created).
+    pub fn partial_path(&self, sha256: &[u8; 32]) -> Result<PathBuf> {
+        let dir = self.root.join(PARTIAL_DIR);
+        create_private_dir(&self.root)?;
+        create_private_dir(&dir)?;
+        Ok(dir.join(hex::encode(sha256)))
+    }
+
+    /// Move a completed download (verified by [`crate::download::PieceWriter::finish`])
+    /// into the cache under `sha256`.
+    pub fn adopt(&self, sha256: &[u8; 32], completed: &Path) -> Result<()> {
+        let to = self.root.join(hex::encode(sha256));
+        std::fs::rename(completed, &to).map_err(|e| AgentError::io(&to, e))?;
+        covey_fs::sync_dir(&self.root).map_err(|e| AgentError::io(&self.root, e))
+    }
+
     /// Cache `bytes` under `sha256`, refusing bytes that do not hash to it.
     pub fn put(&self, sha256: &[u8; 32], bytes: &[u8]) -> Result<()> {
         let got = keys::sha256(bytes);
@@ -467,13 +487,15 @@ impl ArtifactCache {
         write_atomic(&self.root.join(hex::encode(sha256)), bytes)
     }
 
-    /// Delete every artifact whose hex name is not in `keep`.
+    /// Delete every artifact, and every partial download, whose hex name is not in `keep`.
     pub fn retain(&self, keep: &[String]) {
-        if let Ok(rd) = std::fs::read_dir(&self.root) {
-            for e in rd.filter_map(|e| e.ok()) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&name) {
-                    let _ = std::fs::remove_file(e.path());
+        for dir in [self.root.clone(), self.root.join(PARTIAL_DIR)] {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.filter_map(|e| e.ok()) {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if e.path().is_file() && !keep.contains(&name) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
                 }
             }
         }
@@ -515,11 +537,7 @@ pub(crate) mod tests {
             })
             .collect();
         let b_bytes = covey_tensors::encode(&b, None).expect("b");
-        let art = |bytes: &[u8], format: &str| ArtifactRef {
-            sha256: hex::encode(keys::sha256(bytes)),
-            size: bytes.len() as u64,
-            format: format.into(),
-        };
+        let art = ArtifactRef::describe;
         let manifest = Manifest {
             schema: MANIFEST_SCHEMA,
             version,
@@ -639,8 +657,7 @@ pub(crate) mod tests {
         let other_bytes = covey_tensors::encode(&other, None).expect("encode");
         let sha = keys::sha256(&other_bytes);
         cache.artifacts().put(&sha, &other_bytes).expect("put");
-        m.adapter.as_mut().expect("adapter").b =
-            ArtifactRef { sha256: hex::encode(sha), size: other_bytes.len() as u64, format: FACTORS_FORMAT.into() };
+        m.adapter.as_mut().expect("adapter").b = ArtifactRef::describe(&other_bytes, FACTORS_FORMAT);
         let (bytes, sig) = m.sign(&key).expect("sign");
         let vm = VerifiedManifest::verify(&bytes, &sig, &key.public_key(), 3, None).expect("signed");
         let err = cache.store(&vm).expect_err("another base");

@@ -74,7 +74,7 @@ fn lora() -> LoraConfig {
 }
 
 fn art(bytes: &[u8], format: &str) -> ArtifactRef {
-    ArtifactRef { sha256: hex::encode(keys::sha256(bytes)), size: bytes.len() as u64, format: format.into() }
+    ArtifactRef::describe(bytes, format)
 }
 
 impl Mock {

@@ -20,10 +20,19 @@ pub struct ArtifactRef {
     pub sha256: String,
     /// Size in bytes.
     pub size: u64,
-    /// What the bytes are: `safetensors-int8`, `safetensors-f32`, `llama-config-json`,
-    /// `tokenizer-json`.
+    /// What the bytes are: `safetensors-int8`, `safetensors-int4`, `safetensors-f32`,
+    /// `llama-config-json`, `tokenizer-json`.
     pub format: String,
+    /// Hex SHA-256 of each [`DOWNLOAD_CHUNK_BYTES`] piece, in order (the last one may be
+    /// shorter); empty for an artifact of one piece or less. A device checks each piece as
+    /// it arrives and keeps only verified pieces, so an interrupted download resumes after
+    /// the last verified byte and never fetches a verified byte twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<String>,
 }
+
+/// Size of the pieces [`ArtifactRef::chunks`] hashes (1 MiB, the transport's chunk size).
+pub const DOWNLOAD_CHUNK_BYTES: u64 = crate::CHUNK_BYTES as u64;
 
 /// Privacy spent up to this version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,9 +144,57 @@ pub struct Manifest {
 }
 
 impl ArtifactRef {
+    /// Describe `bytes`: SHA-256, size, and the hash of every piece when there are several.
+    pub fn describe(bytes: &[u8], format: &str) -> Self {
+        let chunks = if bytes.len() as u64 > DOWNLOAD_CHUNK_BYTES {
+            bytes.chunks(DOWNLOAD_CHUNK_BYTES as usize).map(|c| hex::encode(keys::sha256(c))).collect()
+        } else {
+            Vec::new()
+        };
+        Self { sha256: hex::encode(keys::sha256(bytes)), size: bytes.len() as u64, format: format.into(), chunks }
+    }
+
     /// The 32 bytes of [`ArtifactRef::sha256`].
     pub fn sha256_bytes(&self) -> Result<[u8; 32]> {
         parse_sha256(&self.sha256)
+    }
+
+    /// Number of pieces a download verifies: `chunks.len()`, or 1.
+    pub fn pieces(&self) -> u64 {
+        (self.chunks.len() as u64).max(1)
+    }
+
+    /// Byte range `[start, end)` of piece `i` (the whole artifact when it has no piece
+    /// hashes).
+    pub fn piece_range(&self, i: u64) -> (u64, u64) {
+        if self.chunks.is_empty() {
+            return (0, self.size);
+        }
+        let start = i * DOWNLOAD_CHUNK_BYTES;
+        (start, (start + DOWNLOAD_CHUNK_BYTES).min(self.size))
+    }
+
+    /// The 32 bytes of piece `i`'s hash (`None` without piece hashes).
+    pub fn piece_sha256(&self, i: u64) -> Option<[u8; 32]> {
+        self.chunks.get(i as usize).and_then(|h| parse_sha256(h).ok())
+    }
+
+    /// Check the hashes and that the pieces cover the size exactly.
+    pub fn check(&self) -> Result<()> {
+        self.sha256_bytes()?;
+        let wanted = if self.size > DOWNLOAD_CHUNK_BYTES { self.size.div_ceil(DOWNLOAD_CHUNK_BYTES) } else { 0 };
+        if self.chunks.len() as u64 != wanted {
+            return Err(ProtoError::BadManifest(format!(
+                "artifact {}: {} piece hashes for {} bytes (expected {wanted})",
+                self.sha256,
+                self.chunks.len(),
+                self.size
+            )));
+        }
+        for c in &self.chunks {
+            parse_sha256(c)?;
+        }
+        Ok(())
     }
 }
 
@@ -174,7 +231,7 @@ impl Manifest {
             return bad(format!("schema {} (this program reads {MANIFEST_SCHEMA})", self.schema));
         }
         for a in self.artifacts() {
-            a.sha256_bytes()?;
+            a.check()?;
         }
         parse_sha256(&self.master_sha256)?;
         if self.release.version == 0 || self.release.version > self.version {
@@ -216,7 +273,7 @@ mod tests {
     use super::*;
 
     pub(crate) fn manifest() -> Manifest {
-        let art = |f: &str| ArtifactRef { sha256: "ab".repeat(32), size: 10, format: f.into() };
+        let art = |f: &str| ArtifactRef { sha256: "ab".repeat(32), size: 10, format: f.into(), chunks: vec![] };
         Manifest {
             schema: MANIFEST_SCHEMA,
             version: 2,
@@ -284,5 +341,22 @@ mod tests {
         m.lora.a.sha256 = "xyz".into();
         assert!(refused(m).contains("xyz"));
         assert_eq!(manifest().artifacts().len(), 5);
+        let mut m = manifest();
+        m.release.model.size = 3 * DOWNLOAD_CHUNK_BYTES;
+        assert!(refused(m).contains("0 piece hashes"));
+    }
+
+    #[test]
+    fn large_artifacts_are_described_piece_by_piece() {
+        let bytes: Vec<u8> = (0..(2 * DOWNLOAD_CHUNK_BYTES + 5)).map(|i| (i % 251) as u8).collect();
+        let a = ArtifactRef::describe(&bytes, "safetensors-int8");
+        a.check().expect("consistent");
+        assert_eq!((a.size, a.pieces()), (bytes.len() as u64, 3));
+        assert_eq!(a.piece_range(2), (2 * DOWNLOAD_CHUNK_BYTES, bytes.len() as u64));
+        let last = &bytes[2 * DOWNLOAD_CHUNK_BYTES as usize..];
+        assert_eq!(a.piece_sha256(2), Some(keys::sha256(last)));
+        let small = ArtifactRef::describe(b"config", "llama-config-json");
+        assert!(small.chunks.is_empty());
+        assert_eq!((small.pieces(), small.piece_range(0), small.piece_sha256(0)), (1, (0, 6), None));
     }
 }

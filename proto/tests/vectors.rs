@@ -112,7 +112,12 @@ fn vectors() -> Value {
         "max_payload_bytes": task.max_payload_bytes,
     });
 
-    let art = |hash: &str, size, format: &str| ArtifactRef { sha256: hash.into(), size, format: format.into() };
+    let art = |hash: &str, size, format: &str| ArtifactRef {
+        sha256: hash.into(),
+        size,
+        format: format.into(),
+        chunks: vec![],
+    };
     let manifest = Manifest {
         schema: MANIFEST_SCHEMA,
         version: 2,

@@ -46,8 +46,10 @@ enum Publication<'a> {
     Adapter { release: Release, master_sha256: [u8; 32], b: &'a NamedTensors, rounds: u64 },
 }
 
-fn artifact_ref(hash: [u8; 32], size: usize, format: &str) -> ArtifactRef {
-    ArtifactRef { sha256: hex::encode(hash), size: size as u64, format: format.into() }
+/// Store `bytes` and describe them (hash, size, piece hashes) for a manifest.
+fn put_described(artifacts: &Artifacts, bytes: &[u8], format: &str) -> Result<([u8; 32], ArtifactRef)> {
+    let hash = artifacts.put(bytes)?;
+    Ok((hash, ArtifactRef::describe(bytes, format)))
 }
 
 /// Import `config.initial_model` as version 1 (a base release), with the `A` factors and
@@ -67,28 +69,24 @@ pub(super) async fn import_initial_model(
     let model = weights::read_initial_model(&path, &config.lora)?;
     let a = weights::a_factors(&model.master, &config.lora);
     let a_bytes = covey_tensors::encode(&a, None)?;
-    let a_hash = artifacts.put(&a_bytes)?;
-    let config_hash = artifacts.put(&model.config_json)?;
+    let (a_hash, a_ref) = put_described(artifacts, &a_bytes, F32_FORMAT)?;
+    let (_, config_ref) = put_described(artifacts, &model.config_json, CONFIG_FORMAT)?;
     let tokenizer = match &model.tokenizer_json {
-        Some(bytes) => Some(artifact_ref(artifacts.put(bytes)?, bytes.len(), TOKENIZER_FORMAT)),
+        Some(bytes) => Some(put_described(artifacts, bytes, TOKENIZER_FORMAT)?.1),
         None => None,
     };
     let template = Release {
         version: 1,
         architecture: "llama".into(),
-        model: artifact_ref([0; 32], 0, ""),
+        model: ArtifactRef::describe(&[], ""),
         quantization: String::new(),
-        config: artifact_ref(config_hash, model.config_json.len(), CONFIG_FORMAT),
+        config: config_ref,
         tokenizer,
         chat_template: model.chat_template.clone(),
         special_tokens: model.special_tokens.clone(),
     };
-    let lora = LoraLayout {
-        rank: config.lora.rank,
-        alpha: config.lora.alpha,
-        targets: config.lora.targets.clone(),
-        a: artifact_ref(a_hash, a_bytes.len(), F32_FORMAT),
-    };
+    let lora =
+        LoraLayout { rank: config.lora.rank, alpha: config.lora.alpha, targets: config.lora.targets.clone(), a: a_ref };
     let input = VersionInput { version: 1, parent: 0, round_id: 0, privacy: privacy_spent(&[], config.privacy.delta)? };
     let publication = Publication::Release { master: &model.master, template };
     let (v, _) = build_version(artifacts, key, config, &lora, &input, publication)?;
@@ -348,20 +346,20 @@ fn build_version(
             let master_sha256 = artifacts.put(&covey_tensors::encode(master, None)?)?;
             let quantization = config.publish.quantization;
             let bytes = covey_tensors::quant::encode_quantized(master, quantization.scheme(), HashMap::new())?;
-            let model_sha256 = artifacts.put(&bytes)?;
             let (format, scheme) = match quantization {
                 ReleaseQuantization::Int8 => ("safetensors-int8", covey_tensors::quant::INT8_SCHEME),
                 ReleaseQuantization::Int4 => ("safetensors-int4", covey_tensors::quant::INT4_SCHEME),
             };
+            let (model_sha256, model_ref) = put_described(artifacts, &bytes, format)?;
             template.version = input.version;
-            template.model = artifact_ref(model_sha256, bytes.len(), format);
+            template.model = model_ref;
             template.quantization = scheme.into();
             (template, None, master_sha256, vec![model_sha256])
         }
         Publication::Adapter { release, master_sha256, b, rounds } => {
             let bytes = covey_tensors::encode(b, None)?;
-            let b_sha256 = artifacts.put(&bytes)?;
-            let adapter = Adapter { rounds, b: artifact_ref(b_sha256, bytes.len(), F32_FORMAT) };
+            let (b_sha256, b_ref) = put_described(artifacts, &bytes, F32_FORMAT)?;
+            let adapter = Adapter { rounds, b: b_ref };
             (release, Some(adapter), master_sha256, vec![b_sha256])
         }
     };
