@@ -167,8 +167,14 @@ impl Default for PublishSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LoraSection {
-    /// Rank r. Default 8.
+    /// Rank r: the rank of the `A` factors and of the published adapter, and the largest
+    /// a device trains. Default 8.
     pub rank: usize,
+    /// Smaller ranks devices of lesser means may train (HetLoRA): a device that can train
+    /// at most r' gets the largest of `rank` and these that is at most r', the first r'
+    /// rows of `A`, and `alpha · r' / rank` (the same scale `alpha / rank`); its `B` is
+    /// zero-padded to `rank` columns before aggregation. Default none.
+    pub device_ranks: Vec<usize>,
     /// alpha; the adapter adds (alpha / r)·B·A. Default 16.
     pub alpha: f32,
     /// Projections that carry adapters. Default all seven.
@@ -181,6 +187,7 @@ impl Default for LoraSection {
     fn default() -> Self {
         Self {
             rank: 8,
+            device_ranks: Vec::new(),
             alpha: 16.0,
             targets: LoraTarget::ALL.iter().map(|t| t.hf_name().to_owned()).collect(),
             seed: 0,
@@ -193,6 +200,24 @@ impl LoraSection {
     /// validation refuses, is skipped).
     pub fn lora_targets(&self) -> Vec<LoraTarget> {
         self.targets.iter().filter_map(|t| LoraTarget::from_hf_name(t)).collect()
+    }
+
+    /// Every rank a device may train, ascending: `device-ranks` and `rank`.
+    pub fn allowed_ranks(&self) -> Vec<usize> {
+        let mut r: Vec<usize> = self.device_ranks.iter().copied().chain([self.rank]).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    /// The rank of a device that can train at most `max_rank` (0: any): the largest
+    /// allowed rank not above it, or the smallest allowed rank.
+    pub fn rank_for(&self, max_rank: u32) -> usize {
+        let allowed = self.allowed_ranks();
+        if max_rank == 0 {
+            return self.rank;
+        }
+        allowed.iter().rev().find(|&&r| r <= max_rank as usize).copied().unwrap_or(allowed[0])
     }
 }
 
@@ -390,6 +415,9 @@ impl CoordinatorConfig {
         }
         if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
             return bad("lora.alpha", format!("{} is not a positive number", self.lora.alpha));
+        }
+        if let Some(r) = self.lora.device_ranks.iter().find(|&&r| r == 0 || r > self.lora.rank) {
+            return bad("lora.device-ranks", format!("{r} is not in 1..={}", self.lora.rank));
         }
         if self.lora.targets.is_empty() {
             return bad("lora.targets", "at least one target is required".into());

@@ -109,8 +109,10 @@ impl Fleet for FleetService {
     }
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::PollTaskResponse>, Status> {
-        let a = auth(request.into_inner().auth)?;
-        let outcome = match self.engine.poll(&a.device_id, a.timestamp_ms, &a.signature).await.map_err(status)? {
+        let r = request.into_inner();
+        let a = auth(r.auth)?;
+        let polled = self.engine.poll_with_rank(&a.device_id, a.timestamp_ms, &a.signature, r.max_rank).await;
+        let outcome = match polled.map_err(status)? {
             PollOutcome::Wait { retry_after, reason } => pb::poll_task_response::Outcome::Wait(pb::Wait {
                 retry_after_ms: retry_after.as_millis() as u64,
                 reason,

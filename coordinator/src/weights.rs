@@ -150,7 +150,13 @@ mod tests {
     }
 
     fn lora() -> LoraSection {
-        LoraSection { rank: 2, alpha: 4.0, targets: vec!["q_proj".into(), "down_proj".into()], seed: 3 }
+        LoraSection {
+            rank: 2,
+            device_ranks: vec![],
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "down_proj".into()],
+            seed: 3,
+        }
     }
 
     #[test]

@@ -184,17 +184,14 @@ impl CoordinatorClient {
         Ok((device_id, coordinator_key))
     }
 
-    /// `PollTask`, signed with the device key (a fresh timestamp on every attempt).
-    pub async fn poll(&self, identity: &Identity) -> Result<PollReply> {
+    /// `PollTask`, signed with the device key (a fresh timestamp on every attempt), saying
+    /// the largest LoRA rank this device trains (`max_rank`, 0: any; signed).
+    pub async fn poll(&self, identity: &Identity, max_rank: u32) -> Result<PollReply> {
         let resp = retry("PollTask", &self.backoff, |_| {
             let mut c = self.client.clone();
-            let timestamp_ms = covey_proto::signing::unix_ms();
-            let auth = pb::DeviceAuth {
-                device_id: identity.device_id.to_vec(),
-                timestamp_ms,
-                signature: identity.sign_request(DeviceMethod::Poll, timestamp_ms).to_vec(),
-            };
-            async move { self.unary("PollTask", c.poll_task(pb::PollTaskRequest { auth: Some(auth) })).await }
+            let subject = if max_rank == 0 { Vec::new() } else { max_rank.to_be_bytes().to_vec() };
+            let auth = identity.auth(DeviceMethod::Poll, &subject);
+            async move { self.unary("PollTask", c.poll_task(pb::PollTaskRequest { auth: Some(auth), max_rank })).await }
         })
         .await?;
         match resp.outcome {

@@ -68,6 +68,10 @@ pub struct AgentConfig {
     /// local noise are refused, and once the budget would be exceeded the agent stops.
     /// Default none (no device-side accounting; rely on the coordinator's central DP).
     pub privacy_budget: Option<covey_privacy::Budget>,
+    /// The largest LoRA rank this device trains (what its memory allows), told to the
+    /// coordinator with each poll; a coordinator that allows smaller ranks
+    /// (`lora.device-ranks`) gives it the largest one not above this. 0: any. Default 0.
+    pub max_lora_rank: u32,
 }
 
 impl Default for AgentConfig {
@@ -87,6 +91,7 @@ impl Default for AgentConfig {
             max_task_failures: None,
             keep_versions: 1,
             privacy_budget: None,
+            max_lora_rank: 0,
         }
     }
 }

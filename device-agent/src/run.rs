@@ -191,7 +191,7 @@ impl Agent {
     /// One poll and, when it brings a task, the whole task. `Ok(Some(d))`: wait `d` before
     /// polling again; `Ok(None)`: poll again now.
     async fn step(&self, summary: &mut RunSummary) -> Result<Option<Duration>> {
-        let outcome = self.coordinator.poll(&self.identity).await?;
+        let outcome = self.coordinator.poll(&self.identity, self.cfg.max_lora_rank).await?;
         summary.polls += 1;
         let task = match outcome {
             PollReply::Wait { retry_after, reason } => {
@@ -406,8 +406,10 @@ impl Agent {
     }
 }
 
-/// The task's LoRA layout must be the version's: the same `A` factors, rank, alpha and
-/// targets (an adapter trained on anything else would merge into the wrong base).
+/// The task's LoRA layout must be the version's: the same `A` factors and targets, a rank
+/// no larger than the layout's (a device of lesser means trains the first rows of `A`,
+/// HetLoRA) and the same scale `alpha / rank` (an adapter trained on anything else would
+/// merge into the wrong base, or at the wrong scale).
 fn check_layout(task: &Task, model: &VerifiedModel) -> Result<()> {
     let layout = &model.manifest.lora;
     let bad = |field: &'static str, reason: String| AgentError::InvalidTask { task_id: task.id_hex(), field, reason };
@@ -423,7 +425,12 @@ fn check_layout(task: &Task, model: &VerifiedModel) -> Result<()> {
         ));
     }
     let targets: Vec<&str> = task.lora.targets.iter().map(|t| t.hf_name()).collect();
-    if task.lora.rank != layout.rank || task.lora.alpha as f32 != layout.alpha || targets != layout.targets {
+    let task_scale = task.lora.alpha as f32 / task.lora.rank as f32;
+    let layout_scale = layout.alpha / layout.rank as f32;
+    if task.lora.rank > layout.rank
+        || (task_scale - layout_scale).abs() > 1e-6 * layout_scale
+        || targets != layout.targets
+    {
         return Err(bad(
             "lora",
             format!(

@@ -101,13 +101,9 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         tracing::info!(task = %task.id_hex(), step, "resuming from a checkpoint");
     }
     let device = covey_model::cpu_device();
-    let round = LocalRound {
-        config: &model.config,
-        base: &base,
-        a: model.a_factors(),
-        tokenizer: &model.tokenizer,
-        corpus: &corpus,
-    };
+    // A device of a smaller rank (HetLoRA) trains against the first rows of `A`.
+    let a = first_rows(model.a_factors(), spec.lora.rank);
+    let round = LocalRound { config: &model.config, base: &base, a: &a, tokenizer: &model.tokenizer, corpus: &corpus };
     let result: LocalResult = covey_model::train_local_adapter(
         &round,
         &spec,
@@ -120,6 +116,18 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         },
     )?;
     Ok(Trained { b: result.b, examples: result.examples, loss: result.loss_last, resumed_from })
+}
+
+/// The first `rank` rows of every `A` (`[r, in]` → `[rank, in]`).
+fn first_rows(a: &covey_tensors::NamedTensors, rank: usize) -> covey_tensors::NamedTensors {
+    a.iter()
+        .map(|(name, t)| {
+            let cols = t.shape.get(1).copied().unwrap_or(0);
+            let rows = rank.min(t.shape[0]);
+            let data = t.data[..rows * cols].to_vec();
+            (name.clone(), covey_tensors::HostTensor { shape: vec![rows, cols], data })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -138,5 +146,17 @@ mod tests {
         assert_eq!((s.train.seed, s.checkpoint_every), (9, 3));
         let other = local_spec(&task, &cfg, &[1; 32]);
         assert_ne!(other.train.seed, s.train.seed, "devices draw different batches");
+    }
+
+    #[test]
+    fn a_smaller_rank_takes_the_first_rows_of_a() {
+        let a: covey_tensors::NamedTensors = [(
+            "x".to_string(),
+            covey_tensors::HostTensor { shape: vec![4, 3], data: (0..12).map(|v| v as f32).collect() },
+        )]
+        .into();
+        let two = first_rows(&a, 2);
+        assert_eq!((two["x"].shape.clone(), two["x"].data.clone()), (vec![2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]));
+        assert_eq!(first_rows(&a, 4), a);
     }
 }

@@ -2,9 +2,9 @@
 //! random Llama carrying a real byte-level BPE `tokenizer.json` (trained here, at test
 //! time) and a ChatML chat template, stored int8, is the coordinator's initial model;
 //! four real agents train on it over loopback gRPC for three rounds with the model's own
-//! tokenizer; rounds publish adapters and every second one a new int4 base release; each
-//! device downloads the release once and then only what changed; the agent chats with
-//! the adapted model. Corrupted artifacts are refused and nothing is cached.
+//! tokenizer, two of them at rank 4 and two at rank 8 (HetLoRA); rounds publish adapters
+//! and every second one a new int4 base release; each device downloads the release once
+//! and then only what changed; the agent chats with the adapted model. Corrupted artifacts are refused and nothing is cached.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,8 +92,10 @@ fn coordinator_config(root: &Path, model: &Path) -> CoordinatorConfig {
     };
     c.enrollment.tokens = vec![TOKEN.into()];
     c.enrollment.per_token_per_minute = 100;
-    c.lora.rank = 4;
-    c.lora.alpha = 8.0;
+    // Devices of lesser means train rank 4 (HetLoRA), the others rank 8.
+    c.lora.rank = 8;
+    c.lora.device_ranks = vec![4];
+    c.lora.alpha = 16.0;
     c.rounds.target_updates = 4;
     c.rounds.over_selection = 0.0;
     c.rounds.min_updates = 4;
@@ -141,6 +143,9 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
         let mut cfg = AgentConfig::new(state.clone(), data);
         cfg.coordinator = Some(url.clone());
         cfg.max_poll_wait = Duration::from_millis(500);
+        if i < 2 {
+            cfg.max_lora_rank = 4;
+        }
         covey_agent::enroll(&cfg, TOKEN, &format!("agent-{i}")).await.expect("enrol");
         agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(3))));
         states.push(state);
@@ -187,11 +192,15 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
     let size = |m: &Manifest| m.artifacts().iter().map(|a| a.size).sum::<u64>();
     let expected =
         [size(&manifests[0]), manifests[1].adapter.as_ref().expect("b").b.size, manifests[2].release.model.size];
+    let mut payloads = Vec::new();
     for state in &states {
         let history = covey_agent::run::read_history(state);
         let got: Vec<(u64, u64)> = history.iter().map(|h| (h.base_version, h.downloaded_bytes)).collect();
         assert_eq!(got, vec![(1, expected[0]), (2, expected[1]), (3, expected[2])], "{}", state.display());
+        payloads.push(history[0].payload_bytes);
     }
+    // Rank-4 devices sent B of half the columns.
+    assert!(payloads[0] < payloads[2] * 6 / 10 && payloads[1] == payloads[0], "{payloads:?}");
     eprintln!(
         "bytes down per device: first {} / adapter round {} / new release {}",
         expected[0], expected[1], expected[2]

@@ -121,7 +121,21 @@ impl Coordinator {
     /// A device asks for work: its task in the open round, built from the round's stored
     /// plan and signed, or a time to wait.
     pub async fn poll(&self, device_id: &[u8], timestamp_ms: u64, signature: &[u8]) -> Result<PollOutcome> {
-        let device = self.authenticate(DeviceMethod::Poll, device_id, timestamp_ms, signature, &[]).await?;
+        self.poll_with_rank(device_id, timestamp_ms, signature, 0).await
+    }
+
+    /// [`Coordinator::poll`] from a device that can train LoRA of rank at most `max_rank`
+    /// (0: any; signed as the request's subject): its task has the rank
+    /// [`crate::config::LoraSection::rank_for`] gives, and the matching alpha.
+    pub async fn poll_with_rank(
+        &self,
+        device_id: &[u8],
+        timestamp_ms: u64,
+        signature: &[u8],
+        max_rank: u32,
+    ) -> Result<PollOutcome> {
+        let subject = if max_rank == 0 { Vec::new() } else { max_rank.to_be_bytes().to_vec() };
+        let device = self.authenticate(DeviceMethod::Poll, device_id, timestamp_ms, signature, &subject).await?;
         self.wake.notify_one();
         let wait =
             |reason: &str| PollOutcome::Wait { retry_after: self.config.rounds.poll_interval, reason: reason.into() };
@@ -137,7 +151,14 @@ impl Coordinator {
         if a.used {
             return Ok(wait("update already received for this round"));
         }
-        let task = self.plan_of(&round).await?.task(a.task_id, a.nonce);
+        let mut task = self.plan_of(&round).await?.task(a.task_id, a.nonce);
+        let rank = self.config.lora.rank_for(max_rank);
+        if rank != task.lora.rank {
+            // The same scale alpha / rank for every device: its padded B adds exactly
+            // what it trained.
+            task.lora.alpha = f64::from(self.config.lora.alpha * rank as f32 / self.config.lora.rank as f32);
+            task.lora.rank = rank;
+        }
         let binding = task.binding(device.id);
         let signature = self.key.sign(&binding.to_bytes()?);
         Ok(PollOutcome::Task(Box::new(SignedTask { task, binding, signature })))

@@ -194,10 +194,17 @@ impl Coordinator {
     /// aggregation decodes the stored payload again, after re-verifying it).
     fn check_payload(&self, payload: &[u8], plan: &RoundPlan) -> std::result::Result<(), Rejection> {
         let (tensors, _) = covey_tensors::decode(payload).map_err(|e| Rejection::BadPayload(e.to_string()))?;
-        for (name, shape) in &self.expected_b {
+        // One rank for every tensor, one of the ranks devices may train (HetLoRA).
+        let rank = tensors.values().next().and_then(|t| t.shape.get(1).copied()).unwrap_or(0);
+        let allowed = self.config.lora.allowed_ranks();
+        if !allowed.contains(&rank) {
+            return Err(Rejection::WrongTensors(format!("rank {rank} is not one of {allowed:?}")));
+        }
+        for (name, full) in &self.expected_b {
+            let shape = [full[0], rank];
             match tensors.get(name) {
                 None => return Err(Rejection::WrongTensors(format!("`{name}` is missing"))),
-                Some(t) if &t.shape != shape => {
+                Some(t) if t.shape != shape => {
                     return Err(Rejection::WrongTensors(format!(
                         "`{name}` has shape {:?}, expected {shape:?}",
                         t.shape
@@ -213,7 +220,8 @@ impl Coordinator {
         let (clip_norm, z) = (plan.privacy.clip_norm, plan.privacy.noise_multiplier);
         if clip_norm > 0.0 {
             // Local noise of std z·C per value has norm about z·C·√d; allow a wide margin.
-            let noise = z * (self.b_values as f64).sqrt() + 5.0 * z;
+            let values = self.b_values * rank / self.config.lora.rank;
+            let noise = z * (values as f64).sqrt() + 5.0 * z;
             let bound = clip_norm * (self.config.limits.norm_slack + noise) * (1.0 + 1e-6);
             let norm = covey_tensors::global_norm(&tensors);
             if norm > bound {

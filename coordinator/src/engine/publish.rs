@@ -125,7 +125,8 @@ impl Coordinator {
         let base = self.version(round.base_version).await?;
         let parent = parse_manifest(&base)?;
         let aggregate = {
-            let mut stream = StoredUpdates::new(&records, &self.uploads, &keys_by_device, plan.examples_per_update());
+            let mut stream = StoredUpdates::new(&records, &self.uploads, &keys_by_device, plan.examples_per_update())
+                .padded_to(self.config.lora.rank);
             let aggregate = strategy.aggregate(&sampling.context(round.id), &mut stream, failures)?;
             if let Some(e) = stream.error.take() {
                 return Err(e);
@@ -235,12 +236,14 @@ fn json<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>> {
 /// signature and payload hash (so the benchmark and a restarted coordinator trust nothing
 /// they did not check); updates of revoked devices, and payloads missing or damaged on
 /// disk, are left out and counted in `dropped`. Every update weighs `weight` (the
-/// task's steps × batch size), whatever its header declares.
+/// task's steps × batch size), whatever its header declares. An update of a smaller rank
+/// (HetLoRA; its shape was checked at intake) is zero-padded to `rank` columns first.
 pub struct StoredUpdates<'a> {
     records: std::slice::Iter<'a, UpdateRecord>,
     uploads: &'a Artifacts,
     keys: &'a HashMap<[u8; 32], ([u8; 32], bool)>,
     weight: u64,
+    rank: Option<usize>,
     /// A storage failure met while streaming (the stream ends early).
     pub error: Option<CoordinatorError>,
     /// Updates left out (revoked device, failed re-verification, missing or damaged payload).
@@ -255,8 +258,34 @@ impl<'a> StoredUpdates<'a> {
         keys: &'a HashMap<[u8; 32], ([u8; 32], bool)>,
         weight: u64,
     ) -> Self {
-        Self { records: records.iter(), uploads, keys, weight, error: None, dropped: 0 }
+        Self { records: records.iter(), uploads, keys, weight, rank: None, error: None, dropped: 0 }
     }
+
+    /// Zero-pad every update's `B` to `rank` columns.
+    pub fn padded_to(mut self, rank: usize) -> Self {
+        self.rank = Some(rank);
+        self
+    }
+}
+
+/// `B` of `[out, r]` as `[out, rank]`, columns `r..rank` zero (`None` when `r > rank`).
+pub fn zero_pad(b: &NamedTensors, rank: usize) -> Option<NamedTensors> {
+    b.iter()
+        .map(|(name, t)| {
+            let (out, r) = match t.shape[..] {
+                [out, r] if r <= rank => (out, r),
+                _ => return None,
+            };
+            if r == rank {
+                return Some((name.clone(), t.clone()));
+            }
+            let mut data = vec![0.0; out * rank];
+            for (row, src) in data.chunks_exact_mut(rank).zip(t.data.chunks_exact(r)) {
+                row[..r].copy_from_slice(src);
+            }
+            Some((name.clone(), covey_tensors::HostTensor { shape: vec![out, rank], data }))
+        })
+        .collect()
 }
 
 impl Iterator for StoredUpdates<'_> {
@@ -290,8 +319,16 @@ impl Iterator for StoredUpdates<'_> {
                 self.dropped += 1;
                 continue;
             }
-            match covey_tensors::decode(&payload) {
-                Ok((delta, _)) => {
+            let decoded = covey_tensors::decode(&payload).map(|(delta, _)| match self.rank {
+                Some(rank) => zero_pad(&delta, rank),
+                None => Some(delta),
+            });
+            match decoded {
+                Ok(None) => {
+                    warn!(update = r.id, "stored update of a rank above the layout's; left out");
+                    self.dropped += 1;
+                }
+                Ok(Some(delta)) => {
                     return Some(ClientUpdate {
                         client: hex::encode(&r.device_id[..8]),
                         num_examples: self.weight,

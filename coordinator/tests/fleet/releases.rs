@@ -136,3 +136,88 @@ async fn rounds_publish_adapters_and_every_third_a_release() {
     assert_eq!(t.binding.base_version, v3);
     driver.abort();
 }
+
+/// A task for `d`, polling as a device that trains at most `max_rank`.
+async fn task_of_rank(engine: &Coordinator, d: &Device, max_rank: u32) -> covey_coordinator::engine::SignedTask {
+    for _ in 0..1000 {
+        let subject = if max_rank == 0 { vec![] } else { max_rank.to_be_bytes().to_vec() };
+        let auth = d.auth_for(DeviceMethod::Poll, engine.now_ms(), &subject);
+        match engine.poll_with_rank(&auth.device_id, auth.timestamp_ms, &auth.signature, max_rank).await.expect("poll")
+        {
+            covey_coordinator::engine::PollOutcome::Task(t) => return *t,
+            covey_coordinator::engine::PollOutcome::Wait { retry_after, .. } => tokio::time::sleep(retry_after).await,
+        }
+    }
+    panic!("no task");
+}
+
+/// HetLoRA: two devices train rank 4 (the first 4 rows of A, alpha scaled to keep
+/// alpha / r), two train rank 8; the published adapter is exactly the coordinator's rule:
+/// each B zero-padded to rank 8, then FedAvg's mean weighted by steps × batch size.
+#[tokio::test(start_paused = true)]
+async fn devices_of_ranks_4_and_8_aggregate_to_the_zero_padded_mean_exactly() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.lora.rank = 8;
+    config.lora.alpha = 16.0;
+    config.lora.device_ranks = vec![4];
+    config.publish.release_every = 10;
+    config.rounds.min_updates = 4;
+    config.privacy.clip_norm = 10.0;
+    let engine = open(config, Arc::new(MemoryStore::default()), Artifacts::memory()).await;
+    let devices = enrolled(&engine, 4).await;
+    let driver = tokio::spawn(engine.clone().run_rounds());
+
+    let names: Vec<String> = support::b_shapes().into_iter().map(|(n, _)| n).collect();
+    let mut sent: Vec<NamedTensors> = Vec::new();
+    for (i, (d, max_rank)) in devices.iter().zip([4u32, 6, 8, 0]).enumerate() {
+        let t = task_of_rank(&engine, d, max_rank).await;
+        let rank = if max_rank == 4 || max_rank == 6 { 4 } else { 8 };
+        assert_eq!((t.task.lora.rank, t.task.lora.alpha), (rank, 16.0 * rank as f64 / 8.0), "max rank {max_rank}");
+        let delta: NamedTensors =
+            names.iter().map(|n| (n.clone(), support::tensor(&[support::HIDDEN, rank], 3 + i as u32))).collect();
+        if i == 0 {
+            // A B of a rank the coordinator does not allow is refused.
+            let bad: NamedTensors =
+                names.iter().map(|n| (n.clone(), support::tensor(&[support::HIDDEN, 3], 1))).collect();
+            let (h, s, p) = d.update(&pb(&t), &bad);
+            let err = engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect_err("rank 3");
+            assert!(err.to_string().contains("rank 3"), "{err}");
+        }
+        let (h, s, p) = d.update(&pb(&t), &delta);
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
+        sent.push(delta);
+    }
+    for _ in 0..400 {
+        if engine.store().current_version().await.expect("current") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = engine.store().version(2).await.expect("v").expect("version 2");
+    let m = manifest(&engine, &record.manifest, &record.signature);
+    let b = covey_tensors::decode(
+        &engine.artifacts().get(&m.adapter.expect("adapter").b.sha256_bytes().expect("b")).expect("B"),
+    )
+    .expect("B")
+    .0;
+    // The rule, computed independently: zero-pad to 8 columns, weigh every update alike
+    // (the task's steps × batch size), mean in f64 in arrival order.
+    let weight = engine.examples_per_update() as f64;
+    for name in &names {
+        let mut sum = vec![0f64; support::HIDDEN * 8];
+        for delta in &sent {
+            let t = &delta[name];
+            let r = t.shape[1];
+            for row in 0..support::HIDDEN {
+                for col in 0..r {
+                    sum[row * 8 + col] += weight * f64::from(t.data[row * r + col]);
+                }
+            }
+        }
+        let expected: Vec<f32> = sum.iter().map(|x| (x / (weight * 4.0)) as f32).collect();
+        assert_eq!(b[name].shape, vec![support::HIDDEN, 8]);
+        assert_eq!(b[name].data, expected, "{name}");
+    }
+    driver.abort();
+}

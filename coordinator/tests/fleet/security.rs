@@ -211,11 +211,11 @@ async fn enrolment_needs_a_valid_token_and_a_32_byte_key() {
     d.enroll(&mut c).await;
     let mut auth = d.auth(covey_proto::signing::DeviceMethod::Poll, support::now_ms());
     auth.signature = Device::new().key.sign(b"x").to_vec();
-    let err = c.poll_task(pb::PollTaskRequest { auth: Some(auth) }).await.expect_err("forged poll");
+    let err = c.poll_task(pb::PollTaskRequest { auth: Some(auth), max_rank: 0 }).await.expect_err("forged poll");
     assert_eq!(err.code(), Code::Unauthenticated);
     // A heartbeat signature cannot be replayed as a poll.
     let hb = d.auth(covey_proto::signing::DeviceMethod::Heartbeat, support::now_ms());
-    let err = c.poll_task(pb::PollTaskRequest { auth: Some(hb) }).await.expect_err("cross-method");
+    let err = c.poll_task(pb::PollTaskRequest { auth: Some(hb), max_rank: 0 }).await.expect_err("cross-method");
     assert_eq!(err.code(), Code::Unauthenticated);
     running.abort();
 }
@@ -337,7 +337,10 @@ async fn rates_and_concurrent_uploads_are_limited_with_clear_codes() {
     let mut refused = None;
     for i in 0..100 {
         let r = c
-            .poll_task(pb::PollTaskRequest { auth: Some(devices[3].auth(DeviceMethod::Poll, support::now_ms())) })
+            .poll_task(pb::PollTaskRequest {
+                auth: Some(devices[3].auth(DeviceMethod::Poll, support::now_ms())),
+                max_rank: 0,
+            })
             .await;
         if let Err(e) = r {
             refused = Some((i, e));

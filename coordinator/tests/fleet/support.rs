@@ -15,7 +15,7 @@ pub const ADMIN: &str = "test-admin-token";
 pub const HIDDEN: usize = 8;
 pub const RANK: usize = 2;
 
-fn tensor(shape: &[usize], seed: u32) -> HostTensor {
+pub fn tensor(shape: &[usize], seed: u32) -> HostTensor {
     let n: usize = shape.iter().product();
     let data = (0..n).map(|i| ((i as f32 + seed as f32 * 7.0) * 0.618).sin() * 0.1).collect();
     HostTensor::new(shape.to_vec(), data).expect("shape")
@@ -172,7 +172,7 @@ impl Device {
     pub async fn task(&self, c: &mut FleetClient<Channel>) -> pb::Task {
         for _ in 0..200 {
             let r = c
-                .poll_task(pb::PollTaskRequest { auth: Some(self.auth(DeviceMethod::Poll, now_ms())) })
+                .poll_task(pb::PollTaskRequest { auth: Some(self.auth(DeviceMethod::Poll, now_ms())), max_rank: 0 })
                 .await
                 .expect("poll")
                 .into_inner();
