@@ -3,13 +3,15 @@
 
 use std::path::Path;
 
-use covey_gguf::{GgmlType, GgufWriter, Value};
+pub use covey_gguf::GgmlType;
+use covey_gguf::{GgufWriter, Value};
 use covey_tensors::quant::StoredTensor;
 
 use crate::artifact::LoadedModel;
 use crate::error::{ArtifactError, Result};
 use crate::gguf_import::{gguf_name, permute_rope_rows};
 use crate::tokenizer::Tokenizer;
+use covey_infer::LlamaConfig;
 
 fn gguf_err(path: &Path, e: covey_gguf::GgufError) -> ArtifactError {
     ArtifactError::Gguf { path: path.to_owned(), source: e }
@@ -201,6 +203,62 @@ pub fn export_gguf(model: &LoadedModel, path: &Path, ty: GgmlType) -> Result<()>
     w.write(path).map_err(|e| gguf_err(path, e))
 }
 
+/// Write a LoRA adapter as llama.cpp reads it with `--lora` on top of the base model's
+/// GGUF (`general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`): PEFT
+/// factors `…{q,k,v,o,gate,up,down}_proj.lora_A.weight` `[r, in]` and `lora_B.weight`
+/// `[out, r]` become `blk.{i}.{attn_q,…}.weight.lora_a` / `.lora_b` in f32. `B` of `q_proj`
+/// and `k_proj` gets the same row permutation the base weights get in GGUF (llama.cpp's
+/// rotary layout), so the adapter adds exactly `alpha / r · B A` to what the base holds.
+pub fn export_lora_gguf(
+    config: &LlamaConfig,
+    factors: &covey_tensors::NamedTensors,
+    alpha: f32,
+    name: &str,
+    path: &Path,
+) -> Result<()> {
+    let bad = |reason: String| ArtifactError::UnsupportedModel { path: path.to_owned(), reason };
+    let mut w = GgufWriter::new();
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.type", Value::String("adapter".into())),
+        ("general.name", Value::String(name.into())),
+        ("general.alignment", Value::U32(32)),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(alpha)),
+    ];
+    for (key, value) in meta {
+        w.add_metadata(key, value).map_err(|e| gguf_err(path, e))?;
+    }
+    let mut pairs = 0;
+    for (peft, t) in factors {
+        let Some((weight, factor)) = covey_tensors::lora::base_weight_of(peft) else {
+            return Err(bad(format!("`{peft}` is not a PEFT LoRA factor name")));
+        };
+        let gname = gguf_name(&weight).ok_or_else(|| bad(format!("`{weight}` has no GGUF name")))?;
+        if t.shape.len() != 2 {
+            return Err(bad(format!("`{peft}` is not 2-D")));
+        }
+        let mut t = t.clone();
+        let suffix = if factor == 'A' {
+            "lora_a"
+        } else {
+            pairs += 1;
+            if weight.ends_with("q_proj.weight") {
+                t = permute_rope_rows(&t, config.num_attention_heads, false);
+            } else if weight.ends_with("k_proj.weight") {
+                t = permute_rope_rows(&t, config.num_key_value_heads, false);
+            }
+            "lora_b"
+        };
+        w.add_tensor_f32(format!("{gname}.{suffix}"), &t.shape, &t.data, GgmlType::F32)
+            .map_err(|e| gguf_err(path, e))?;
+    }
+    if pairs == 0 || factors.len() != 2 * pairs {
+        return Err(bad(format!("{} factors do not pair up as A and B", factors.len())));
+    }
+    w.write(path).map_err(|e| gguf_err(path, e))
+}
+
 /// Write an ONNX model (opset 17): f32, or with int8 per-channel weights.
 pub fn export_onnx(model: &LoadedModel, path: &Path, int8: bool) -> Result<()> {
     let options = covey_onnx::ExportOptions {
@@ -275,6 +333,54 @@ mod tests {
         assert_eq!(back.chat_template, m.chat_template);
         let config = LlamaConfig::load(&dir.path().join(crate::CONFIG_FILE)).expect("config.json");
         assert_eq!(config, m.config);
+    }
+
+    #[test]
+    fn a_lora_adapter_exports_as_llama_cpp_reads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = tiny_model();
+        let base = m.f32_tensors();
+        let targets = [covey_tensors::lora::LoraTarget::Q, covey_tensors::lora::LoraTarget::Down];
+        let mut factors = covey_tensors::lora::frozen_a(&base, 4, &targets, 1);
+        for l in 0..m.config.num_hidden_layers {
+            for t in targets {
+                let out = base[&t.weight_name(l)].shape[0];
+                let data = (0..out * 4).map(|i| (i as f32 * 0.37).sin() * 0.1).collect();
+                factors.insert(t.peft_name(l, 'B'), covey_tensors::HostTensor { shape: vec![out, 4], data });
+            }
+        }
+        let path = dir.path().join("adapter.gguf");
+        export_lora_gguf(&m.config, &factors, 8.0, "test adapter", &path).expect("export");
+        let file = covey_gguf::GgufFile::open(&path).expect("read back");
+        assert_eq!(file.require_str("general.type").expect("type"), "adapter");
+        assert_eq!(file.require_str("adapter.type").expect("adapter.type"), "lora");
+        assert_eq!(file.require_f64("adapter.lora.alpha").expect("alpha"), 8.0);
+        // ggml dims: A is ne = [in, r], B is ne = [r, out], as llama.cpp checks them.
+        let a = file.tensor_info("blk.0.attn_q.weight.lora_a").expect("A");
+        let b = file.tensor_info("blk.0.attn_q.weight.lora_b").expect("B");
+        let q = &base["model.layers.0.self_attn.q_proj.weight"];
+        assert_eq!(a.shape(), vec![4, q.shape[1]]);
+        assert_eq!(b.shape(), vec![q.shape[0], 4]);
+        // Merged in GGUF layout, it equals the GGUF export of the merged HF weights.
+        let qa = file.tensor_f32("blk.0.attn_q.weight.lora_a").expect("A");
+        let qb = file.tensor_f32("blk.0.attn_q.weight.lora_b").expect("B");
+        let mut merged = base.clone();
+        covey_tensors::lora::merge(&mut merged, &factors, 2.0).expect("merge");
+        let hf_merged =
+            permute_rope_rows(&merged["model.layers.0.self_attn.q_proj.weight"], m.config.num_attention_heads, false);
+        let gguf_base = permute_rope_rows(q, m.config.num_attention_heads, false);
+        let cols = q.shape[1];
+        for row in 0..q.shape[0] {
+            for col in 0..cols {
+                let delta: f32 = (0..4).map(|k| qb.data[row * 4 + k] * qa.data[k * cols + col]).sum::<f32>() * 2.0;
+                let (x, y) = (gguf_base.data[row * cols + col] + delta, hf_merged.data[row * cols + col]);
+                assert!((x - y).abs() < 1e-5, "row {row} col {col}: {x} vs {y}");
+            }
+        }
+        assert!(file.tensor_info("blk.1.ffn_down.weight.lora_b").is_some());
+        let mut lone = factors.clone();
+        lone.remove("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight");
+        assert!(export_lora_gguf(&m.config, &lone, 8.0, "x", &path).is_err(), "unpaired factors");
     }
 
     #[test]

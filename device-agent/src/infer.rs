@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use covey_model::chat::Message;
-use covey_model::{InferenceModel, LoadedModel, SamplingConfig};
+use covey_model::export::GgmlType;
+use covey_model::{InferenceModel, LoadedModel, Precision, SamplingConfig};
 use serde::Serialize;
 
 use crate::checkpoint::CheckpointStore;
@@ -71,6 +72,59 @@ pub fn chat(state_dir: &Path, messages: &[Message], sampling: &SamplingConfig) -
     let answer: Vec<u32> = out.iter().copied().filter(|t| !stop.contains(t)).collect();
     let text = loaded.tokenizer.decode(&answer).map_err(inference)?.trim().to_string();
     Ok(Generated { version, release, text, prompt_tokens: ids.len(), new_tokens: out.len() })
+}
+
+/// What [`export_adapter`] wrote.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExportedAdapter {
+    /// Model version exported.
+    pub version: u64,
+    /// Its base release.
+    pub release: u64,
+    /// Adapter rounds aggregated since the release.
+    pub rounds: u64,
+    /// LoRA rank and alpha (llama.cpp applies `alpha / rank · B A`).
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f32,
+}
+
+/// Export the newest verified version's adapter as a llama.cpp LoRA GGUF (`--lora`), and,
+/// with `base_out`, its base release as a GGUF to apply it to (Q8_0 for an int8 release,
+/// Q4_1 for int4: the same 32-value groups with scale and minimum, F32 otherwise). A
+/// version that cut its release has no adapter: its release is the whole model.
+pub fn export_adapter(state_dir: &Path, out: &Path, base_out: Option<&Path>) -> Result<ExportedAdapter> {
+    let identity = Identity::load(state_dir)?;
+    let model = ModelCache::new(state_dir)
+        .latest_verified(&identity.coordinator_public_key)
+        .ok_or_else(|| AgentError::NoModel { state_dir: state_dir.to_owned() })?;
+    let m = &model.manifest;
+    let adapter = model.adapter().ok_or_else(|| {
+        AgentError::Inference(covey_model::ModelError::Adapter(format!(
+            "version {} is base release {} itself: it has no adapter to export",
+            m.version, m.release.version
+        )))
+    })?;
+    let mut factors = model.a_factors().clone();
+    factors.extend(adapter.iter().map(|(n, t)| (n.clone(), t.clone())));
+    let name = format!("covey adapter of version {} on release {}", m.version, m.release.version);
+    covey_model::export::export_lora_gguf(&model.config, &factors, m.lora.alpha, &name, out).map_err(inference)?;
+    if let Some(path) = base_out {
+        let (release, precision) = model.release_model()?;
+        let ty = match precision {
+            Precision::Int8 => GgmlType::Q8_0,
+            Precision::Int4 => GgmlType::Q4_1,
+            Precision::F32 => GgmlType::F32,
+        };
+        covey_model::export::export_gguf(&release, path, ty).map_err(inference)?;
+    }
+    Ok(ExportedAdapter {
+        version: m.version,
+        release: m.release.version,
+        rounds: m.adapter.as_ref().map_or(0, |a| a.rounds),
+        rank: m.lora.rank,
+        alpha: m.lora.alpha,
+    })
 }
 
 /// What `covey-agent status` shows.

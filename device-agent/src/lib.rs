@@ -60,7 +60,7 @@ pub use config::{AgentConfig, BackoffConfig, TlsConfig};
 pub use enroll::{MAX_LABEL_BYTES, enroll};
 pub use error::{AgentError, Result};
 pub use identity::Identity;
-pub use infer::{AgentStatus, Generated, chat, generate, status};
+pub use infer::{AgentStatus, ExportedAdapter, Generated, chat, export_adapter, generate, status};
 pub use run::{RunSummary, RunUntil, run, run_with_shutdown};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

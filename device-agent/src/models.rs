@@ -207,8 +207,17 @@ impl VerifiedModel {
     /// precision by the engine; the tokenizer, chat template and special tokens of the
     /// release.
     pub fn loaded(&self) -> Result<(LoadedModel, Precision)> {
+        self.as_loaded(true)
+    }
+
+    /// The release alone (no adapter), as [`VerifiedModel::loaded`] builds it.
+    pub fn release_model(&self) -> Result<(LoadedModel, Precision)> {
+        self.as_loaded(false)
+    }
+
+    fn as_loaded(&self, with_adapter: bool) -> Result<(LoadedModel, Precision)> {
         let mut tensors = self.release.clone();
-        if self.b.is_some() {
+        if with_adapter && self.b.is_some() {
             let targets: HashSet<String> =
                 self.a.keys().filter_map(|n| covey_tensors::lora::base_weight_of(n)).map(|(w, _)| w).collect();
             let mut touched: NamedTensors =

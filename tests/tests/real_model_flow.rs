@@ -100,7 +100,7 @@ fn coordinator_config(root: &Path, model: &Path) -> CoordinatorConfig {
     c.rounds.over_selection = 0.0;
     c.rounds.min_updates = 4;
     c.rounds.min_available = 4;
-    c.rounds.max_rounds = 3;
+    c.rounds.max_rounds = 4;
     c.rounds.deadline = Duration::from_secs(600);
     c.rounds.pause = Duration::from_millis(10);
     c.rounds.poll_interval = Duration::from_millis(200);
@@ -147,7 +147,7 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
             cfg.max_lora_rank = 4;
         }
         covey_agent::enroll(&cfg, TOKEN, &format!("agent-{i}")).await.expect("enrol");
-        agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(3))));
+        agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(4))));
         states.push(state);
     }
     for a in agents {
@@ -156,64 +156,70 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
             .expect("agents finish")
             .expect("join")
             .expect("run");
-        assert_eq!(summary.rounds, vec![1, 2, 3]);
+        assert_eq!(summary.rounds, vec![1, 2, 3, 4]);
     }
     let store = engine.store().clone();
     for _ in 0..600 {
-        if store.versions().await.expect("versions").len() == 4 {
+        if store.versions().await.expect("versions").len() == 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Versions: 1 the initial release, 2 an adapter, 3 a release (two rounds), 4 an adapter.
+    // Versions: 1 the initial release, 2 an adapter, 3 a release (two rounds), 4 an
+    // adapter, 5 a release.
     let mut manifests = Vec::new();
-    for v in 1..=4 {
+    for v in 1..=5 {
         let r = store.version(v).await.expect("v").expect("version");
         manifests.push(Manifest::verify(&r.manifest, &r.signature, &engine.public_key()).expect("signed"));
     }
     let kinds: Vec<(u64, bool)> = manifests.iter().map(|m| (m.release.version, m.adapter.is_some())).collect();
-    assert_eq!(kinds, vec![(1, false), (1, true), (3, false), (3, true)]);
+    assert_eq!(kinds, vec![(1, false), (1, true), (3, false), (3, true), (5, false)]);
     assert_eq!(manifests[2].release.tokenizer, m1.release.tokenizer, "a release keeps the tokenizer");
 
     // The held-out loss, with the model's tokenizer, on the weights devices run, falls.
     let device = covey_model::cpu_device();
     let mut losses = Vec::new();
-    for v in 1..=4 {
+    for v in 1..=5 {
         let (w, _) = engine.device_weights(v).await.expect("weights");
         losses
             .push(covey_model::evaluate_texts(&config, &w, &tokenizer, &held_out, 48, &device).expect("eval").mean_nll);
     }
     eprintln!("held-out NLL by version: {losses:?}");
-    assert!(losses[3] < losses[0] - 0.05, "held-out loss did not fall: {losses:?}");
+    assert!(losses[4] < losses[0] - 0.05, "held-out loss did not fall: {losses:?}");
 
     // Each device downloaded version 1 whole, then only the adapter, then only the new
-    // release's weights (config, tokenizer and A are cached by content), as it trained on
-    // versions 1, 2 and 3.
+    // release's weights (config, tokenizer and A are cached by content), then only the
+    // adapter again, as it trained on versions 1 to 4.
     let size = |m: &Manifest| m.artifacts().iter().map(|a| a.size).sum::<u64>();
-    let expected =
-        [size(&manifests[0]), manifests[1].adapter.as_ref().expect("b").b.size, manifests[2].release.model.size];
+    let b_size = |m: &Manifest| m.adapter.as_ref().expect("adapter").b.size;
+    let expected = [size(&manifests[0]), b_size(&manifests[1]), manifests[2].release.model.size, b_size(&manifests[3])];
     let mut payloads = Vec::new();
     for state in &states {
         let history = covey_agent::run::read_history(state);
         let got: Vec<(u64, u64)> = history.iter().map(|h| (h.base_version, h.downloaded_bytes)).collect();
-        assert_eq!(got, vec![(1, expected[0]), (2, expected[1]), (3, expected[2])], "{}", state.display());
+        let want: Vec<(u64, u64)> = (1..=4).zip(expected).collect();
+        assert_eq!(got, want, "{}", state.display());
         payloads.push(history[0].payload_bytes);
     }
     // Rank-4 devices sent B of half the columns.
     assert!(payloads[0] < payloads[2] * 6 / 10 && payloads[1] == payloads[0], "{payloads:?}");
-    eprintln!(
-        "bytes down per device: first {} / adapter round {} / new release {}",
-        expected[0], expected[1], expected[2]
-    );
+    eprintln!("bytes down per device, rounds 1-4 (whole, adapter, new release, adapter): {expected:?}");
 
-    // The agent chats with the newest version it holds (3: the release it last trained on),
+    // The agent chats with the newest version it holds (4: release 3 and its adapter),
     // through the chat template, on the int4 engine.
     let sampling = covey_model::SamplingConfig { max_new_tokens: 12, temperature: 0.0, ..Default::default() };
     let reply = covey_agent::chat(&states[0], &[Message::new("user", "Who is Macbeth?")], &sampling).expect("chat");
-    assert_eq!((reply.version, reply.release), (3, 3));
+    assert_eq!((reply.version, reply.release), (4, 3));
     assert!(reply.new_tokens > 0 && reply.prompt_tokens > 5, "{reply:?}");
     let generated = covey_agent::generate(&states[0], "MACBETH.", &sampling).expect("generate");
     assert!(generated.new_tokens > 0, "{generated:?}");
+
+    // The adapter exports as a llama.cpp LoRA GGUF, and its release as the base GGUF.
+    let (adapter_gguf, base_gguf) = (root.path().join("adapter.gguf"), root.path().join("base.gguf"));
+    let e = covey_agent::export_adapter(&states[0], &adapter_gguf, Some(&base_gguf)).expect("export");
+    assert_eq!((e.version, e.release, e.rounds, e.rank), (4, 3, 1, 8));
+    let base = LoadedModel::open(&base_gguf).expect("the base GGUF loads");
+    assert_eq!(base.tokenizer.encode("MACBETH.").expect("encode"), tokenizer.encode("MACBETH.").expect("encode"));
 
     // A tokenizer whose bytes do not match the manifest is refused, and nothing is cached.
     let blob = root.path().join("coordinator/artifacts").join(&tok_ref.sha256);

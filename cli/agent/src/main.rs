@@ -30,6 +30,9 @@ enum Command {
     /// Chat with the newest verified model version (its chat template): one reply to
     /// --prompt, or a conversation read from standard input, one message per line.
     Chat(ChatArgs),
+    /// Write the newest verified version's adapter as a llama.cpp LoRA GGUF (apply it
+    /// with `llama-cli -m BASE.gguf --lora ADAPTER.gguf`), and optionally its base release.
+    ExportAdapter(ExportAdapterArgs),
 }
 
 /// Connection settings shared by `enroll` and `run`.
@@ -144,6 +147,19 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct ExportAdapterArgs {
+    /// State directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Adapter GGUF to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the base release as a GGUF here (Q8_0 for int8 releases, Q4_1 for int4).
+    #[arg(long)]
+    base_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct ChatArgs {
     /// State directory.
     #[arg(long)]
@@ -181,6 +197,22 @@ async fn main() -> Result<()> {
         Command::Status(a) => status(a),
         Command::Generate(a) => generate(a).await,
         Command::Chat(a) => chat(a),
+        Command::ExportAdapter(a) => {
+            let e = covey_agent::export_adapter(&a.state, &a.out, a.base_out.as_deref())?;
+            println!(
+                "adapter of version {} (release {} + {} rounds, rank {}, alpha {}) written to {}",
+                e.version,
+                e.release,
+                e.rounds,
+                e.rank,
+                e.alpha,
+                a.out.display()
+            );
+            if let Some(b) = &a.base_out {
+                println!("base release {} written to {}", e.release, b.display());
+            }
+            Ok(())
+        }
     }
 }
 
