@@ -35,17 +35,23 @@ def main():
     kw = dict(n_ctx=512, n_threads=2, logits_all=True, verbose=False)
     with_lora = Llama(model_path=a.base, lora_path=a.lora, **kw)
     base = Llama(model_path=a.base, **kw)
-    same = total = same_base = 0
-    for tokens, covey_top1 in zip(want["tokens"], want["covey_top1"]):
+    same = total = same_base = bases_agree = 0
+    for tokens, covey_top1, covey_base in zip(want["tokens"], want["covey_top1"], want["covey_base_top1"]):
         got = top1(with_lora, tokens)
         plain = top1(base, tokens)
         same += sum(int(x == y) for x, y in zip(got, covey_top1))
         same_base += sum(int(x == y) for x, y in zip(plain, covey_top1))
+        bases_agree += sum(int(x == y) for x, y in zip(plain, covey_base))
         total += len(tokens)
     print(json.dumps({
+        "base": a.base,
         "positions": total,
+        # llama.cpp base + adapter vs Covey's merged model: the check.
         "top1_agreement_with_lora": same / total,
+        # llama.cpp base alone vs Covey's merged model: how much the adapter changes.
         "top1_agreement_without_lora": same_base / total,
+        # llama.cpp base alone vs Covey's base alone: the arithmetic of the base file.
+        "top1_agreement_of_the_bases": bases_agree / total,
     }))
 
 

@@ -83,6 +83,10 @@ pub struct HistoryEntry {
     /// Seconds spent training.
     #[serde(default)]
     pub train_seconds: f64,
+    /// Peak resident memory of the agent process so far, in bytes (Linux `VmHWM`; `None`
+    /// where the platform does not say).
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
     /// When it was accepted, ms since the Unix epoch.
     pub submitted_unix_ms: u64,
 }
@@ -300,6 +304,7 @@ impl Agent {
             resumed_from_step,
             downloaded_bytes: 0,
             train_seconds: 0.0,
+            peak_rss_bytes: peak_rss_bytes(),
             submitted_unix_ms: covey_proto::signing::unix_ms(),
         })
     }
@@ -474,6 +479,14 @@ impl StateLock {
             Err(std::fs::TryLockError::Error(e)) => Err(AgentError::io(&path, e)),
         }
     }
+}
+
+/// Peak resident set size of this process (`VmHWM` of `/proc/self/status`), on Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn append_history(state_dir: &Path, entry: &HistoryEntry) -> Result<()> {

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod fleet;
 pub mod loopback;
 pub mod output;
 pub mod partition;

@@ -246,3 +246,86 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
     assert!(covey_agent::status(&state).expect("status").cached_versions.is_empty());
     running.abort();
 }
+
+/// SmolLM2-135M-Instruct's GGUF, when present (`scripts/fetch-smollm2.sh`,
+/// `COVEY_SMOLLM2_GGUF`, or `../shared/models`).
+fn smollm2() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [
+        std::env::var_os("COVEY_SMOLLM2_GGUF").map(PathBuf::from),
+        Some(root.join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        Some(root.join("../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+    ];
+    let found = candidates.into_iter().flatten().find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!(
+            "skipping: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-smollm2.sh, or set COVEY_SMOLLM2_GGUF)"
+        );
+    }
+    found
+}
+
+/// The same flow with the real GGUF as the initial model: the coordinator imports it
+/// (tokenizer and chat template into the manifest), one agent trains one short round on
+/// it with the model's tokenizer, the round publishes an adapter of its own size, and the
+/// agent chats, with the model's chat template, on the int8 release it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smollm2_gguf_federates_when_present() {
+    let Some(gguf) = smollm2() else { return };
+    let root = tempfile::tempdir().expect("tmp");
+    let mut c = coordinator_config(root.path(), &gguf);
+    c.lora.rank = 4;
+    c.lora.device_ranks = vec![];
+    c.lora.alpha = 8.0;
+    c.lora.targets = vec!["q_proj".into(), "v_proj".into()];
+    c.rounds.target_updates = 1;
+    c.rounds.min_updates = 1;
+    c.rounds.min_available = 1;
+    c.rounds.max_rounds = 1;
+    c.training.steps = 1;
+    c.training.batch_size = 1;
+    c.training.seq_len = 16;
+    c.publish.quantization = ReleaseQuantization::Int8;
+    let engine = server::open_engine(c).await.expect("engine imports the GGUF");
+    let running = server::start(engine.clone()).await.expect("start");
+    let v1 = engine.store().version(1).await.expect("v").expect("v1");
+    let m1 = Manifest::verify(&v1.manifest, &v1.signature, &engine.public_key()).expect("v1");
+    assert!(m1.release.tokenizer.is_some() && m1.release.chat_template.is_some());
+    assert!(m1.release.model.chunks.len() > 100, "a 135 MB release is listed piece by piece");
+
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("local.txt"), &corpus()[0]).expect("write data");
+    let state = root.path().join("agent");
+    let mut cfg = AgentConfig::new(state.clone(), data);
+    cfg.coordinator = Some(format!("http://{}", running.addr));
+    cfg.max_poll_wait = Duration::from_millis(300);
+    covey_agent::enroll(&cfg, TOKEN, "smollm2").await.expect("enrol");
+    let summary = tokio::time::timeout(Duration::from_secs(900), covey_agent::run(cfg, RunUntil::Updates(1)))
+        .await
+        .expect("the agent finishes")
+        .expect("run");
+    assert_eq!(summary.rounds, vec![1]);
+    for _ in 0..600 {
+        if engine.store().versions().await.expect("versions").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v2 = engine.store().version(2).await.expect("v").expect("v2");
+    let m2 = Manifest::verify(&v2.manifest, &v2.signature, &engine.public_key()).expect("v2");
+    let adapter = m2.adapter.expect("an adapter version");
+    // f32 B of q (576 × 4) and v (192 × 4) over 30 layers, plus the safetensors header.
+    assert!(adapter.b.size > 30 * (576 + 192) * 4 * 4 && adapter.b.size < 400_000, "{}", adapter.b.size);
+    let history = covey_agent::run::read_history(&state);
+    assert_eq!(history[0].downloaded_bytes, m1.artifacts().iter().map(|a| a.size).sum::<u64>());
+    assert!(history[0].peak_rss_bytes.is_some_and(|b| b > 100 << 20));
+    running.abort();
+
+    // The agent holds the version it trained on (1: the int8 release of the GGUF).
+    let sampling = covey_model::SamplingConfig { max_new_tokens: 8, temperature: 0.0, ..Default::default() };
+    let reply =
+        covey_agent::chat(&state, &[Message::new("user", "What is the capital of France?")], &sampling).expect("chat");
+    eprintln!("SmolLM2 via the agent: {reply:?}");
+    assert!(reply.text.contains("Paris"), "{reply:?}");
+}

@@ -5,6 +5,7 @@
 //! covey-sim run EXPERIMENT.toml              # one experiment → report folder
 //! covey-sim compare A.toml B.toml …          # several, side by side (report folders accepted too)
 //! covey-sim data EXPERIMENT.toml             # the clients an experiment would see
+//! covey-sim fleet FLEET.toml                 # a real coordinator and agent processes
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ use covey_sim::progress::{Progress, Silent};
 use covey_sim::report::{self, Report, RoundMetrics};
 use covey_sim::{loopback, output, prepare, quickstart, runner};
 use indicatif::{ProgressBar, ProgressStyle};
+
+mod fleet;
 
 /// Progress as a person sees it: a bar of the round's clients on a terminal, and one
 /// plain line per round on a terminal or not (piped to a file, a run still reports).
@@ -116,6 +119,16 @@ enum Command {
         /// Experiment file.
         config: PathBuf,
     },
+    /// Run a real fleet on this machine: a covey-coordinator process and one covey-agent
+    /// process per device (built next to covey-sim) federating a real model, e.g.
+    /// simulations/experiments/fleet/smollm2.toml; writes report.md and report.json.
+    Fleet {
+        /// Fleet experiment file.
+        config: PathBuf,
+        /// Parent of the run's folder.
+        #[arg(long, default_value = "runs/fleet")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -164,6 +177,7 @@ fn main() -> Result<()> {
             println!("comparison written to {} ({} files)", out.display(), files.paths.len());
             Ok(())
         }
+        Command::Fleet { config, out } => fleet::run(&config, &out),
         Command::Data { config } => {
             let exp = Experiment::load(&config)?;
             let prepared = prepare::prepare(&exp)?;
