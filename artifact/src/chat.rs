@@ -56,6 +56,44 @@ pub fn render(
     .map_err(|e| ArtifactError::ChatTemplate(e.to_string()))
 }
 
+/// A conversation rendered for training, and the byte ranges of the rendered text the
+/// model learns to produce: each assistant turn's content, and the end-of-turn text the
+/// template puts right after it (up to and including `eos_token`, when that follows
+/// within a few bytes), so the model learns where a reply ends.
+pub fn training_text(
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<(String, Vec<(usize, usize)>)> {
+    let text = render(template, messages, false, bos_token, eos_token)?;
+    let mut spans = Vec::new();
+    let mut cursor = 0;
+    for m in messages {
+        if m.content.is_empty() {
+            continue;
+        }
+        let Some(found) = text[cursor..].find(&m.content) else {
+            return Err(ArtifactError::ChatTemplate(format!(
+                "the template does not keep the {} turn's text verbatim; cannot tell which tokens to learn",
+                m.role
+            )));
+        };
+        let start = cursor + found;
+        let mut end = start + m.content.len();
+        if m.role == "assistant" {
+            if !eos_token.is_empty()
+                && let Some(eos) = text[end..].find(eos_token).filter(|&at| at <= 2)
+            {
+                end += eos + eos_token.len();
+            }
+            spans.push((start, end));
+        }
+        cursor = end;
+    }
+    Ok((text, spans))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +120,22 @@ mod tests {
         assert!(err.contains("chat template"), "{err}");
         let err = render("{{ raise_exception('no system role') }}", &[], true, "", "").expect_err("raise").to_string();
         assert!(err.contains("no system role"), "{err}");
+    }
+
+    #[test]
+    fn training_text_marks_assistant_turns_and_their_end() {
+        let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}";
+        let messages = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Who is Hamlet?"),
+            Message::new("assistant", "A prince."),
+            Message::new("user", "Of where?"),
+            Message::new("assistant", "Denmark."),
+        ];
+        let (text, spans) = training_text(template, &messages, "", "<|im_end|>").expect("render");
+        let learned: Vec<&str> = spans.iter().map(|&(a, b)| &text[a..b]).collect();
+        assert_eq!(learned, vec!["A prince.<|im_end|>", "Denmark.<|im_end|>"]);
+        let err = training_text("{{ messages | length }}", &messages, "", "").expect_err("not verbatim");
+        assert!(err.to_string().contains("verbatim"), "{err}");
     }
 }

@@ -8,6 +8,9 @@ use crate::error::{ArtifactError, Result};
 /// File name of a Hugging Face tokenizer inside a model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// A byte range `[start, end)` of a text.
+pub type Span = (usize, usize);
+
 /// Turns text into token ids and back.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
@@ -64,6 +67,17 @@ impl Tokenizer {
             Self::HuggingFace(t) => t
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ArtifactError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
+        }
+    }
+
+    /// Token ids of `text` with the byte range of `text` each one covers.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
+        match self {
+            Self::Bytes => Ok((text.bytes().map(u32::from).collect(), (0..text.len()).map(|i| (i, i + 1)).collect())),
+            Self::HuggingFace(t) => t
+                .encode(text, false)
+                .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
                 .map_err(|e| ArtifactError::Tokenizer { path: TOKENIZER_FILE.into(), reason: e.to_string() }),
         }
     }

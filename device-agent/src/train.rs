@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use covey_model::{LocalResult, LocalRound, LocalTrainSpec, LoraConfig, Resume, RoundProgress, TrainConfig};
+use covey_model::{
+    ChatFormat, LocalResult, LocalRound, LocalTrainSpec, LoraConfig, Resume, RoundProgress, TrainConfig,
+};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::AgentConfig;
@@ -95,7 +97,23 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
     }
     // The version's weights: the release dequantized with the adapter merged in.
     let base = model.base_tensors()?;
-    let corpus: Vec<String> = covey_model::data::load_corpus(&data_dir)?.into_iter().map(|d| d.text).collect();
+    // Plain texts, and chat transcripts (trained with the model's chat template, the loss
+    // on the assistant's turns only).
+    let mut corpus = Vec::new();
+    let mut chats = Vec::new();
+    for d in covey_model::data::load_corpus(&data_dir)? {
+        match d.chat {
+            Some(turns) => chats.push(turns),
+            None => corpus.push(d.text),
+        }
+    }
+    let release = &model.manifest.release;
+    let token = |id: Option<u32>| match (&model.tokenizer, id) {
+        (covey_model::Tokenizer::HuggingFace(t), Some(id)) => t.id_to_token(id).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let (bos, eos) = (token(release.special_tokens.bos), token(release.special_tokens.eos));
+    let chat_format = release.chat_template.as_deref().map(|template| ChatFormat { template, bos: &bos, eos: &eos });
     let resumed_from = resume.as_ref().map(|c| c.step);
     if let Some(step) = resumed_from {
         tracing::info!(task = %task.id_hex(), step, "resuming from a checkpoint");
@@ -103,7 +121,15 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
     let device = covey_model::cpu_device();
     // A device of a smaller rank (HetLoRA) trains against the first rows of `A`.
     let a = first_rows(model.a_factors(), spec.lora.rank);
-    let round = LocalRound { config: &model.config, base: &base, a: &a, tokenizer: &model.tokenizer, corpus: &corpus };
+    let round = LocalRound {
+        config: &model.config,
+        base: &base,
+        a: &a,
+        tokenizer: &model.tokenizer,
+        corpus: &corpus,
+        chats: &chats,
+        chat_format,
+    };
     let result: LocalResult = covey_model::train_local_adapter(
         &round,
         &spec,

@@ -13,6 +13,9 @@ pub struct Batch {
     pub inputs: Tensor<2, Int>,
     /// Target token ids (the inputs shifted by one).
     pub targets: Tensor<2, Int>,
+    /// Per-target loss weights averaging 1 over the batch (0: not learned), for chat
+    /// transcripts whose loss counts the assistant's turns only; `None`: every target.
+    pub weights: Option<Tensor<2>>,
     /// The teacher's logits at each position, when distilling.
     pub teacher: Option<TeacherTargets>,
 }
@@ -25,8 +28,8 @@ pub trait BatchSource {
 
 impl BatchSource for Batcher {
     fn next_batch(&mut self, batch: usize, device: &Device) -> Result<Batch> {
-        let (inputs, targets) = Batcher::next_batch(self, batch, device);
-        Ok(Batch { inputs, targets, teacher: None })
+        let (inputs, targets, weights) = Batcher::next_weighted_batch(self, batch, device);
+        Ok(Batch { inputs, targets, weights, teacher: None })
     }
 }
 

@@ -15,14 +15,23 @@ use crate::error::{ModelError, Result};
 pub struct Document {
     /// File name, or `file:line` for JSONL records.
     pub name: String,
-    /// The text.
+    /// The text (for a chat transcript, its turns' contents separated by blank lines).
     pub text: String,
+    /// The turns of a chat transcript (a `{"messages": [...]}` record): trained with the
+    /// model's chat template, the loss on the assistant's turns only.
+    pub chat: Option<Vec<crate::chat::Message>>,
 }
 
-/// Load a corpus from a `.txt` file, a `.jsonl` file (one `{"text": ...}` object a
-/// line), or a directory of those (sorted by name, not recursive).
+/// Roles a chat transcript's turns may have.
+pub const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// Load a corpus from a `.txt` file, a `.jsonl` file (one `{"text": ...}` object a line,
+/// or one chat transcript `{"messages": [{"role": "user", "content": ...}, ...]}`), or a
+/// directory of those (sorted by name, not recursive).
 ///
-/// An empty corpus is an error naming the path.
+/// An empty corpus is an error naming the path; a JSONL line that is neither kind, or a
+/// transcript turn without a known role or without content, is an error naming the
+/// file and line.
 pub fn load_corpus(path: &Path) -> Result<Vec<Document>> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     let mut docs = Vec::new();
@@ -52,24 +61,56 @@ fn load_file(path: &Path, docs: &mut Vec<Document>) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if path.extension().and_then(|e| e.to_str()) == Some("jsonl") {
-        #[derive(serde::Deserialize)]
-        struct Record {
-            text: String,
-        }
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let record: Record = serde_json::from_str(line).map_err(|source| ModelError::Json {
-                path: PathBuf::from(format!("{}:{}", path.display(), i + 1)),
-                source,
-            })?;
-            docs.push(Document { name: format!("{name}:{}", i + 1), text: record.text });
+            let at = PathBuf::from(format!("{}:{}", path.display(), i + 1));
+            docs.push(parse_record(line, &at, format!("{name}:{}", i + 1))?);
         }
     } else {
-        docs.push(Document { name, text });
+        docs.push(Document { name, text, chat: None });
     }
     Ok(())
+}
+
+/// One JSONL line: `{"text": ...}` or `{"messages": [{"role", "content"}, ...]}`.
+fn parse_record(line: &str, at: &Path, name: String) -> Result<Document> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Turn {
+        role: Option<String>,
+        content: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Record {
+        text: Option<String>,
+        messages: Option<Vec<Turn>>,
+    }
+    let bad = |reason: String| ModelError::BadRecord { path: at.to_owned(), reason };
+    let record: Record =
+        serde_json::from_str(line).map_err(|source| ModelError::Json { path: at.to_owned(), source })?;
+    match (record.text, record.messages) {
+        (Some(text), None) => Ok(Document { name, text, chat: None }),
+        (None, Some(turns)) => {
+            let mut messages = Vec::with_capacity(turns.len());
+            for (n, t) in turns.into_iter().enumerate() {
+                let role = t.role.ok_or_else(|| bad(format!("message {} has no role", n + 1)))?;
+                if !CHAT_ROLES.contains(&role.as_str()) {
+                    return Err(bad(format!("message {} has role `{role}` (expected one of {CHAT_ROLES:?})", n + 1)));
+                }
+                let content = t.content.ok_or_else(|| bad(format!("message {} has no content", n + 1)))?;
+                messages.push(crate::chat::Message { role, content });
+            }
+            if !messages.iter().any(|m| m.role == "assistant" && !m.content.trim().is_empty()) {
+                return Err(bad("a transcript needs an assistant turn to learn from".into()));
+            }
+            let text = messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+            Ok(Document { name, text, chat: Some(messages) })
+        }
+        (Some(_), Some(_)) => Err(bad("a record has `text` or `messages`, not both".into())),
+        (None, None) => Err(bad("a record needs `text` (plain text) or `messages` (a chat transcript)".into())),
+    }
 }
 
 /// Split documents into (train, held-out) by holding out `n_holdout` whole documents
@@ -159,13 +200,22 @@ pub fn roles_by_size(text: &str) -> Vec<(String, usize)> {
     v
 }
 
-/// Draws seeded random windows of `seq_len + 1` tokens from a token stream.
+/// Draws seeded random windows of `seq_len + 1` tokens from a token stream; with a
+/// mask (chat transcripts), only windows with a target to learn, and per-target weights.
 #[derive(Debug, Clone)]
 pub struct Batcher {
     tokens: Vec<u32>,
+    /// Which tokens are learned as targets (assistant turns); `None`: all.
+    mask: Option<Vec<bool>>,
+    /// Prefix sums of `mask`, to find windows with something to learn.
+    learned: Vec<u32>,
     seq_len: usize,
     rng: ChaCha8Rng,
 }
+
+/// Draws of a window start before giving up on finding one with a learned target (the
+/// window is used anyway; its loss is then zero).
+const MASKED_TRIES: usize = 64;
 
 impl Batcher {
     /// A batcher over `tokens`; fails when the stream is shorter than one window.
@@ -173,33 +223,90 @@ impl Batcher {
         if tokens.len() < seq_len + 1 {
             return Err(ModelError::EmptyCorpus { path: source.to_owned(), needed: Some(seq_len + 1) });
         }
-        Ok(Self { tokens, seq_len, rng: ChaCha8Rng::seed_from_u64(seed) })
+        Ok(Self { tokens, mask: None, learned: Vec::new(), seq_len, rng: ChaCha8Rng::seed_from_u64(seed) })
+    }
+
+    /// A batcher whose targets are learned only where `mask` is true (one flag per
+    /// token); fails when no token is.
+    pub fn with_mask(tokens: Vec<u32>, mask: Vec<bool>, seq_len: usize, seed: u64, source: &Path) -> Result<Self> {
+        let mut b = Self::new(tokens, seq_len, seed, source)?;
+        if mask.len() != b.tokens.len() || !mask.iter().skip(1).any(|&m| m) {
+            return Err(ModelError::EmptyCorpus { path: source.to_owned(), needed: None });
+        }
+        let mut learned = Vec::with_capacity(mask.len() + 1);
+        learned.push(0);
+        for &m in &mask {
+            learned.push(learned.last().copied().unwrap_or(0) + u32::from(m));
+        }
+        b.mask = Some(mask);
+        b.learned = learned;
+        Ok(b)
+    }
+
+    /// The next window's start: uniform, or with a mask, the first of a few uniform
+    /// draws whose targets include a learned token.
+    fn draw_start(&mut self) -> usize {
+        let last = self.tokens.len() - self.seq_len - 1;
+        let mut start = self.rng.random_range(0..=last);
+        if self.mask.is_some() {
+            for _ in 1..MASKED_TRIES {
+                // Targets are tokens start+1 ..= start+seq_len.
+                if self.learned[start + self.seq_len + 1] > self.learned[start + 1] {
+                    break;
+                }
+                start = self.rng.random_range(0..=last);
+            }
+        }
+        start
     }
 
     /// Advance the sampler past `batches` batches of `batch` sequences without building
     /// them: the next batch is the one [`Batcher::next_batch`] would have returned after
     /// as many calls. Used to resume an interrupted run on the same data.
     pub fn skip(&mut self, batches: usize, batch: usize) {
-        let last = self.tokens.len() - self.seq_len - 1;
         for _ in 0..batches * batch {
-            let _: usize = self.rng.random_range(0..=last);
+            self.draw_start();
         }
     }
 
     /// Inputs and targets `[batch, seq_len]`.
     pub fn next_batch(&mut self, batch: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let (inputs, targets, _) = self.next_weighted_batch(batch, device);
+        (inputs, targets)
+    }
+
+    /// Inputs, targets and, with a mask, per-target weights `[batch, seq_len]`: 0 where
+    /// the target is not learned, and the same positive value elsewhere, scaled so that
+    /// the batch's weights average 1 (a weighted mean of the per-target loss is then the
+    /// mean over learned targets).
+    pub fn next_weighted_batch(
+        &mut self,
+        batch: usize,
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<2, Int>, Option<Tensor<2>>) {
         let n = self.seq_len;
         let mut inputs = Vec::with_capacity(batch * n);
         let mut targets = Vec::with_capacity(batch * n);
+        let mut learned = Vec::with_capacity(batch * n);
         for _ in 0..batch {
-            let start = self.rng.random_range(0..=self.tokens.len() - n - 1);
+            let start = self.draw_start();
             let w = &self.tokens[start..start + n + 1];
             inputs.extend(w[..n].iter().map(|&t| t as i64));
             targets.extend(w[1..].iter().map(|&t| t as i64));
+            if let Some(mask) = &self.mask {
+                learned.extend(mask[start + 1..start + n + 1].iter().copied());
+            }
         }
+        let weights = self.mask.as_ref().map(|_| {
+            let count = learned.iter().filter(|&&m| m).count().max(1);
+            let scale = (batch * n) as f32 / count as f32;
+            let w: Vec<f32> = learned.iter().map(|&m| if m { scale } else { 0.0 }).collect();
+            Tensor::from_data(TensorData::new(w, [batch, n]), device)
+        });
         (
             Tensor::from_data(TensorData::new(inputs, [batch, n]), device),
             Tensor::from_data(TensorData::new(targets, [batch, n]), device),
+            weights,
         )
     }
 }
@@ -230,7 +337,54 @@ mod tests {
 
         std::fs::write(dir.path().join("b.jsonl"), "{\"text\": \"one\"}\n{\"txt\": 1}\n").expect("write");
         let err = load_corpus(dir.path()).expect_err("bad record").to_string();
-        assert!(err.contains("b.jsonl:2") && err.contains("missing field `text`"), "{err}");
+        assert!(err.contains("b.jsonl:2") && err.contains("needs `text`"), "{err}");
+    }
+
+    #[test]
+    fn chat_transcripts_load_and_turns_without_roles_are_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chat.jsonl");
+        let good =
+            r#"{"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Hamlet."}]}"#;
+        std::fs::write(&path, format!("{good}\n{{\"text\": \"plain\"}}\n")).expect("write");
+        let docs = load_corpus(&path).expect("load");
+        let turns = docs[0].chat.as_ref().expect("a transcript");
+        assert_eq!((turns[1].role.as_str(), turns[1].content.as_str()), ("assistant", "Hamlet."));
+        assert_eq!((docs[1].chat.clone(), docs[1].text.as_str()), (None, "plain"));
+        for (line, expected) in [
+            (r#"{"messages": [{"content": "Who?"}, {"role": "assistant", "content": "x"}]}"#, "message 1 has no role"),
+            (r#"{"messages": [{"role": "king", "content": "Who?"}]}"#, "role `king`"),
+            (r#"{"messages": [{"role": "user"}]}"#, "message 1 has no content"),
+            (r#"{"messages": [{"role": "user", "content": "Who?"}]}"#, "needs an assistant turn"),
+            (r#"{"text": "a", "messages": []}"#, "not both"),
+        ] {
+            std::fs::write(&path, format!("{good}\n{line}\n")).expect("write");
+            let err = load_corpus(&path).expect_err(expected).to_string();
+            assert!(err.contains("chat.jsonl:2") && err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_masked_batcher_draws_windows_to_learn_and_weighs_only_them() {
+        let tokens: Vec<u32> = (0..400).map(|i| i % 250).collect();
+        // Only tokens 300..310 are learned.
+        let mask: Vec<bool> = (0..400).map(|i| (300..310).contains(&i)).collect();
+        let device = crate::cpu_device();
+        let mut b = Batcher::with_mask(tokens.clone(), mask, 16, 3, Path::new("x")).expect("batcher");
+        for _ in 0..5 {
+            let (_, targets, weights) = b.next_weighted_batch(4, &device);
+            let t: Vec<i64> = targets.into_data().iter::<i64>().collect();
+            let w: Vec<f32> = weights.expect("weights").into_data().iter::<f32>().collect();
+            let mean = w.iter().sum::<f32>() / w.len() as f32;
+            assert!((mean - 1.0).abs() < 1e-5, "weights average 1: {mean}");
+            // Positions 300..310 hold the values 50..60.
+            for (target, weight) in t.iter().zip(&w) {
+                assert!(*weight == 0.0 || (50..60).contains(target), "token {target} weighed {weight}");
+            }
+            assert!(w.chunks(16).all(|row| row.iter().any(|&x| x > 0.0)), "every window has a target to learn");
+        }
+        assert!(Batcher::with_mask(tokens.clone(), vec![false; 400], 16, 3, Path::new("x")).is_err());
+        assert!(Batcher::with_mask(tokens, vec![true; 3], 16, 3, Path::new("x")).is_err());
     }
 
     #[test]
@@ -262,7 +416,8 @@ mod tests {
 
     #[test]
     fn holdout_is_seeded_and_disjoint() {
-        let docs: Vec<Document> = (0..10).map(|i| Document { name: format!("{i}"), text: "x".into() }).collect();
+        let docs: Vec<Document> =
+            (0..10).map(|i| Document { name: format!("{i}"), text: "x".into(), chat: None }).collect();
         let (a, b) = holdout_documents(docs.clone(), 3, 7, |_| true);
         let (c, d) = holdout_documents(docs, 3, 7, |_| true);
         assert_eq!((a.len(), b.len()), (7, 3));

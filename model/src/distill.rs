@@ -427,6 +427,7 @@ impl BatchSource for DistillBatches<'_> {
         Ok(Batch {
             inputs: Tensor::from_data(TensorData::new(inputs, [batch, n]), device),
             targets: Tensor::from_data(TensorData::new(targets, [batch, n]), device),
+            weights: None,
             teacher,
         })
     }

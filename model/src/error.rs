@@ -101,6 +101,14 @@ pub enum ModelError {
     /// An operation needs LoRA adapters but the model has none (or the reverse).
     #[error("{0}")]
     Adapter(String),
+    /// A record of a data file (a JSONL line) parses but does not say what it must.
+    #[error("{path}: {reason}")]
+    BadRecord {
+        /// The file and line (`file:line`).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A token id is outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} entries")]
     TokenOutOfRange {

@@ -55,7 +55,8 @@ pub use eval::EvalMetrics;
 pub use generate::SamplingConfig;
 pub use llama::{KvCache, Llama};
 pub use local_round::{
-    LocalResult, LocalRound, LocalTrainSpec, Resume, RoundProgress, evaluate_texts, train_local_adapter,
+    ChatFormat, LocalResult, LocalRound, LocalTrainSpec, Resume, RoundProgress, evaluate_texts, tokenize_corpus,
+    train_local_adapter,
 };
 pub use tokenizer::Tokenizer;
 pub use train::TrainConfig;

@@ -254,6 +254,62 @@ pub struct LocalRound<'a> {
     pub tokenizer: &'a Tokenizer,
     /// The local text, one document per entry.
     pub corpus: &'a [String],
+    /// Local chat transcripts: rendered with `chat_format`, the loss on the assistant's
+    /// turns only.
+    pub chats: &'a [Vec<crate::chat::Message>],
+    /// How transcripts are rendered: the model's chat template and special tokens
+    /// (required when `chats` is not empty).
+    pub chat_format: Option<ChatFormat<'a>>,
+}
+
+/// A model's chat template and the text of its special tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatFormat<'a> {
+    /// Jinja chat template.
+    pub template: &'a str,
+    /// BOS token text (empty when none).
+    pub bos: &'a str,
+    /// EOS (end of turn) token text (empty when none).
+    pub eos: &'a str,
+}
+
+/// The token stream of a corpus and, when it holds chat transcripts, which tokens are
+/// learned: plain texts (joined by blank lines) wholly, transcripts only on the
+/// assistant's turns and their end of turn. Returns (tokens, mask, documents).
+pub fn tokenize_corpus(
+    texts: &[String],
+    chats: &[Vec<crate::chat::Message>],
+    chat_format: Option<ChatFormat<'_>>,
+    tokenizer: &Tokenizer,
+    config: &LlamaConfig,
+) -> Result<(Vec<u32>, Option<Vec<bool>>, usize)> {
+    let documents = texts.iter().filter(|t| !t.trim().is_empty()).count() + chats.len();
+    let mut tokens = Vec::new();
+    let mut mask = Vec::new();
+    if texts.iter().any(|t| !t.trim().is_empty()) {
+        let (_, _, t) = tokenize_texts(texts, tokenizer, config, CORPUS_SOURCE)?;
+        mask.resize(t.len(), true);
+        tokens = t;
+    }
+    if !chats.is_empty() {
+        let format = chat_format.ok_or_else(|| {
+            ModelError::config("chat", "the local data holds chat transcripts and the model has no chat template")
+        })?;
+        for chat in chats {
+            let (text, spans) = crate::chat::training_text(format.template, chat, format.bos, format.eos)?;
+            let (ids, offsets) = tokenizer.encode_with_offsets(&text)?;
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+                return Err(ModelError::TokenOutOfRange { id, vocab: config.vocab_size });
+            }
+            mask.extend(offsets.iter().map(|&(a, b)| spans.iter().any(|&(s, e)| a < e && b > s)));
+            tokens.extend(ids);
+        }
+    }
+    if documents == 0 || tokens.is_empty() {
+        return Err(ModelError::EmptyCorpus { path: CORPUS_SOURCE.into(), needed: None });
+    }
+    let all = mask.iter().all(|&m| m);
+    Ok((tokens, (!all).then_some(mask), documents))
 }
 
 /// One client round: build the model from `base` (Hugging Face names), attach FFA-LoRA
@@ -287,7 +343,7 @@ fn train_local(
     resume: Option<Resume>,
     mut on_checkpoint: impl FnMut(RoundProgress),
 ) -> Result<(Llama, LocalResult)> {
-    let LocalRound { config, base, a: a_init, tokenizer, corpus } = *round;
+    let LocalRound { config, base, a: a_init, tokenizer, corpus, chats, chat_format } = *round;
     spec.validate()?;
     let train = &spec.train;
     let start_step = resume.as_ref().map_or(0, |r| r.step);
@@ -297,8 +353,12 @@ fn train_local(
             format!("{start_step} leaves nothing of {} steps to train; its B is the final result", train.steps),
         ));
     }
-    let (_, documents, tokens) = tokenize_texts(corpus, tokenizer, config, CORPUS_SOURCE)?;
-    let mut batcher = Batcher::new(tokens, train.seq_len, train.seed, Path::new(CORPUS_SOURCE))?;
+    let (tokens, mask, documents) = tokenize_corpus(corpus, chats, chat_format, tokenizer, config)?;
+    let source = Path::new(CORPUS_SOURCE);
+    let mut batcher = match mask {
+        Some(mask) => Batcher::with_mask(tokens, mask, train.seq_len, train.seed, source)?,
+        None => Batcher::new(tokens, train.seq_len, train.seed, source)?,
+    };
     batcher.skip(start_step * train.grad_accum, train.batch_size);
     let ad = device.clone().autodiff();
     let model = adapter_model(config, base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
@@ -397,7 +457,15 @@ mod tests {
     /// A round of the tiny model on `corpus`, byte-level.
     fn round<'a>(base: &'a NamedTensors, a: &'a NamedTensors, corpus: &'a [String]) -> LocalRound<'a> {
         static CONFIG: std::sync::OnceLock<LlamaConfig> = std::sync::OnceLock::new();
-        LocalRound { config: CONFIG.get_or_init(config), base, a, tokenizer: &Tokenizer::Bytes, corpus }
+        LocalRound {
+            config: CONFIG.get_or_init(config),
+            base,
+            a,
+            tokenizer: &Tokenizer::Bytes,
+            corpus,
+            chats: &[],
+            chat_format: None,
+        }
     }
 
     /// The `A` factors a coordinator issues for `base()` and `lora()`.
@@ -480,6 +548,41 @@ mod tests {
         // The update is not trivially zero.
         let plain = checkpoint::from_base_tensors(&config, &base, Path::new("base"), &device).expect("model");
         assert_ne!(logits(&plain), x);
+    }
+
+    #[test]
+    fn chat_transcripts_train_on_the_assistant_turns_only() {
+        use crate::chat::Message;
+        let template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}";
+        let format = ChatFormat { template, bos: "", eos: "</s>" };
+        let chat = vec![
+            Message::new("user", "Who is the Prince of Denmark? ".repeat(3).trim()),
+            Message::new("assistant", "Hamlet, son of the late king."),
+        ];
+        let chats = vec![chat.clone(); 6];
+        let (tokens, mask, documents) =
+            tokenize_corpus(&[], &chats, Some(format), &Tokenizer::Bytes, &config()).expect("tokenize");
+        let mask = mask.expect("a transcript masks its user turn");
+        assert_eq!(documents, 6);
+        let learned: String = tokens.iter().zip(&mask).filter(|(_, m)| **m).map(|(t, _)| *t as u8 as char).collect();
+        assert_eq!(learned, "Hamlet, son of the late king.</s>".repeat(6));
+        // Without a template, transcripts are refused with a clear error.
+        let err = tokenize_corpus(&[], &chats, None, &Tokenizer::Bytes, &config()).expect_err("no template");
+        assert!(err.to_string().contains("no chat template"), "{err}");
+        // Plain text and transcripts together: the text is learned whole.
+        let (tokens2, mask2, _) =
+            tokenize_corpus(&corpus(), &chats, Some(format), &Tokenizer::Bytes, &config()).expect("tokenize");
+        let mask2 = mask2.expect("mask");
+        assert!(mask2[..tokens2.len() - tokens.len()].iter().all(|&m| m));
+
+        let a = frozen_a();
+        let base = base();
+        let mut r = round(&base, &a, &[]);
+        r.chats = &chats;
+        r.chat_format = Some(format);
+        let (_, result) = train_local(&r, &spec(3), &cpu_device(), None, |_| {}).expect("train");
+        assert!(result.loss_last.is_finite());
+        assert!(result.b.values().any(|b| b.data.iter().any(|&x| x != 0.0)));
     }
 
     #[test]

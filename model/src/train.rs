@@ -117,6 +117,14 @@ pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     logp.gather(1, targets.reshape([b * t, 1])).neg().mean()
 }
 
+/// [`lm_loss`] with per-target `weights` `[batch, seq]`: the mean of weight × NLL (with
+/// weights averaging 1 over the batch, the mean NLL of the weighted targets).
+pub fn weighted_lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>, weights: Tensor<2>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * t, v]), 1);
+    (logp.gather(1, targets.reshape([b * t, 1])).neg() * weights.reshape([b * t, 1])).mean()
+}
+
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
     sum: Option<Tensor<1>>,
@@ -252,7 +260,10 @@ fn micro_batch(
         let logits = m.forward(part.inputs);
         let loss = match (&options.distill, &part.teacher) {
             (Some(d), Some(teacher)) => distillation_loss(logits, teacher, part.targets, d),
-            _ => lm_loss(logits, part.targets),
+            _ => match part.weights {
+                Some(w) => weighted_lm_loss(logits, part.targets, w),
+                None => lm_loss(logits, part.targets),
+            },
         };
         // Shards weigh `rows / batch` and micro-batches `1 / grad_accum`: the proximal
         // term, added to every shard's objective, counts once per optimizer step.
@@ -277,6 +288,7 @@ fn micro_batch(
         let part = Batch {
             inputs: data.inputs.clone().narrow(0, start, rows),
             targets: data.targets.clone().narrow(0, start, rows),
+            weights: data.weights.as_ref().map(|w| w.clone().narrow(0, start, rows)),
             teacher: data.teacher.as_ref().map(|t| t.narrow(start, rows)),
         };
         parts.push((part, rows));

@@ -306,6 +306,8 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
         a,
         tokenizer: &Tokenizer::Bytes,
         corpus: &client.train,
+        chats: &[],
+        chat_format: None,
     };
     let result = match covey_model::train_local_adapter(&local, &spec, &device, None, |_| {}) {
         Ok(r) => r,

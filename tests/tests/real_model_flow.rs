@@ -2,7 +2,8 @@
 //! random Llama carrying a real byte-level BPE `tokenizer.json` (trained here, at test
 //! time) and a ChatML chat template, stored int8, is the coordinator's initial model;
 //! four real agents train on it over loopback gRPC for three rounds with the model's own
-//! tokenizer, two of them at rank 4 and two at rank 8 (HetLoRA); rounds publish adapters
+//! tokenizer (one also on chat transcripts, through the template, learning the
+//! assistant's turns), two of them at rank 4 and two at rank 8 (HetLoRA); rounds publish adapters
 //! and every second one a new int4 base release; each device downloads the release once
 //! and then only what changed; the agent chats with the adapted model. Corrupted artifacts are refused and nothing is cached.
 
@@ -139,6 +140,25 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
         let data = root.path().join(format!("data-{i}"));
         std::fs::create_dir_all(&data).expect("mkdir");
         std::fs::write(data.join("local.txt"), part).expect("write data");
+        if i == 3 {
+            // Assistant personalisation: chat transcripts, learned on the assistant's turns.
+            let turns: Vec<String> = part
+                .lines()
+                .filter(|l| l.trim().len() > 20)
+                .take(40)
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .filter(|c| c.len() == 2)
+                .map(|c| {
+                    serde_json::json!({ "messages": [
+                        { "role": "user", "content": c[0].trim() },
+                        { "role": "assistant", "content": c[1].trim() },
+                    ]})
+                    .to_string()
+                })
+                .collect();
+            std::fs::write(data.join("chat.jsonl"), turns.join("\n")).expect("write transcripts");
+        }
         let state = root.path().join(format!("agent-{i}"));
         let mut cfg = AgentConfig::new(state.clone(), data);
         cfg.coordinator = Some(url.clone());

@@ -98,7 +98,8 @@ struct RunArgs {
     /// State directory of an enrolled device.
     #[arg(long)]
     state: PathBuf,
-    /// Local training data: a .txt / .jsonl file or a directory of them.
+    /// Local training data: a .txt / .jsonl file or a directory of them (JSONL lines are
+    /// {"text": ...} or chat transcripts {"messages": [{"role", "content"}, ...]}).
     #[arg(long)]
     data: PathBuf,
     /// Stop after this many accepted updates (default: run until Ctrl-C).
