@@ -155,11 +155,16 @@ pub struct PublishSection {
     /// Rounds per base release: the round that brings an adapter to this many rounds cuts
     /// a new release instead (1: every round republishes the whole model). Default 10.
     pub release_every: u64,
+    /// Base releases kept on disk: when a new one is cut, the weights, master and
+    /// adapters of older releases beyond this many (the current version's release is
+    /// always kept) are deleted; their versions stay listed but cannot be made current
+    /// again. 0 keeps every release. Default 0.
+    pub keep_releases: usize,
 }
 
 impl Default for PublishSection {
     fn default() -> Self {
-        Self { quantization: ReleaseQuantization::Int8, release_every: 10 }
+        Self { quantization: ReleaseQuantization::Int8, release_every: 10, keep_releases: 0 }
     }
 }
 

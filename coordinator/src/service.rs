@@ -372,6 +372,18 @@ impl Admin for AdminService {
         Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
     }
 
+    async fn cut_release(
+        &self,
+        request: Request<pb::CutReleaseRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let version = match request.into_inner().version {
+            0 => self.engine.store().current_version().await.map_err(status)?,
+            v => v,
+        };
+        let (current_version, failed) = self.engine.cut_release(version).await.map_err(status)?;
+        Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
+    }
+
     async fn fail_round(
         &self,
         request: Request<pb::FailRoundRequest>,

@@ -74,6 +74,14 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Merge the adapter of VERSION (default: the current one) into a new int8 / int4 base
+    /// release now, and make it current.
+    CutRelease {
+        /// Adapter version (default: the current one).
+        version: Option<u64>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Go back to the parent of the current version, or to VERSION.
     Rollback {
         /// Version (default: the parent of the current one).
@@ -188,6 +196,15 @@ async fn main() -> Result<()> {
         Command::Promote { version, admin: a } => {
             let (mut c, t) = admin(&a).await?;
             let r = c.promote(authed(pb::PromoteRequest { version }, &t)?).await.map_err(status_error)?.into_inner();
+            print_promoted(&r);
+        }
+        Command::CutRelease { version, admin: a } => {
+            let (mut c, t) = admin(&a).await?;
+            let r = c
+                .cut_release(authed(pb::CutReleaseRequest { version: version.unwrap_or(0) }, &t)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
             print_promoted(&r);
         }
         Command::Rollback { version, admin: a } => {

@@ -4,7 +4,7 @@
 //! `publish.release-every` rounds, a new base release (the adapter merged into the f32
 //! master, quantized int8 or int4); sign the manifest and publish in one transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use covey_proto::keys::{self, KeyPair};
 use covey_proto::manifest::{Adapter, ArtifactRef, LoraLayout, MANIFEST_SCHEMA, Manifest, PrivacySpent, Release};
@@ -187,7 +187,114 @@ impl Coordinator {
             );
         }
         self.versions.send_replace(version);
+        if new_artifacts_are_a_release(&v)? {
+            self.collect_releases().await?;
+        }
         Ok(Some(version))
+    }
+
+    /// Publish a new base release from `version` (operators): its adapter merged into its
+    /// release's f32 master and quantized, a new version whose parent is `version`, made
+    /// current (a round in progress on another version is failed, as by `promote`).
+    /// Returns the new version and the round failed, if any.
+    pub async fn cut_release(&self, version: u64) -> Result<(u64, Option<u64>)> {
+        // Serialises with aggregation: one publisher picks the next version number.
+        let strategy = self.strategy.lock().await;
+        let record = self.store.version(version).await?.ok_or(CoordinatorError::NoSuchVersion(version))?;
+        let parent = parse_manifest(&record)?;
+        let Some(adapter) = &parent.adapter else {
+            return Err(CoordinatorError::Refused(format!("version {version} is a base release already")));
+        };
+        self.check_available(&record, &parent)?;
+        let master = decode_blob(&self.artifacts, &record.master_sha256)?;
+        let a = decode_blob(&self.artifacts, &self.a_hash)?;
+        let b = decode_blob(&self.artifacts, &adapter.b.sha256_bytes()?)?;
+        let merged = weights::merge_step(&master, &a, &b, &self.config.lora)?;
+        let events = self.privacy_events().await?;
+        let new = self.store.versions().await?.first().map_or(1, |v| v.version + 1);
+        let input = VersionInput {
+            version: new,
+            parent: version,
+            round_id: 0,
+            privacy: privacy_spent(&events, self.config.privacy.delta)?,
+        };
+        let publication = Publication::Release { master: &merged, template: parent.release.clone() };
+        let (v, added) = build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
+        self.store.publish(0, &v, &[]).await?;
+        self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(added);
+        drop(strategy);
+        info!(version = new, from = version, "base release cut by the operator");
+        let outcome = self.promote(new).await?;
+        self.collect_releases().await?;
+        Ok(outcome)
+    }
+
+    /// Refuse a version whose artifacts were deleted (an older release under
+    /// `publish.keep-releases`).
+    pub(super) fn check_available(&self, record: &VersionRecord, m: &Manifest) -> Result<()> {
+        let mut hashes = vec![record.master_sha256];
+        for a in m.artifacts() {
+            hashes.push(a.sha256_bytes()?);
+        }
+        if hashes.iter().any(|h| self.artifacts.size(h).is_err()) {
+            return Err(CoordinatorError::Refused(format!(
+                "version {} cannot be used: the files of its release {} were deleted (publish.keep-releases)",
+                m.version, m.release.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// Apply `publish.keep-releases`: keep the newest releases and the current version's,
+    /// and every artifact a version on them names; delete the rest (release weights,
+    /// masters, adapters) and stop serving it.
+    pub(super) async fn collect_releases(&self) -> Result<()> {
+        let keep = self.config.publish.keep_releases;
+        if keep == 0 {
+            return Ok(());
+        }
+        let records = self.store.versions().await?;
+        let mut manifests = Vec::with_capacity(records.len());
+        for r in &records {
+            manifests.push(parse_manifest(r)?);
+        }
+        let current = self.store.current_version().await?;
+        let mut releases: Vec<u64> = manifests.iter().filter(|m| m.adapter.is_none()).map(|m| m.version).collect();
+        releases.sort_unstable_by(|a, b| b.cmp(a));
+        let mut kept: HashSet<u64> = releases.into_iter().take(keep).collect();
+        if let Some(m) = manifests.iter().find(|m| m.version == current) {
+            kept.insert(m.release.version);
+        }
+        let hashes = |r: &VersionRecord, m: &Manifest| -> Result<Vec<[u8; 32]>> {
+            let mut out = vec![r.master_sha256];
+            for a in m.artifacts() {
+                out.push(a.sha256_bytes()?);
+            }
+            Ok(out)
+        };
+        let mut live: HashSet<[u8; 32]> = HashSet::from([self.a_hash]);
+        for (r, m) in records.iter().zip(&manifests) {
+            if kept.contains(&m.release.version) {
+                live.extend(hashes(r, m)?);
+            }
+        }
+        let mut removed = 0usize;
+        for (r, m) in records.iter().zip(&manifests) {
+            if kept.contains(&m.release.version) {
+                continue;
+            }
+            for h in hashes(r, m)? {
+                if !live.contains(&h) && self.artifacts.size(&h).is_ok() {
+                    self.artifacts.remove(&h)?;
+                    self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&h);
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            info!(removed, kept = ?kept, "deleted the files of older releases (publish.keep-releases)");
+        }
+        Ok(())
     }
 
     /// The weights devices run at `version`, in f32: its release's quantized weights
@@ -225,6 +332,11 @@ impl Coordinator {
     pub async fn epsilon(&self) -> Result<f64> {
         Ok(privacy_spent(&self.privacy_events().await?, self.config.privacy.delta)?.epsilon)
     }
+}
+
+/// Whether a stored version cut a release.
+fn new_artifacts_are_a_release(v: &VersionRecord) -> Result<bool> {
+    Ok(parse_manifest(v)?.adapter.is_none())
 }
 
 /// Serialise durable state; a failure is a bug of this program, reported as such.

@@ -250,9 +250,10 @@ impl Coordinator {
     /// failed (its updates would merge into the wrong base); returns the current version
     /// and the round failed, if any.
     pub async fn promote(&self, version: u64) -> Result<(u64, Option<u64>)> {
-        if self.store.version(version).await?.is_none() {
+        let Some(record) = self.store.version(version).await? else {
             return Err(CoordinatorError::NoSuchVersion(version));
-        }
+        };
+        self.check_available(&record, &super::publish::parse_manifest(&record)?)?;
         self.store.set_current_version(version).await?;
         self.metrics.current_version.set(version as i64);
         self.versions.send_replace(version);

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use covey_coordinator::CoordinatorError;
 use covey_coordinator::artifacts::Artifacts;
 use covey_coordinator::config::ReleaseQuantization;
 use covey_coordinator::engine::Coordinator;
@@ -219,5 +220,63 @@ async fn devices_of_ranks_4_and_8_aggregate_to_the_zero_padded_mean_exactly() {
         assert_eq!(b[name].shape, vec![support::HIDDEN, 8]);
         assert_eq!(b[name].data, expected, "{name}");
     }
+    driver.abort();
+}
+
+/// An operator cuts a release from an adapter version; with `keep-releases = 1` the files
+/// of the older release go, its versions can no longer be made current, and its
+/// artifacts are no longer served.
+#[tokio::test(start_paused = true)]
+async fn an_operator_cuts_a_release_and_old_releases_are_collected() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.publish.release_every = 5;
+    config.publish.keep_releases = 1;
+    config.rounds.min_updates = 4;
+    let engine = open(config, Arc::new(MemoryStore::default()), Artifacts::memory()).await;
+    let devices = enrolled(&engine, 4).await;
+    let driver = tokio::spawn(engine.clone().run_rounds());
+    let (step, v2) = round(&engine, &devices, 1).await;
+    assert_eq!(v2, 2);
+    let r1 = engine.store().version(1).await.expect("v").expect("v1");
+    let m1 = manifest(&engine, &r1.manifest, &r1.signature);
+    let r2 = engine.store().version(2).await.expect("v").expect("v2");
+    let m2 = manifest(&engine, &r2.manifest, &r2.signature);
+    assert!(matches!(engine.cut_release(1).await, Err(CoordinatorError::Refused(_))), "a release has no adapter");
+    let master1 = covey_tensors::decode(&engine.artifacts().get(&r1.master_sha256).expect("master 1")).expect("m").0;
+    let a =
+        covey_tensors::decode(&engine.artifacts().get(&m1.lora.a.sha256_bytes().expect("a")).expect("A")).expect("A").0;
+
+    let (current, _) = engine.cut_release(2).await.expect("cut");
+    assert_eq!(current, 3);
+    let r3 = engine.store().version(3).await.expect("v").expect("v3");
+    let m3 = manifest(&engine, &r3.manifest, &r3.signature);
+    assert_eq!((m3.parent, m3.release.version, m3.adapter.is_none()), (2, 3, true));
+    // The release merges the adapter (the round's step) into release 1's master.
+    let master3 = covey_tensors::decode(&engine.artifacts().get(&r3.master_sha256).expect("master 3")).expect("m").0;
+    let mut expected = master1;
+    let mut factors = a;
+    factors.extend(step);
+    covey_tensors::lora::merge(&mut expected, &factors, 4.0 / 2.0).expect("merge");
+    assert!(max_diff(&master3, &expected) < 1e-6);
+    let (w3, _) = engine.device_weights(3).await.expect("weights");
+    assert!(max_diff(&w3, &master3) < 2e-3, "devices run the int8 release of that master");
+    assert!(engine.artifacts().get(&r1.master_sha256).is_err(), "release 1's master is deleted");
+
+    // Release 1's files are gone: not served, and its versions cannot be made current.
+    let hash = m1.release.model.sha256_bytes().expect("hash");
+    let auth = devices[0].auth_for(DeviceMethod::FetchArtifact, engine.now_ms(), &hash);
+    assert!(engine.authorize_fetch(&hash, &auth.device_id, auth.timestamp_ms, &auth.signature).await.is_err());
+    let b2 = m2.adapter.expect("adapter").b.sha256_bytes().expect("b");
+    assert!(engine.artifacts().get(&b2).is_err(), "version 2's adapter is deleted");
+    for v in [1, 2] {
+        let err = engine.promote(v).await.expect_err("deleted release").to_string();
+        assert!(err.contains("deleted"), "{err}");
+    }
+    // Rounds go on from the new release.
+    let (_, v4) = round(&engine, &devices, 5).await;
+    let r4 = engine.store().version(v4).await.expect("v").expect("v4");
+    let m4 = manifest(&engine, &r4.manifest, &r4.signature);
+    assert_eq!((m4.release.version, m4.adapter.map(|a| a.rounds)), (3, Some(1)));
     driver.abort();
 }
