@@ -49,6 +49,8 @@ pub struct Metrics {
     pub active_devices: Gauge,
     /// Current model version.
     pub current_version: Gauge,
+    /// Tasks devices declined (their memory budget does not fit the task).
+    pub tasks_declined: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,12 @@ impl Default for Metrics {
         registry.register("active_devices", "Enrolled devices that are not revoked", active_devices.clone());
         let current_version = Gauge::default();
         registry.register("current_version", "Model version devices run", current_version.clone());
+        let tasks_declined = Counter::default();
+        registry.register(
+            "tasks_declined",
+            "Tasks devices declined, with a reason the round records",
+            tasks_declined.clone(),
+        );
         Self {
             registry,
             rounds,
@@ -90,6 +98,7 @@ impl Default for Metrics {
             aggregate_seconds,
             active_devices,
             current_version,
+            tasks_declined,
         }
     }
 }

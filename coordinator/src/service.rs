@@ -122,6 +122,18 @@ impl Fleet for FleetService {
         Ok(Response::new(pb::PollTaskResponse { outcome: Some(outcome) }))
     }
 
+    async fn decline_task(
+        &self,
+        request: Request<pb::DeclineTaskRequest>,
+    ) -> Result<Response<pb::DeclineTaskResponse>, Status> {
+        let r = request.into_inner();
+        let task_id: [u8; 16] =
+            signing::fixed("task_id", &r.task_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let a = auth(r.auth)?;
+        self.engine.decline(&a.device_id, a.timestamp_ms, &a.signature, &task_id, &r.reason).await.map_err(status)?;
+        Ok(Response::new(pb::DeclineTaskResponse {}))
+    }
+
     async fn get_manifest(
         &self,
         request: Request<pb::GetManifestRequest>,

@@ -207,6 +207,19 @@ impl CoordinatorClient {
         }
     }
 
+    /// `DeclineTask`, signed by the device (subject: the task id): the device will not
+    /// train this task, for `reason`.
+    pub async fn decline(&self, identity: &Identity, task_id: &[u8; 16], reason: &str) -> Result<()> {
+        retry("DeclineTask", &self.backoff, |_| {
+            let mut c = self.client.clone();
+            let auth = identity.auth(DeviceMethod::DeclineTask, task_id);
+            let req = pb::DeclineTaskRequest { auth: Some(auth), task_id: task_id.to_vec(), reason: reason.into() };
+            async move { self.unary("DeclineTask", c.decline_task(req)).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// `GetManifest`, signed by the device: the signed manifest bytes and signature of
     /// `version` (unverified).
     pub async fn get_manifest(&self, identity: &Identity, version: u64) -> Result<pb::SignedManifest> {

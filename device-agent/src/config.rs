@@ -72,6 +72,10 @@ pub struct AgentConfig {
     /// coordinator with each poll; a coordinator that allows smaller ranks
     /// (`lora.device-ranks`) gives it the largest one not above this. 0: any. Default 0.
     pub max_lora_rank: u32,
+    /// Memory a task may use, in bytes (`None`: no limit). Before it downloads a version's
+    /// weights the agent estimates what training the task needs ([`crate::budget`]) and
+    /// declines a task that would not fit, telling the coordinator why. Default none.
+    pub max_memory_bytes: Option<u64>,
 }
 
 impl Default for AgentConfig {
@@ -92,6 +96,7 @@ impl Default for AgentConfig {
             keep_versions: 1,
             privacy_budget: None,
             max_lora_rank: 0,
+            max_memory_bytes: None,
         }
     }
 }

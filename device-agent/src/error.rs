@@ -160,6 +160,14 @@ pub enum AgentError {
     /// Local training failed (bad tensors, empty corpus, diverging loss...).
     #[error("local training: {0}")]
     Model(#[from] covey_model::ModelError),
+    /// The device declined a task that does not fit its means (told to the coordinator).
+    #[error("task {task_id} declined: {reason}")]
+    Declined {
+        /// Hex task id.
+        task_id: String,
+        /// Why.
+        reason: String,
+    },
     /// Local inference (`generate`, `chat`) failed: tokenizer, chat template, engine.
     #[error("local inference: {0}")]
     Inference(#[source] covey_model::ModelError),
@@ -239,6 +247,7 @@ impl AgentError {
             | Self::PayloadTooLarge { .. }
             | Self::Model(_)
             | Self::Inference(_)
+            | Self::Declined { .. }
             | Self::Tensor { .. }
             | Self::Privacy(_)
             | Self::Join(_)

@@ -41,6 +41,7 @@
 //! the aggregation strategies; it speaks to the coordinator only through `covey-proto`.
 
 pub mod backoff;
+pub mod budget;
 pub mod checkpoint;
 pub mod client;
 pub mod config;

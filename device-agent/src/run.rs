@@ -44,6 +44,8 @@ pub struct RunSummary {
     pub rounds: Vec<u64>,
     /// Tasks given up after a permanent failure.
     pub failed_tasks: u64,
+    /// Tasks declined because they do not fit the device (`max-memory-bytes`).
+    pub declined: u64,
     /// Polls that answered.
     pub polls: u64,
     /// The newest model version trained on.
@@ -219,6 +221,11 @@ impl Agent {
                 }
                 Ok(None)
             }
+            Err(AgentError::Declined { .. }) => {
+                self.checkpoints.remove(&task.task_id);
+                summary.declined += 1;
+                Ok(Some(self.cfg.max_poll_wait))
+            }
             Err(e) => {
                 if !e.is_transient() {
                     summary.failed_tasks += 1;
@@ -251,7 +258,14 @@ impl Agent {
         // Refuse early (before any download or training) what the budget cannot pay for;
         // the charge itself comes just before the update is noised and signed.
         self.check_budget(task)?;
-        let (model, downloaded) = self.ensure_model(task).await?;
+        let (model, downloaded) = match self.ensure_model(task).await {
+            Err(AgentError::Declined { task_id, reason }) => {
+                tracing::warn!(task = %task_id, reason, "declining the task");
+                self.coordinator.decline(&self.identity, &task.task_id, &reason).await?;
+                return Err(AgentError::Declined { task_id, reason });
+            }
+            other => other?,
+        };
         check_layout(task, &model)?;
         let job = TrainJob {
             model,
@@ -392,7 +406,15 @@ impl Agent {
             Some(&task.base_manifest_hash),
         )?;
         let mut downloaded = 0u64;
-        for (a, sha256) in manifest.artifacts() {
+        // The config first (small): the budget check needs it, before the weights.
+        let mut artifacts = manifest.artifacts();
+        artifacts.sort_by_key(|(a, _)| a.format != crate::models::CONFIG_FORMAT);
+        let mut checked = false;
+        for (a, sha256) in artifacts {
+            if !checked && a.format != crate::models::CONFIG_FORMAT {
+                self.check_memory(task, &manifest)?;
+                checked = true;
+            }
             if self.models.artifacts().get(&sha256).is_some() {
                 continue;
             }
@@ -408,6 +430,37 @@ impl Agent {
         let stored = self.models.store(&manifest)?;
         self.models.prune(self.cfg.keep_versions);
         Ok((stored, downloaded))
+    }
+}
+
+impl Agent {
+    /// Decline (and tell the coordinator) a task whose training would not fit
+    /// `max-memory-bytes`, by [`crate::budget::task_memory_bytes`] on the version's config.
+    fn check_memory(&self, task: &Task, manifest: &VerifiedManifest) -> Result<()> {
+        let Some(limit) = self.cfg.max_memory_bytes else { return Ok(()) };
+        let m = manifest.manifest();
+        let config_sha = m.release.config.sha256_bytes().unwrap_or_default();
+        let bytes = self.models.artifacts().get(&config_sha).ok_or_else(|| AgentError::ArtifactMismatch {
+            sha256: m.release.config.sha256.clone(),
+            reason: "the config is not cached".into(),
+        })?;
+        let config: covey_model::LlamaConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::untrusted(m.version, format!("config.json does not parse: {e}")))?;
+        let need = crate::budget::task_memory_bytes(&config, m.release.model.size, &task.training);
+        if need <= limit {
+            return Ok(());
+        }
+        Err(AgentError::Declined {
+            task_id: task.id_hex(),
+            reason: format!(
+                "training needs about {:.2} GB (batch {} × {} tokens on {} parameters), the device allows {:.2} GB",
+                need as f64 / 1e9,
+                task.training.batch_size,
+                task.training.seq_len,
+                crate::budget::parameters(&config),
+                limit as f64 / 1e9
+            ),
+        })
     }
 }
 

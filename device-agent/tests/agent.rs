@@ -55,6 +55,8 @@ struct State {
     faults: Faults,
     fetches: u32,
     submit_calls: u32,
+    /// Tasks declined: (device, task id, reason).
+    declines: Vec<([u8; 32], Vec<u8>, String)>,
 }
 
 struct Mock {
@@ -151,6 +153,7 @@ impl Mock {
                 faults,
                 fetches: 0,
                 submit_calls: 0,
+                declines: Vec::new(),
             }),
         }
     }
@@ -239,6 +242,10 @@ impl Fleet for Svc {
         let pk = *st.devices.get(&id).ok_or_else(|| Status::unauthenticated("unknown device"))?;
         keys::verify(&pk, &device_request_bytes(DeviceMethod::Poll, &id, auth.timestamp_ms), &auth.signature)
             .map_err(|_| Status::unauthenticated("bad signature"))?;
+        if st.declines.iter().any(|(d, _, _)| d == &id) {
+            let wait = pb::Wait { retry_after_ms: 50, reason: "declined".into() };
+            return Ok(Response::new(pb::PollTaskResponse { outcome: Some(poll_task_response::Outcome::Wait(wait)) }));
+        }
         let task = self.task_for(id, &mut st);
         Ok(Response::new(pb::PollTaskResponse { outcome: Some(poll_task_response::Outcome::Task(task)) }))
     }
@@ -348,6 +355,23 @@ impl Fleet for Svc {
             return Err(Status::unavailable("the answer got lost"));
         }
         Ok(Response::new(pb::SubmitUpdateResponse { update_id, round_id }))
+    }
+
+    async fn decline_task(
+        &self,
+        request: Request<pb::DeclineTaskRequest>,
+    ) -> Result<Response<pb::DeclineTaskResponse>, Status> {
+        let r = request.into_inner();
+        self.check_auth(r.auth.as_ref(), DeviceMethod::DeclineTask, &r.task_id)?;
+        let id: [u8; 32] = r
+            .auth
+            .as_ref()
+            .map(|a| a.device_id.clone())
+            .unwrap_or_default()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("id"))?;
+        self.state().declines.push((id, r.task_id, r.reason));
+        Ok(Response::new(pb::DeclineTaskResponse {}))
     }
 
     async fn heartbeat(&self, _: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
@@ -705,4 +729,26 @@ async fn a_budget_refuses_tasks_without_clipping_or_noise() {
         assert!(matches!(*last, AgentError::InvalidTask { .. }), "{last}");
         assert_eq!(mock.state().fetches, 0, "{privacy:?}: refused before any download");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_beyond_the_memory_budget_is_declined_before_the_weights_download() {
+    let mock = Arc::new(Mock::new(2, clip(1.0, 0.0), Faults::default(), false));
+    let addr = serve(mock.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = AgentConfig { max_memory_bytes: Some(32 << 20), ..config(dir.path(), addr) };
+    let identity = covey_agent::enroll(&cfg, TOKEN, "").await.expect("enrol");
+    let shutdown = tokio::time::sleep(Duration::from_secs(3));
+    let summary = within(covey_agent::run_with_shutdown(cfg.clone(), RunUntil::Updates(1), shutdown))
+        .await
+        .expect("a decline is not a failure");
+    assert_eq!((summary.submitted, summary.declined, summary.failed_tasks), (0, 1, 0));
+    let st = mock.state();
+    assert_eq!(st.declines.len(), 1);
+    let (device, task_id, reason) = &st.declines[0];
+    assert_eq!(device, &identity.device_id);
+    assert_eq!(task_id, &st.tasks[&identity.device_id].task_id);
+    assert!(reason.contains("GB") && reason.contains("allows 0.03 GB"), "{reason}");
+    assert_eq!(st.fetches, 1, "only the config was downloaded, not the weights");
+    assert!(st.received.is_empty());
 }

@@ -154,6 +154,8 @@ pub enum DeviceMethod {
     GetManifest = 3,
     /// `Fleet.FetchArtifact` (subject: the artifact's SHA-256).
     FetchArtifact = 4,
+    /// `Fleet.DeclineTask` (subject: the task id, 16 bytes).
+    DeclineTask = 5,
 }
 
 /// The byte string a device signs to authenticate a poll or heartbeat (no subject).

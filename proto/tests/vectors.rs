@@ -42,6 +42,8 @@ fn vectors() -> Value {
         ("heartbeat", DeviceMethod::Heartbeat, Vec::new()),
         ("get_manifest", DeviceMethod::GetManifest, 7u64.to_be_bytes().to_vec()),
         ("fetch_artifact", DeviceMethod::FetchArtifact, artifact.to_vec()),
+        ("decline_task", DeviceMethod::DeclineTask, vec![0xA1; 16]),
+        ("poll_with_max_rank", DeviceMethod::Poll, 4u32.to_be_bytes().to_vec()),
     ]
     .into_iter()
     .map(|(name, method, subject)| {

@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use covey_proto::keys;
 use covey_proto::signing::{self, DeviceMethod, MAX_LABEL_BYTES};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Coordinator, PollOutcome, SignedTask, now_wall_ms};
 use crate::error::{Rejection, Result};
 use crate::store::{DeviceRecord, EnrollOutcome, RevokeOutcome, TokenRecord, VersionRecord};
+
+/// Longest reason a device may give for declining a task.
+pub const MAX_DECLINE_REASON: usize = 512;
 
 /// A device's `last_seen` is written at most this often (each write is an fsync).
 const TOUCH_EVERY_MS: u64 = 1000;
@@ -151,6 +154,9 @@ impl Coordinator {
         if a.used {
             return Ok(wait("update already received for this round"));
         }
+        if a.declined.is_some() {
+            return Ok(wait("task declined for this round"));
+        }
         let mut task = self.plan_of(&round).await?.task(a.task_id, a.nonce);
         let rank = self.config.lora.rank_for(max_rank);
         if rank != task.lora.rank {
@@ -162,6 +168,44 @@ impl Coordinator {
         let binding = task.binding(device.id);
         let signature = self.key.sign(&binding.to_bytes()?);
         Ok(PollOutcome::Task(Box::new(SignedTask { task, binding, signature })))
+    }
+
+    /// A device declines its task of the round in progress (it does not fit its means):
+    /// the reason is recorded on its assignment and counted, the task is not offered
+    /// again, and a round every sampled device has answered closes without waiting for
+    /// its deadline.
+    pub async fn decline(
+        &self,
+        device_id: &[u8],
+        timestamp_ms: u64,
+        signature: &[u8],
+        task_id: &[u8; 16],
+        reason: &str,
+    ) -> Result<()> {
+        let device = self.authenticate(DeviceMethod::DeclineTask, device_id, timestamp_ms, signature, task_id).await?;
+        if reason.len() > MAX_DECLINE_REASON {
+            return Err(
+                self.refuse(bad_request("reason", format!("{} bytes (at most {MAX_DECLINE_REASON})", reason.len())))
+            );
+        }
+        let round = self.store.active_round().await?.filter(|r| r.state.accepts_updates());
+        let assignment = match &round {
+            Some(r) => self.store.assignment(r.id, &device.id).await?,
+            None => None,
+        };
+        let (Some(round), Some(a)) = (round, assignment) else {
+            return Err(self.refuse(Rejection::NoAssignment));
+        };
+        if &a.task_id != task_id {
+            return Err(self.refuse(Rejection::WrongTask));
+        }
+        let reason: String = reason.chars().filter(|c| !c.is_control()).collect();
+        if self.store.decline(round.id, &device.id, &reason).await? {
+            self.metrics.tasks_declined.inc();
+            warn!(round = round.id, device = %hex::encode(&device.id[..8]), reason, "task declined");
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// A device says it is alive; returns the current version.

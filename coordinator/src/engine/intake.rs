@@ -103,7 +103,7 @@ impl Coordinator {
         if header.task_id != assignment.task_id {
             return Err(self.reject(Rejection::WrongTask));
         }
-        if assignment.used || header.nonce != assignment.nonce {
+        if assignment.used || assignment.declined.is_some() || header.nonce != assignment.nonce {
             return Err(self.reject(Rejection::Replay));
         }
         let plan = self.plan_of(&round).await?;

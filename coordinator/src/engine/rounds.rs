@@ -101,6 +101,7 @@ impl Coordinator {
                 task_id: keys::random_bytes()?,
                 nonce: keys::random_bytes()?,
                 used: false,
+                declined: None,
             });
         }
         let base_version = self.store.current_version().await?;
@@ -203,7 +204,12 @@ impl Coordinator {
                 Some(r) if r.id == id => r,
                 _ => return Ok(None),
             };
-            if !round.state.accepts_updates() || self.store.update_count(round.id).await? >= round.target_updates {
+            let updates = self.store.update_count(round.id).await?;
+            if !round.state.accepts_updates() || updates >= round.target_updates {
+                return Ok(Some(round));
+            }
+            // Every sampled device answered: an update, or a declined task.
+            if updates + self.store.declined_count(round.id).await? >= round.cohort_size {
                 return Ok(Some(round));
             }
             let now = self.now_ms();

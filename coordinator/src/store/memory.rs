@@ -161,7 +161,7 @@ impl Store for MemoryStore {
             return Err(Rejection::RoundClosed.into());
         }
         match m.assignments.get_mut(&(up.round_id, up.device_id)) {
-            Some(a) if &a.nonce == nonce && !a.used => a.used = true,
+            Some(a) if &a.nonce == nonce && !a.used && a.declined.is_none() => a.used = true,
             _ => return Err(Rejection::Replay.into()),
         }
         let id = m.updates.len() as u64 + 1;
@@ -176,6 +176,20 @@ impl Store for MemoryStore {
 
     async fn updates(&self, round_id: u64) -> Result<Vec<UpdateRecord>> {
         Ok(self.lock().updates.iter().filter(|x| x.round_id == round_id).cloned().collect())
+    }
+
+    async fn decline(&self, round_id: u64, device_id: &[u8; 32], reason: &str) -> Result<bool> {
+        Ok(match self.lock().assignments.get_mut(&(round_id, *device_id)) {
+            Some(a) if !a.used && a.declined.is_none() => {
+                a.declined = Some(reason.into());
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn declined_count(&self, round_id: u64) -> Result<u64> {
+        Ok(self.lock().assignments.values().filter(|a| a.round_id == round_id && a.declined.is_some()).count() as u64)
     }
 
     async fn update_count(&self, round_id: u64) -> Result<u64> {

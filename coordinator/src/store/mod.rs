@@ -124,6 +124,8 @@ pub struct Assignment {
     pub nonce: [u8; 32],
     /// Whether an update consumed the nonce.
     pub used: bool,
+    /// Why the device declined the task, when it did (it will send no update).
+    pub declined: Option<String>,
 }
 
 /// A stored, verified update; the payload lives in the artifact store under its hash.
@@ -257,6 +259,11 @@ pub trait Store: Send + Sync {
     async fn updates(&self, round_id: u64) -> Result<Vec<UpdateRecord>>;
     /// Number of updates of a round.
     async fn update_count(&self, round_id: u64) -> Result<u64>;
+    /// Record that a device declined its task in a round, with its reason; `false` when
+    /// the assignment is missing, used by an update, or declined already.
+    async fn decline(&self, round_id: u64, device_id: &[u8; 32], reason: &str) -> Result<bool>;
+    /// Number of declined tasks of a round.
+    async fn declined_count(&self, round_id: u64) -> Result<u64>;
     /// Updates accepted from a device, over all rounds.
     async fn device_update_count(&self, device_id: &[u8; 32]) -> Result<u64>;
     /// Publish, in one transaction: insert the version, close the round (0: the initial
@@ -421,11 +428,26 @@ pub(crate) mod conformance {
         s.publish(0, &version(1), &[]).await.expect("initial version");
         assert_eq!(s.current_version().await.expect("current"), 1);
 
-        let a = Assignment { round_id: 1, device_id: [1; 32], task_id: [5; 16], nonce: [6; 32], used: false };
-        s.insert_round(&round(1), std::slice::from_ref(&a)).await.expect("round");
+        let replay = |r: Result<u64>| matches!(r, Err(CoordinatorError::Rejected(Rejection::Replay)));
+        let a = Assignment {
+            round_id: 1,
+            device_id: [1; 32],
+            task_id: [5; 16],
+            nonce: [6; 32],
+            used: false,
+            declined: None,
+        };
+        let b = Assignment { device_id: [2; 32], nonce: [7; 32], ..a.clone() };
+        s.insert_round(&round(1), &[a.clone(), b]).await.expect("round");
         assert_eq!(s.active_round().await.expect("active"), Some(round(1)), "the plan is stored bit for bit");
         assert_eq!(s.assignment(1, &[1; 32]).await.expect("assignment"), Some(a));
-        let replay = |r: Result<u64>| matches!(r, Err(CoordinatorError::Rejected(Rejection::Replay)));
+        assert!(s.decline(1, &[2; 32], "needs 2 GB, has 1 GB").await.expect("decline"));
+        assert!(!s.decline(1, &[2; 32], "again").await.expect("decline"), "declined once");
+        assert!(!s.decline(1, &[9; 32], "not sampled").await.expect("decline"));
+        assert_eq!(s.declined_count(1).await.expect("count"), 1);
+        let declined = s.assignment(1, &[2; 32]).await.expect("assignment").expect("some");
+        assert_eq!(declined.declined.as_deref(), Some("needs 2 GB, has 1 GB"));
+        assert!(replay(s.insert_update(&update(1, 2), &[7; 32]).await), "no update after a decline");
         assert!(replay(s.insert_update(&update(1, 1), &[0; 32]).await), "wrong nonce");
         assert_eq!(s.update_count(1).await.expect("count"), 0, "a refused update stores nothing");
         let id = s.insert_update(&update(1, 1), &[6; 32]).await.expect("accepted");

@@ -43,11 +43,12 @@ CREATE TABLE IF NOT EXISTS tokens (
 "#;
 
 /// Columns added after the first release, added to older databases at open.
-const ADDED_COLUMNS: [&str; 4] = [
+const ADDED_COLUMNS: [&str; 5] = [
     "ALTER TABLE rounds ADD COLUMN population INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE rounds ADD COLUMN expected_cohort INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE devices ADD COLUMN token_hash BLOB",
     "ALTER TABLE rounds ADD COLUMN plan TEXT",
+    "ALTER TABLE assignments ADD COLUMN declined TEXT",
 ];
 
 /// The embedded default: one SQLite file.
@@ -383,6 +384,7 @@ impl Store for SqliteStore {
                     .map_err(|_| CoordinatorError::Corrupt("task id is not 16 bytes".into()))?,
                 nonce: id32(row.try_get("nonce")?, "nonce")?,
                 used: row.try_get::<i64, _>("used")? != 0,
+                declined: row.try_get("declined")?,
             })
         })
         .transpose()
@@ -402,7 +404,8 @@ impl Store for SqliteStore {
             return Err(Rejection::RoundClosed.into());
         }
         let consumed = sqlx::query(
-            "UPDATE assignments SET used = 1 WHERE round_id = ? AND device_id = ? AND nonce = ? AND used = 0",
+            "UPDATE assignments SET used = 1 WHERE round_id = ? AND device_id = ? AND nonce = ? AND used = 0 \
+             AND declined IS NULL",
         )
         .bind(i(up.round_id))
         .bind(&up.device_id[..])
@@ -442,6 +445,26 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(Self::update_row).collect()
+    }
+
+    async fn decline(&self, round_id: u64, device_id: &[u8; 32], reason: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE assignments SET declined = ? WHERE round_id = ? AND device_id = ? AND used = 0 AND declined IS NULL",
+        )
+        .bind(reason)
+        .bind(i(round_id))
+        .bind(&device_id[..])
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn declined_count(&self, round_id: u64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM assignments WHERE round_id = ? AND declined IS NOT NULL")
+            .bind(i(round_id))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u(n))
     }
 
     async fn update_count(&self, round_id: u64) -> Result<u64> {
@@ -612,7 +635,14 @@ mod tests {
         assert_eq!(kept[0].train_loss, Some(2.5));
         s.insert_round(
             &round(2),
-            &[Assignment { round_id: 2, device_id: [1; 32], task_id: [5; 16], nonce: [8; 32], used: false }],
+            &[Assignment {
+                round_id: 2,
+                device_id: [1; 32],
+                task_id: [5; 16],
+                nonce: [8; 32],
+                used: false,
+                declined: None,
+            }],
         )
         .await
         .expect("round 2");

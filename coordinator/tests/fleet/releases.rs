@@ -280,3 +280,51 @@ async fn an_operator_cuts_a_release_and_old_releases_are_collected() {
     assert_eq!((m4.release.version, m4.adapter.map(|a| a.rounds)), (3, Some(1)));
     driver.abort();
 }
+
+/// A device declines its task (it does not fit its memory): the reason is recorded and
+/// counted, the task is not offered again, no update is taken from it, and the round
+/// closes as soon as every sampled device answered, without waiting for its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_declined_task_is_recorded_and_the_round_closes_when_everyone_answered() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.rounds.min_updates = 3;
+    config.rounds.deadline = Duration::from_secs(3600);
+    let engine = open(config, Arc::new(MemoryStore::default()), Artifacts::memory()).await;
+    let devices = enrolled(&engine, 4).await;
+    let driver = tokio::spawn(engine.clone().run_rounds());
+    let t = task_for(&engine, &devices[3]).await;
+    let round_id = t.binding.round_id;
+    let task_id = t.task.task_id;
+    let decline = |reason: String, id: [u8; 16]| {
+        let auth = devices[3].auth_for(DeviceMethod::DeclineTask, engine.now_ms(), &id);
+        let engine = engine.clone();
+        async move { engine.decline(&auth.device_id, auth.timestamp_ms, &auth.signature, &id, &reason).await }
+    };
+    assert!(decline("x".repeat(600), task_id).await.is_err(), "an overlong reason");
+    assert!(decline("no".into(), [9; 16]).await.is_err(), "another task");
+    let opened = engine.now_ms();
+    decline("training needs about 1.65 GB, the device allows 1.00 GB".into(), task_id).await.expect("declined");
+    let a = engine.store().assignment(round_id, &devices[3].id()).await.expect("a").expect("assignment");
+    assert_eq!(a.declined.as_deref(), Some("training needs about 1.65 GB, the device allows 1.00 GB"));
+    assert_eq!(engine.metrics().tasks_declined.get(), 1);
+    let auth = devices[3].auth(DeviceMethod::Poll, engine.now_ms());
+    let polled = engine.poll(&auth.device_id, auth.timestamp_ms, &auth.signature).await.expect("poll");
+    assert!(matches!(polled, covey_coordinator::engine::PollOutcome::Wait { .. }), "not offered again");
+    let (h, s, p) = devices[3].update(&pb(&t), &support::delta(1));
+    assert!(engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.is_err(), "no update after a decline");
+    for d in &devices[..3] {
+        let t = task_for(&engine, d).await;
+        let (h, s, p) = d.update(&pb(&t), &support::delta(2));
+        engine.accept_update(&h.to_bytes(), &s, &p, 1.0).await.expect("accepted");
+    }
+    for _ in 0..400 {
+        if engine.store().current_version().await.expect("current") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(engine.store().current_version().await.expect("current"), 2, "published with three updates");
+    assert!(engine.now_ms() - opened < 600_000, "long before the hour-long deadline");
+    driver.abort();
+}

@@ -320,6 +320,12 @@ impl Store for Flaky {
     async fn update_count(&self, round_id: u64) -> Result<u64> {
         self.inner.update_count(round_id).await
     }
+    async fn decline(&self, round_id: u64, device_id: &[u8; 32], reason: &str) -> Result<bool> {
+        self.inner.decline(round_id, device_id, reason).await
+    }
+    async fn declined_count(&self, round_id: u64) -> Result<u64> {
+        self.inner.declined_count(round_id).await
+    }
     async fn device_update_count(&self, device_id: &[u8; 32]) -> Result<u64> {
         self.inner.device_update_count(device_id).await
     }
