@@ -39,6 +39,11 @@ pub struct FleetExperiment {
     pub eval_window: usize,
     /// What the report asks the adapted model with `covey-agent chat`.
     pub chat_prompt: String,
+    /// Also train one adapter centrally, for comparison: the pooled training text of
+    /// every device, as many optimizer steps as the devices took in all (rounds ×
+    /// devices × local steps), the same batch, sequence length, learning rate and frozen
+    /// `A`, on version 1's weights. Default true.
+    pub central_baseline: bool,
     /// The coordinator's configuration; the harness sets its listener, state directory,
     /// initial model, enrolment token and the round sizes from `devices` and `rounds`.
     pub coordinator: CoordinatorConfig,
@@ -59,6 +64,7 @@ impl Default for FleetExperiment {
             eval_tokens: 4096,
             eval_window: 256,
             chat_prompt: "Who is Hamlet?".into(),
+            central_baseline: true,
             coordinator: CoordinatorConfig::default(),
             agent: AgentConfig::default(),
         }
@@ -233,6 +239,8 @@ pub struct FleetReport {
     pub rounds: Vec<RoundRow>,
     /// Relative change of held-out perplexity from the first to the last version.
     pub perplexity_change: f64,
+    /// Held-out perplexity of the centrally trained adapter, and its optimizer steps.
+    pub central: Option<(f64, usize)>,
     /// The adapted model's answer to `chat-prompt`.
     pub chat: Option<String>,
     /// Seconds the whole run took.
@@ -308,9 +316,84 @@ pub async fn evaluate(
         versions,
         rounds,
         perplexity_change: last / first - 1.0,
+        central: None,
         chat: None,
         wall_seconds: 0.0,
     })
+}
+
+/// The central baseline ([`FleetExperiment::central_baseline`]): returns the held-out
+/// perplexity of the adapter and its steps. Runs after the fleet (it opens the
+/// coordinator's state for version 1's weights and `A`).
+pub async fn central_baseline(
+    exp: &FleetExperiment,
+    config: CoordinatorConfig,
+    devices: &[DeviceData],
+    held_out: &Path,
+) -> Result<(f64, usize)> {
+    let model = LoadedModel::open(&exp.model).map_err(covey_model::ModelError::from)?;
+    let engine = covey_coordinator::server::open_engine(config.clone()).await?;
+    let (base, manifest) = engine.device_weights(1).await?;
+    let a =
+        covey_tensors::decode(&engine.artifacts().get(
+            &manifest.lora.a.sha256_bytes().map_err(|e| SimError::Data(format!("manifest of version 1: {e}")))?,
+        )?)?
+        .0;
+    let mut corpus = Vec::new();
+    for d in devices {
+        let file = d.dir.join("train.txt");
+        corpus.push(std::fs::read_to_string(&file).map_err(|e| SimError::io(&file, e))?);
+    }
+    let t = &config.training;
+    let steps = exp.rounds as usize * devices.len() * t.steps as usize;
+    let spec = covey_model::LocalTrainSpec {
+        lora: covey_model::LoraConfig {
+            rank: config.lora.rank,
+            alpha: f64::from(config.lora.alpha),
+            dropout: 0.0,
+            targets: config.lora.lora_targets(),
+            ffa: true,
+            seed: 0,
+        },
+        train: covey_model::TrainConfig {
+            steps,
+            batch_size: t.batch_size as usize,
+            seq_len: t.seq_len as usize,
+            grad_accum: 1,
+            lr: f64::from(t.learning_rate),
+            warmup_steps: steps / 10,
+            seed: t.seed,
+            // The fleet's processes are done: the baseline may use the whole machine.
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()).max(exp.agent.train_threads),
+            ..covey_model::TrainConfig::default()
+        },
+        proximal_mu: 0.0,
+        checkpoint_every: 0,
+    };
+    let round = covey_model::LocalRound {
+        config: &model.config,
+        base: &base,
+        a: &a,
+        tokenizer: &model.tokenizer,
+        corpus: &corpus,
+        chats: &[],
+        chat_format: None,
+    };
+    let device = covey_model::cpu_device();
+    let result =
+        tokio::task::block_in_place(|| covey_model::train_local_adapter(&round, &spec, &device, None, |_| {}))?;
+    let mut merged = base;
+    let mut factors = a;
+    factors.extend(result.b);
+    covey_tensors::lora::merge(&mut merged, &factors, config.lora.alpha / config.lora.rank as f32)?;
+    let text = std::fs::read_to_string(held_out).map_err(|e| SimError::io(held_out, e))?;
+    let mut ids = model.tokenizer.encode(&text).map_err(covey_model::ModelError::from)?;
+    ids.truncate(exp.eval_tokens);
+    let stored = merged.into_iter().map(|(n, t)| (n, StoredTensor::F32(t))).collect();
+    let infer = covey_infer::Model::from_stored(model.config.clone(), stored, Precision::F32)
+        .map_err(covey_model::ModelError::from)?;
+    let (nll, _) = infer.nll(&ids, exp.eval_window).map_err(covey_model::ModelError::from)?;
+    Ok((nll.exp(), steps))
 }
 
 fn mb(b: f64) -> String {
@@ -343,9 +426,18 @@ impl FleetReport {
             ));
         }
         s.push_str(&format!(
-            "\nHeld-out perplexity {:+.2} % from version 1 to the last.\n\n",
+            "\nHeld-out perplexity {:+.2} % from version 1 to the last.\n",
             100.0 * self.perplexity_change
         ));
+        if let Some((ppl, steps)) = self.central {
+            let first = self.versions.first().map_or(f64::NAN, |v| v.perplexity);
+            s.push_str(&format!(
+                "Central baseline (the pooled text, {steps} steps, same batch, learning rate and A): held-out \
+                 perplexity {ppl:.3} ({:+.2} %).\n",
+                100.0 * (ppl / first - 1.0)
+            ));
+        }
+        s.push('\n');
         s.push_str("| round | on version | published | wall s | up / device | down / device (max) | train s | agent peak RSS |\n");
         s.push_str("|---|---|---|---|---|---|---|---|\n");
         for r in &self.rounds {

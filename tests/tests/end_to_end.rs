@@ -6,12 +6,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use covey_agent::{AgentConfig, RunUntil};
+use covey_coordinator::server;
 use covey_coordinator::store::RoundState;
-use covey_coordinator::{CoordinatorConfig, server};
 use covey_model::{LlamaConfig, Tokenizer};
 use covey_proto::manifest::Manifest;
 
-const TOKEN: &str = "end-to-end-token";
+mod common;
+use common::{TOKEN, coordinator_config, corpus};
 
 fn model_config() -> LlamaConfig {
     LlamaConfig {
@@ -24,43 +25,6 @@ fn model_config() -> LlamaConfig {
         max_position_embeddings: 128,
         ..LlamaConfig::default()
     }
-}
-
-/// Macbeth, from the repository's data, cut into five parts: four devices' local text and
-/// a held-out part.
-fn corpus() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare/macbeth_gut.txt");
-    let text = std::fs::read_to_string(&path).expect("data/shakespeare/macbeth_gut.txt ships with the repository");
-    let lines: Vec<&str> = text.lines().collect();
-    lines.chunks(lines.len().div_ceil(5)).map(|c| c.join("\n")).collect()
-}
-
-fn coordinator_config(root: &Path, model_dir: &Path) -> CoordinatorConfig {
-    let mut c = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: None,
-        state_dir: root.join("coordinator"),
-        initial_model: Some(model_dir.to_owned()),
-        ..CoordinatorConfig::default()
-    };
-    c.enrollment.tokens = vec![TOKEN.into()];
-    c.enrollment.per_token_per_minute = 100;
-    c.lora.rank = 4;
-    c.lora.alpha = 8.0;
-    c.rounds.target_updates = 4;
-    c.rounds.over_selection = 0.0;
-    c.rounds.min_updates = 4;
-    c.rounds.min_available = 4;
-    c.rounds.max_rounds = 3;
-    c.rounds.deadline = Duration::from_secs(600);
-    c.rounds.pause = Duration::from_millis(10);
-    c.rounds.poll_interval = Duration::from_millis(200);
-    c.training.steps = 12;
-    c.training.batch_size = 4;
-    c.training.seq_len = 64;
-    c.training.learning_rate = 1e-2;
-    c.privacy.clip_norm = 10.0;
-    c
 }
 
 /// A randomly initialised byte-level model saved under `root/base`.

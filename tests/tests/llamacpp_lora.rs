@@ -17,27 +17,13 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use covey_model::LoadedModel;
 use covey_model::Precision;
 use covey_tensors::lora::LoraTarget;
 use covey_tensors::quant::StoredTensor;
 use covey_tensors::{HostTensor, NamedTensors};
-
-fn gguf_path() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("COVEY_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(root.join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        Some(root.join("../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!(
-            "skipping: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-smollm2.sh, or set COVEY_SMOLLM2_GGUF)"
-        );
-    }
-    found
-}
 
 const PROMPTS: [&str; 4] = [
     "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
@@ -52,7 +38,7 @@ fn argmax(row: &[f32]) -> u32 {
 
 #[test]
 fn an_exported_adapter_matches_covey_in_llama_cpp() {
-    let Some(gguf) = gguf_path() else { return };
+    let Some(gguf) = common::smollm2() else { return };
     let model = LoadedModel::open(&gguf).expect("the SmolLM2 GGUF imports");
     let base = model.f32_tensors();
     // An adapter on every projection, large enough to change what the model predicts.

@@ -21,17 +21,9 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
-const TOKEN: &str = "real-model-flow-token";
+mod common;
+use common::{TOKEN, corpus};
 const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-
-/// Macbeth, from the repository's data, in five parts: four devices' text and a held-out
-/// part.
-fn corpus() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare/macbeth_gut.txt");
-    let text = std::fs::read_to_string(&path).expect("data/shakespeare/macbeth_gut.txt ships with the repository");
-    let lines: Vec<&str> = text.lines().collect();
-    lines.chunks(lines.len().div_ceil(5)).map(|c| c.join("\n")).collect()
-}
 
 /// A byte-level BPE tokenizer (GPT-2 / SmolLM2 style) trained on `texts`, with ChatML's
 /// special tokens.
@@ -83,33 +75,15 @@ fn initial_model(root: &Path, texts: &[String]) -> (PathBuf, LlamaConfig) {
     (dir, config)
 }
 
+/// The common test coordinator with HetLoRA ranks (devices of lesser means train rank
+/// 4, the others 8), four rounds, an int4 release every second round.
 fn coordinator_config(root: &Path, model: &Path) -> CoordinatorConfig {
-    let mut c = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: None,
-        state_dir: root.join("coordinator"),
-        initial_model: Some(model.to_owned()),
-        ..CoordinatorConfig::default()
-    };
-    c.enrollment.tokens = vec![TOKEN.into()];
-    c.enrollment.per_token_per_minute = 100;
-    // Devices of lesser means train rank 4 (HetLoRA), the others rank 8.
+    let mut c = common::coordinator_config(root, model);
     c.lora.rank = 8;
     c.lora.device_ranks = vec![4];
     c.lora.alpha = 16.0;
-    c.rounds.target_updates = 4;
-    c.rounds.over_selection = 0.0;
-    c.rounds.min_updates = 4;
-    c.rounds.min_available = 4;
     c.rounds.max_rounds = 4;
-    c.rounds.deadline = Duration::from_secs(600);
-    c.rounds.pause = Duration::from_millis(10);
-    c.rounds.poll_interval = Duration::from_millis(200);
-    c.training.steps = 12;
-    c.training.batch_size = 4;
     c.training.seq_len = 48;
-    c.training.learning_rate = 1e-2;
-    c.privacy.clip_norm = 10.0;
     c.publish.release_every = 2;
     c.publish.quantization = ReleaseQuantization::Int4;
     c
@@ -267,31 +241,13 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
     running.abort();
 }
 
-/// SmolLM2-135M-Instruct's GGUF, when present (`scripts/fetch-smollm2.sh`,
-/// `COVEY_SMOLLM2_GGUF`, or `../shared/models`).
-fn smollm2() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("COVEY_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(root.join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        Some(root.join("../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!(
-            "skipping: SmolLM2-135M-Instruct.Q4_1.gguf not found (run scripts/fetch-smollm2.sh, or set COVEY_SMOLLM2_GGUF)"
-        );
-    }
-    found
-}
-
 /// The same flow with the real GGUF as the initial model: the coordinator imports it
 /// (tokenizer and chat template into the manifest), one agent trains one short round on
 /// it with the model's tokenizer, the round publishes an adapter of its own size, and the
 /// agent chats, with the model's chat template, on the int8 release it holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_smollm2_gguf_federates_when_present() {
-    let Some(gguf) = smollm2() else { return };
+    let Some(gguf) = common::smollm2() else { return };
     let root = tempfile::tempdir().expect("tmp");
     let mut c = coordinator_config(root.path(), &gguf);
     c.lora.rank = 4;

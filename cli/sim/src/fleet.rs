@@ -164,7 +164,14 @@ pub fn run(config: &Path, out: &Path) -> Result<()> {
     drop(coordinator);
 
     let runtime = tokio::runtime::Runtime::new()?;
+    let central = if exp.central_baseline {
+        println!("training the central baseline on the pooled text");
+        Some(runtime.block_on(fleet::central_baseline(&exp, config.clone(), &devices, &held_out))?)
+    } else {
+        None
+    };
     let mut report = runtime.block_on(fleet::evaluate(&exp, config, devices, &held_out, &states))?;
+    report.central = central;
     report.chat = Some(format!("{:?} → {chat:?}", exp.chat_prompt));
     report.wall_seconds = started.elapsed().as_secs_f64();
     let md = report.markdown();
