@@ -253,7 +253,7 @@ pub fn admin_interceptor(token: String) -> impl FnMut(Request<()>) -> Result<Req
     }
 }
 
-fn round_info(r: &RoundRecord, updates: u64) -> pb::RoundInfo {
+fn round_info(r: &RoundRecord, updates: u64, declined: u64) -> pb::RoundInfo {
     pb::RoundInfo {
         round_id: r.id,
         state: r.state.as_str().into(),
@@ -264,6 +264,7 @@ fn round_info(r: &RoundRecord, updates: u64) -> pb::RoundInfo {
         min_updates: r.min_updates,
         deadline_unix_ms: r.deadline_ms,
         failure: r.failure.clone(),
+        declined,
     }
 }
 
@@ -284,7 +285,11 @@ impl Admin for AdminService {
         let devices = store.devices().await.map_err(internal)?;
         let rounds = store.rounds(usize::MAX >> 1).await.map_err(internal)?;
         let open_round = match store.active_round().await.map_err(internal)? {
-            Some(r) => Some(round_info(&r, store.update_count(r.id).await.map_err(internal)?)),
+            Some(r) => Some(round_info(
+                &r,
+                store.update_count(r.id).await.map_err(internal)?,
+                store.declined_count(r.id).await.map_err(internal)?,
+            )),
             None => None,
         };
         Ok(Response::new(pb::StatusResponse {
@@ -312,7 +317,8 @@ impl Admin for AdminService {
         let mut rounds = Vec::new();
         for r in store.rounds(limit).await.map_err(internal)? {
             let n = store.update_count(r.id).await.map_err(internal)?;
-            rounds.push(round_info(&r, n));
+            let declined = store.declined_count(r.id).await.map_err(internal)?;
+            rounds.push(round_info(&r, n, declined));
         }
         Ok(Response::new(pb::ListRoundsResponse { rounds }))
     }
@@ -323,12 +329,15 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         let store = self.engine.store();
         let current = store.current_version().await.map_err(internal)?;
-        let versions = store
-            .versions()
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .map(|v| pb::VersionInfo {
+        let mut versions = Vec::new();
+        for v in store.versions().await.map_err(internal)? {
+            let m: covey_proto::manifest::Manifest = serde_json::from_slice(&v.manifest)
+                .map_err(|e| internal(CoordinatorError::Corrupt(format!("manifest of version {}: {e}", v.version))))?;
+            let (adapter_rounds, download_bytes) = match &m.adapter {
+                Some(a) => (a.rounds, a.b.size),
+                None => (0, m.release.model.size),
+            };
+            versions.push(pb::VersionInfo {
                 version: v.version,
                 parent: v.parent,
                 round_id: v.round_id,
@@ -336,8 +345,11 @@ impl Admin for AdminService {
                 current: v.version == current,
                 epsilon: v.epsilon,
                 created_unix_ms: v.created_ms,
-            })
-            .collect();
+                release_version: m.release.version,
+                adapter_rounds,
+                download_bytes,
+            });
+        }
         Ok(Response::new(pb::ListVersionsResponse { versions }))
     }
 

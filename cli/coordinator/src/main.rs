@@ -161,6 +161,7 @@ struct Round<'a> {
     published_version: u64,
     cohort_size: u64,
     updates: u64,
+    declined: u64,
     failure: &'a str,
 }
 
@@ -304,18 +305,26 @@ async fn rounds(a: &AdminArgs) -> Result<()> {
             published_version: r.published_version,
             cohort_size: r.cohort_size,
             updates: r.updates,
+            declined: r.declined,
             failure: &r.failure,
         })
         .collect();
     print(a.json, &rows, || {
         println!(
-            "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  failure",
-            "round", "state", "base", "published", "cohort", "updates"
+            "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8} {:>9}  failure",
+            "round", "state", "base", "published", "cohort", "updates", "declined"
         );
         for r in &rows {
             println!(
-                "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8}  {}",
-                r.round_id, r.state, r.base_version, r.published_version, r.cohort_size, r.updates, r.failure
+                "{:>6} {:<12} {:>5} {:>10} {:>7} {:>8} {:>9}  {}",
+                r.round_id,
+                r.state,
+                r.base_version,
+                r.published_version,
+                r.cohort_size,
+                r.updates,
+                r.declined,
+                r.failure
             );
         }
     })?;
@@ -331,19 +340,29 @@ async fn versions(a: &AdminArgs) -> Result<()> {
         .iter()
         .map(|v| {
             serde_json::json!({"version": v.version, "parent": v.parent, "round_id": v.round_id,
-            "current": v.current, "epsilon": v.epsilon, "manifest_sha256": v.manifest_sha256})
+            "current": v.current, "epsilon": v.epsilon, "manifest_sha256": v.manifest_sha256,
+            "release_version": v.release_version, "adapter_rounds": v.adapter_rounds,
+            "download_bytes": v.download_bytes})
         })
         .collect();
     print(a.json, &rows, || {
-        println!("{:>7} {:>6} {:>6} {:>8} {:>9}  manifest sha256", "version", "parent", "round", "current", "epsilon");
+        println!(
+            "{:>7} {:>6} {:>6} {:>8} {:>9} {:>8} {:>14} {:>12}  manifest sha256",
+            "version", "parent", "round", "current", "epsilon", "release", "what", "download"
+        );
         for v in &v.versions {
+            let what =
+                if v.adapter_rounds == 0 { "release".to_string() } else { format!("adapter ({} r)", v.adapter_rounds) };
             println!(
-                "{:>7} {:>6} {:>6} {:>8} {:>9.4}  {}",
+                "{:>7} {:>6} {:>6} {:>8} {:>9.4} {:>8} {:>14} {:>9.2} MB  {}",
                 v.version,
                 v.parent,
                 v.round_id,
                 if v.current { "*" } else { "" },
                 v.epsilon,
+                v.release_version,
+                what,
+                v.download_bytes as f64 / 1e6,
                 v.manifest_sha256
             );
         }

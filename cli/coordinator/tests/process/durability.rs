@@ -78,7 +78,13 @@ async fn acknowledged_updates_survive_sigkill() {
     }
     let round = published.expect("round 1 published after the restart");
     assert_eq!(round.updates, 4, "every acknowledged update is in the round");
-    assert_eq!(round.published_version, 2);
+    assert_eq!((round.published_version, round.declined), (2, 0));
+    let mut req = tonic::Request::new(pb::ListVersionsRequest {});
+    req.metadata_mut().insert("authorization", format!("Bearer {}", support::ADMIN).parse().expect("meta"));
+    let versions = admin.list_versions(req).await.expect("versions").into_inner().versions;
+    let kinds: Vec<(u64, u64, u64, bool)> =
+        versions.iter().map(|v| (v.version, v.release_version, v.adapter_rounds, v.download_bytes > 0)).collect();
+    assert_eq!(kinds, vec![(2, 2, 0, true), (1, 1, 0, true)], "every round cuts a release in this configuration");
 
     // The published master weights are exactly initial + (alpha/r)·mean(B)·A.
     let signed = devices[0].manifest(&mut c, 2).await.expect("manifest");
