@@ -2,13 +2,14 @@
 //! task that would not fit the agent's memory budget (`max-memory-bytes`) is declined
 //! with a reason rather than started and killed.
 //!
-//! The estimate follows what the local round holds at its peak: the release as stored,
-//! the version's weights in f32 twice (the host copy and burn's parameters), the
-//! activations autodiff keeps for the backward pass (per layer, per token: the hidden
-//! state through norms, attention and the MLP), the logits of every position with their
-//! softmax and gradient, and a fixed allowance for the process. Calibrated on
-//! SmolLM2-135M (batch 2 × 64 tokens): estimated 1.65 GB, measured peak RSS 1.64 GB
-//! (`covey-sim fleet`).
+//! The estimate is an upper bound of what the local round holds: the release as stored,
+//! the version's weights in f32 twice (the host copy and burn's parameters, both alive
+//! while the model is built), the activations autodiff keeps for the backward pass (per
+//! layer, per token: the hidden state through norms, attention and the MLP), the logits
+//! of every position with their softmax and gradient, and a fixed allowance for the
+//! process. On SmolLM2-135M (batch 2 × 64 tokens) it says 1.65 GB; the agent peaked at
+//! 1.64 GB while it kept the host copy and the release through training, and at 1.42 GB
+//! once it let them go after building the model (`covey-sim fleet`).
 
 use covey_model::LlamaConfig;
 

@@ -193,6 +193,15 @@ impl VerifiedModel {
         Ok(w)
     }
 
+    /// [`VerifiedModel::base_tensors`] for training: the release as stored is let go
+    /// once the f32 weights are built, so only they stay resident (the model can no longer
+    /// give its release or run inference afterwards).
+    pub fn take_base_tensors(&mut self) -> Result<NamedTensors> {
+        let weights = self.base_tensors()?;
+        self.release = BTreeMap::new();
+        Ok(weights)
+    }
+
     fn merge_adapter(&self, w: &mut NamedTensors) -> Result<()> {
         let Some(b) = &self.b else { return Ok(()) };
         let mut factors = self.a.clone();

@@ -86,7 +86,7 @@ pub(crate) async fn train(job: TrainJob) -> Result<Trained> {
 }
 
 fn train_blocking(job: TrainJob) -> Result<Trained> {
-    let TrainJob { model, data_dir, spec, task, store } = job;
+    let TrainJob { mut model, data_dir, spec, task, store } = job;
     let examples = (spec.train.steps * spec.train.batch_size * spec.train.grad_accum) as u64;
     let resume = store.load(&task);
     if let Some(c) = &resume
@@ -95,8 +95,9 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         tracing::info!(task = %task.id_hex(), "the checkpoint holds the final B: nothing left to train");
         return Ok(Trained { b: c.b.clone(), examples, loss: f32::NAN, resumed_from: Some(c.step) });
     }
-    // The version's weights: the release dequantized with the adapter merged in.
-    let base = model.base_tensors()?;
+    // The version's weights: the release dequantized with the adapter merged in, handed
+    // over to the round (the release and then these are let go once the model is built).
+    let base = model.take_base_tensors()?;
     // Plain texts, and chat transcripts (trained with the model's chat template, the loss
     // on the assistant's turns only).
     let mut corpus = Vec::new();
@@ -123,7 +124,7 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
     let a = first_rows(model.a_factors(), spec.lora.rank);
     let round = LocalRound {
         config: &model.config,
-        base: &base,
+        base: std::borrow::Cow::Owned(base),
         a: &a,
         tokenizer: &model.tokenizer,
         corpus: &corpus,
@@ -131,7 +132,7 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         chat_format,
     };
     let result: LocalResult = covey_model::train_local_adapter(
-        &round,
+        round,
         &spec,
         &device,
         resume.map(|c| Resume { step: c.step, b: c.b }),

@@ -242,12 +242,14 @@ fn tokenize_texts(
 
 /// What one client's round trains on: the published model (shape and base weights), the
 /// frozen `A` factors the coordinator issued, the tokenizer and the local text.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LocalRound<'a> {
     /// Shape of the model.
     pub config: &'a LlamaConfig,
     /// Base weights (Hugging Face names).
-    pub base: &'a NamedTensors,
+    /// (Borrowed, or handed over: owned weights are dropped as soon as the model is built
+    /// from them, so they do not stay resident while training.)
+    pub base: std::borrow::Cow<'a, NamedTensors>,
     /// The frozen `A` factors (PEFT names, `[r, in]`).
     pub a: &'a NamedTensors,
     /// How the text is tokenized.
@@ -326,7 +328,7 @@ pub fn tokenize_corpus(
 /// an empty corpus or one shorter than `seq_len + 1` tokens, a token outside the model's
 /// vocabulary, `resume.step >= spec.train.steps`, or a diverging loss.
 pub fn train_local_adapter(
-    round: &LocalRound<'_>,
+    round: LocalRound<'_>,
     spec: &LocalTrainSpec,
     device: &Device,
     resume: Option<Resume>,
@@ -337,13 +339,13 @@ pub fn train_local_adapter(
 
 /// [`train_local_adapter`], also returning the trained model.
 fn train_local(
-    round: &LocalRound<'_>,
+    round: LocalRound<'_>,
     spec: &LocalTrainSpec,
     device: &Device,
     resume: Option<Resume>,
     mut on_checkpoint: impl FnMut(RoundProgress),
 ) -> Result<(Llama, LocalResult)> {
-    let LocalRound { config, base, a: a_init, tokenizer, corpus, chats, chat_format } = *round;
+    let LocalRound { config, base, a: a_init, tokenizer, corpus, chats, chat_format } = round;
     spec.validate()?;
     let train = &spec.train;
     let start_step = resume.as_ref().map_or(0, |r| r.step);
@@ -361,7 +363,9 @@ fn train_local(
     };
     batcher.skip(start_step * train.grad_accum, train.batch_size);
     let ad = device.clone().autodiff();
-    let model = adapter_model(config, base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
+    let model = adapter_model(config, &base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
+    // Handed-over weights are in the model now: do not keep a second copy while training.
+    drop(base);
     let options = LoopOptions { start_step, proximal_mu: spec.proximal_mu, ..LoopOptions::default() };
     let every = spec.checkpoint_every;
     let (model, report) = train_with(model, &mut batcher, train, &options, &ad, |s, m| {
@@ -459,7 +463,7 @@ mod tests {
         static CONFIG: std::sync::OnceLock<LlamaConfig> = std::sync::OnceLock::new();
         LocalRound {
             config: CONFIG.get_or_init(config),
-            base,
+            base: std::borrow::Cow::Borrowed(base),
             a,
             tokenizer: &Tokenizer::Bytes,
             corpus,
@@ -493,7 +497,7 @@ mod tests {
         let mut checkpoints = Vec::new();
         let a = frozen_a();
         let (model, result) =
-            train_local(&round(&base(), &a, &corpus()), spec, &cpu_device(), resume, |c| checkpoints.push(c))
+            train_local(round(&base(), &a, &corpus()), spec, &cpu_device(), resume, |c| checkpoints.push(c))
                 .expect("train");
         (model, result, checkpoints)
     }
@@ -580,7 +584,7 @@ mod tests {
         let mut r = round(&base, &a, &[]);
         r.chats = &chats;
         r.chat_format = Some(format);
-        let (_, result) = train_local(&r, &spec(3), &cpu_device(), None, |_| {}).expect("train");
+        let (_, result) = train_local(r, &spec(3), &cpu_device(), None, |_| {}).expect("train");
         assert!(result.loss_last.is_finite());
         assert!(result.b.values().any(|b| b.data.iter().any(|&x| x != 0.0)));
     }
@@ -610,7 +614,7 @@ mod tests {
         // Nothing left to train is an error.
         let a = frozen_a();
         let err = train_local_adapter(
-            &round(&base(), &a, &corpus()),
+            round(&base(), &a, &corpus()),
             &spec,
             &cpu_device(),
             Some(Resume { step: 5, b: full.b }),
@@ -638,7 +642,7 @@ mod tests {
         let a = frozen_a();
         let spec = spec(2);
         let call = |a: &NamedTensors, base: &NamedTensors, corpus: &[String]| {
-            train_local_adapter(&round(base, a, corpus), &spec, &device, None, |_| {})
+            train_local_adapter(round(base, a, corpus), &spec, &device, None, |_| {})
                 .expect_err("must fail")
                 .to_string()
         };
@@ -687,10 +691,9 @@ mod tests {
         if let Some(t) = b.get_mut(&bname) {
             t.data[1] = f32::INFINITY;
         }
-        let err =
-            train_local_adapter(&round(&base, &a, &corpus()), &spec, &device, Some(Resume { step: 1, b }), |_| {})
-                .expect_err("inf")
-                .to_string();
+        let err = train_local_adapter(round(&base, &a, &corpus()), &spec, &device, Some(Resume { step: 1, b }), |_| {})
+            .expect_err("inf")
+            .to_string();
         assert!(err.contains(&bname) && err.contains("LoRA B tensors"), "{err}");
     }
 

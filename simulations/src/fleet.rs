@@ -372,7 +372,7 @@ pub async fn central_baseline(
     };
     let round = covey_model::LocalRound {
         config: &model.config,
-        base: &base,
+        base: std::borrow::Cow::Borrowed(&base),
         a: &a,
         tokenizer: &model.tokenizer,
         corpus: &corpus,
@@ -380,8 +380,7 @@ pub async fn central_baseline(
         chat_format: None,
     };
     let device = covey_model::cpu_device();
-    let result =
-        tokio::task::block_in_place(|| covey_model::train_local_adapter(&round, &spec, &device, None, |_| {}))?;
+    let result = tokio::task::block_in_place(|| covey_model::train_local_adapter(round, &spec, &device, None, |_| {}))?;
     let mut merged = base;
     let mut factors = a;
     factors.extend(result.b);

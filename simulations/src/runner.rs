@@ -302,14 +302,14 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
     let device = covey_model::cpu_device();
     let local = LocalRound {
         config: &prepared.config,
-        base: published,
+        base: std::borrow::Cow::Borrowed(published),
         a,
         tokenizer: &Tokenizer::Bytes,
         corpus: &client.train,
         chats: &[],
         chat_format: None,
     };
-    let result = match covey_model::train_local_adapter(&local, &spec, &device, None, |_| {}) {
+    let result = match covey_model::train_local_adapter(local, &spec, &device, None, |_| {}) {
         Ok(r) => r,
         Err(e @ covey_model::ModelError::EmptyCorpus { .. }) => {
             tracing::warn!(client = %client.id, error = %e, "client drops out: too little text");
