@@ -12,7 +12,7 @@ use covey_model::{LlamaConfig, Tokenizer};
 use covey_proto::manifest::Manifest;
 
 mod common;
-use common::{TOKEN, coordinator_config, corpus};
+use common::{TOKEN, coordinator_config, corpus, device_config, finished};
 
 fn model_config() -> LlamaConfig {
     LlamaConfig {
@@ -50,21 +50,11 @@ async fn three_federated_rounds_lower_the_held_out_loss() {
 
     let mut agents = Vec::new();
     for (i, part) in parts.iter().take(4).enumerate() {
-        let data = root.path().join(format!("data-{i}"));
-        std::fs::create_dir_all(&data).expect("mkdir");
-        std::fs::write(data.join("local.txt"), part).expect("write data");
-        let mut cfg = AgentConfig::new(root.path().join(format!("agent-{i}")), data);
-        cfg.coordinator = Some(url.clone());
-        cfg.max_poll_wait = Duration::from_millis(500);
+        let cfg = device_config(root.path(), i, &url, part);
         covey_agent::enroll(&cfg, TOKEN, &format!("agent-{i}")).await.expect("enrol");
         agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(3))));
     }
-    for a in agents {
-        let summary = tokio::time::timeout(Duration::from_secs(900), a)
-            .await
-            .expect("agents finish")
-            .expect("join")
-            .expect("run");
+    for summary in finished(agents).await {
         assert_eq!(summary.submitted, 3);
         assert_eq!(summary.rounds, vec![1, 2, 3]);
     }

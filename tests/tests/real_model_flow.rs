@@ -111,9 +111,7 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
     let mut agents = Vec::new();
     let mut states = Vec::new();
     for (i, part) in parts.iter().take(4).enumerate() {
-        let data = root.path().join(format!("data-{i}"));
-        std::fs::create_dir_all(&data).expect("mkdir");
-        std::fs::write(data.join("local.txt"), part).expect("write data");
+        let mut cfg = common::device_config(root.path(), i, &url, part);
         if i == 3 {
             // Assistant personalisation: chat transcripts, learned on the assistant's turns.
             let turns: Vec<String> = part
@@ -131,12 +129,9 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
                     .to_string()
                 })
                 .collect();
-            std::fs::write(data.join("chat.jsonl"), turns.join("\n")).expect("write transcripts");
+            std::fs::write(cfg.data_dir.join("chat.jsonl"), turns.join("\n")).expect("write transcripts");
         }
-        let state = root.path().join(format!("agent-{i}"));
-        let mut cfg = AgentConfig::new(state.clone(), data);
-        cfg.coordinator = Some(url.clone());
-        cfg.max_poll_wait = Duration::from_millis(500);
+        let state = cfg.state_dir.clone();
         if i < 2 {
             cfg.max_lora_rank = 4;
         }
@@ -144,12 +139,7 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
         agents.push(tokio::spawn(covey_agent::run(cfg, RunUntil::Updates(4))));
         states.push(state);
     }
-    for a in agents {
-        let summary = tokio::time::timeout(Duration::from_secs(900), a)
-            .await
-            .expect("agents finish")
-            .expect("join")
-            .expect("run");
+    for summary in common::finished(agents).await {
         assert_eq!(summary.rounds, vec![1, 2, 3, 4]);
     }
     let store = engine.store().clone();

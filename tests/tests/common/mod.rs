@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use covey_agent::{AgentConfig, RunSummary};
 use covey_coordinator::CoordinatorConfig;
 
 /// The enrolment token of every test coordinator.
@@ -67,4 +68,31 @@ pub fn smollm2() -> Option<PathBuf> {
         );
     }
     found
+}
+
+/// Device `i` of a test fleet: its local text in `root/data-{i}/local.txt`, its state in
+/// `root/agent-{i}`, the coordinator at `url`, polls at most every half second.
+pub fn device_config(root: &Path, i: usize, url: &str, text: &str) -> AgentConfig {
+    let data = root.join(format!("data-{i}"));
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("local.txt"), text).expect("write data");
+    let mut cfg = AgentConfig::new(root.join(format!("agent-{i}")), data);
+    cfg.coordinator = Some(url.to_owned());
+    cfg.max_poll_wait = Duration::from_millis(500);
+    cfg
+}
+
+/// Wait for every agent run (at most 15 minutes each) and return their summaries.
+pub async fn finished(agents: Vec<tokio::task::JoinHandle<covey_agent::Result<RunSummary>>>) -> Vec<RunSummary> {
+    let mut out = Vec::new();
+    for a in agents {
+        out.push(
+            tokio::time::timeout(Duration::from_secs(900), a)
+                .await
+                .expect("agents finish")
+                .expect("join")
+                .expect("run"),
+        );
+    }
+    out
 }
