@@ -193,13 +193,10 @@ impl VerifiedModel {
         Ok(w)
     }
 
-    /// [`VerifiedModel::base_tensors`] for training: the release as stored is let go
-    /// once the f32 weights are built, so only they stay resident (the model can no longer
-    /// give its release or run inference afterwards).
-    pub fn take_base_tensors(&mut self) -> Result<NamedTensors> {
-        let weights = self.base_tensors()?;
-        self.release = BTreeMap::new();
-        Ok(weights)
+    /// The release's weights as stored, handed over for training (the model can no
+    /// longer give its release or run inference afterwards).
+    pub fn take_release(&mut self) -> BTreeMap<String, StoredTensor> {
+        std::mem::take(&mut self.release)
     }
 
     fn merge_adapter(&self, w: &mut NamedTensors) -> Result<()> {

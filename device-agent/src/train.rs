@@ -95,9 +95,9 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         tracing::info!(task = %task.id_hex(), "the checkpoint holds the final B: nothing left to train");
         return Ok(Trained { b: c.b.clone(), examples, loss: f32::NAN, resumed_from: Some(c.step) });
     }
-    // The version's weights: the release dequantized with the adapter merged in, handed
-    // over to the round (the release and then these are let go once the model is built).
-    let base = model.take_base_tensors()?;
+    // The version's weights as released (int8 / int4), handed over to the round, with
+    // the version's adapter kept apart (QLoRA: the base is never expanded to f32).
+    let weights = model.take_release();
     // Plain texts, and chat transcripts (trained with the model's chat template, the loss
     // on the assistant's turns only).
     let mut corpus = Vec::new();
@@ -122,9 +122,16 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
     let device = covey_model::cpu_device();
     // A device of a smaller rank (HetLoRA) trains against the first rows of `A`.
     let a = first_rows(model.a_factors(), spec.lora.rank);
+    let lora = &model.manifest.lora;
+    let adapter = model.adapter().map(|b| covey_model::FrozenAdapter {
+        a: model.a_factors(),
+        b,
+        scale: lora.alpha / lora.rank as f32,
+    });
     let round = LocalRound {
         config: &model.config,
-        base: std::borrow::Cow::Owned(base),
+        base: covey_model::RoundBase::Stored(weights),
+        adapter,
         a: &a,
         tokenizer: &model.tokenizer,
         corpus: &corpus,

@@ -284,6 +284,20 @@ impl Batcher {
         batch: usize,
         device: &Device,
     ) -> (Tensor<2, Int>, Tensor<2, Int>, Option<Tensor<2>>) {
+        let b = self.next_host_batch(batch);
+        let n = self.seq_len;
+        let inputs: Vec<i64> = b.inputs.iter().map(|&t| i64::from(t)).collect();
+        let targets: Vec<i64> = b.targets.iter().map(|&t| i64::from(t)).collect();
+        (
+            Tensor::from_data(TensorData::new(inputs, [batch, n]), device),
+            Tensor::from_data(TensorData::new(targets, [batch, n]), device),
+            b.weights.map(|w| Tensor::from_data(TensorData::new(w, [batch, n]), device)),
+        )
+    }
+
+    /// [`Batcher::next_weighted_batch`] in host memory (the same draws), for the
+    /// LoRA trainer of `covey-qlora`.
+    pub fn next_host_batch(&mut self, batch: usize) -> covey_qlora::HostBatch {
         let n = self.seq_len;
         let mut inputs = Vec::with_capacity(batch * n);
         let mut targets = Vec::with_capacity(batch * n);
@@ -291,8 +305,8 @@ impl Batcher {
         for _ in 0..batch {
             let start = self.draw_start();
             let w = &self.tokens[start..start + n + 1];
-            inputs.extend(w[..n].iter().map(|&t| t as i64));
-            targets.extend(w[1..].iter().map(|&t| t as i64));
+            inputs.extend_from_slice(&w[..n]);
+            targets.extend_from_slice(&w[1..]);
             if let Some(mask) = &self.mask {
                 learned.extend(mask[start + 1..start + n + 1].iter().copied());
             }
@@ -300,14 +314,9 @@ impl Batcher {
         let weights = self.mask.as_ref().map(|_| {
             let count = learned.iter().filter(|&&m| m).count().max(1);
             let scale = (batch * n) as f32 / count as f32;
-            let w: Vec<f32> = learned.iter().map(|&m| if m { scale } else { 0.0 }).collect();
-            Tensor::from_data(TensorData::new(w, [batch, n]), device)
+            learned.iter().map(|&m| if m { scale } else { 0.0 }).collect::<Vec<f32>>()
         });
-        (
-            Tensor::from_data(TensorData::new(inputs, [batch, n]), device),
-            Tensor::from_data(TensorData::new(targets, [batch, n]), device),
-            weights,
-        )
+        covey_qlora::HostBatch { batch, seq: n, inputs, targets, weights }
     }
 }
 

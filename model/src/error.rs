@@ -132,6 +132,9 @@ pub enum ModelError {
     /// export) with no counterpart here.
     #[error(transparent)]
     Artifact(covey_artifact::ArtifactError),
+    /// The LoRA trainer (`covey-qlora`) refused its inputs.
+    #[error(transparent)]
+    Trainer(#[from] covey_qlora::QloraError),
 }
 
 impl From<covey_infer::InferError> for ModelError {

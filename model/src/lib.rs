@@ -50,13 +50,14 @@ pub use checkpoint::{HostTensor, NamedTensors};
 pub use config::{LlamaConfig, LoraConfig, LoraTarget};
 pub use covey_artifact::{LoadedModel, artifact, chat, export, gguf_import, tokenizer};
 pub use covey_infer::{Model as InferenceModel, Precision};
+pub use covey_qlora::FrozenAdapter;
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;
 pub use generate::SamplingConfig;
 pub use llama::{KvCache, Llama};
 pub use local_round::{
-    ChatFormat, LocalResult, LocalRound, LocalTrainSpec, Resume, RoundProgress, evaluate_texts, tokenize_corpus,
-    train_local_adapter,
+    ChatFormat, LocalResult, LocalRound, LocalTrainSpec, Resume, RoundBase, RoundProgress, evaluate_texts,
+    tokenize_corpus, train_local_adapter, train_local_adapter_burn,
 };
 pub use tokenizer::Tokenizer;
 pub use train::TrainConfig;

@@ -25,6 +25,7 @@ use crate::eval::{EvalMetrics, evaluate};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::train::{LoopOptions, TrainConfig, train_with};
+use covey_qlora::FrozenAdapter;
 
 /// Source named in errors about the base tensors.
 const BASE_SOURCE: &str = "base tensors";
@@ -133,6 +134,8 @@ pub struct LocalResult {
     pub loss_first: f32,
     /// Language-model loss of the last step.
     pub loss_last: f32,
+    /// Language-model loss of every step run by this call, in order.
+    pub losses: Vec<f32>,
 }
 
 /// The PEFT names and shapes of every `factor` (`'A'` or `'B'`) of `lora` on a model.
@@ -246,10 +249,11 @@ fn tokenize_texts(
 pub struct LocalRound<'a> {
     /// Shape of the model.
     pub config: &'a LlamaConfig,
-    /// Base weights (Hugging Face names).
-    /// (Borrowed, or handed over: owned weights are dropped as soon as the model is built
-    /// from them, so they do not stay resident while training.)
-    pub base: std::borrow::Cow<'a, NamedTensors>,
+    /// Base weights (Hugging Face names): f32, or as the release stores them.
+    pub base: RoundBase<'a>,
+    /// The version's own adapter, applied on top of `base` and never trained (the
+    /// release and its adapter stay apart, so a quantized release stays quantized).
+    pub adapter: Option<FrozenAdapter<'a>>,
     /// The frozen `A` factors (PEFT names, `[r, in]`).
     pub a: &'a NamedTensors,
     /// How the text is tokenized.
@@ -262,6 +266,46 @@ pub struct LocalRound<'a> {
     /// How transcripts are rendered: the model's chat template and special tokens
     /// (required when `chats` is not empty).
     pub chat_format: Option<ChatFormat<'a>>,
+}
+
+/// The weights a round trains on.
+#[derive(Debug, Clone)]
+pub enum RoundBase<'a> {
+    /// f32 weights: borrowed, or handed over (then no second copy is made).
+    Tensors(std::borrow::Cow<'a, NamedTensors>),
+    /// The weights as a release stores them (int8, int4 or f32), handed over: QLoRA,
+    /// trained without ever expanding the base to f32.
+    Stored(std::collections::BTreeMap<String, covey_tensors::quant::StoredTensor>),
+}
+
+impl<'a> RoundBase<'a> {
+    /// The trainer's base: quantized weights stay quantized; owned f32 weights move.
+    fn into_base(self, config: &LlamaConfig) -> Result<covey_qlora::Base> {
+        use covey_tensors::quant::StoredTensor;
+        Ok(match self {
+            Self::Tensors(std::borrow::Cow::Borrowed(t)) => covey_qlora::Base::from_tensors(config, t)?,
+            Self::Tensors(std::borrow::Cow::Owned(t)) => {
+                covey_qlora::Base::from_stored(config, t.into_iter().map(|(n, t)| (n, StoredTensor::F32(t))).collect())?
+            }
+            Self::Stored(s) => covey_qlora::Base::from_stored(config, s)?,
+        })
+    }
+
+    /// f32 weights with `adapter` merged in (what burn's model is built from).
+    fn into_merged_tensors(self, adapter: Option<FrozenAdapter<'_>>) -> Result<std::borrow::Cow<'a, NamedTensors>> {
+        let mut tensors = match self {
+            Self::Tensors(t) if adapter.is_none() => return Ok(t),
+            Self::Tensors(t) => t.into_owned(),
+            Self::Stored(s) => s.into_iter().map(|(n, t)| (n, t.to_f32())).collect(),
+        };
+        if let Some(f) = adapter {
+            let mut factors = f.a.clone();
+            factors.extend(f.b.iter().map(|(n, t)| (n.clone(), t.clone())));
+            covey_tensors::lora::merge(&mut tensors, &factors, f.scale)
+                .map_err(|e| ModelError::Adapter(format!("the version's adapter: {e}")))?;
+        }
+        Ok(std::borrow::Cow::Owned(tensors))
+    }
 }
 
 /// A model's chat template and the text of its special tokens.
@@ -327,7 +371,28 @@ pub fn tokenize_corpus(
 /// Errors: invalid spec, missing / misshapen / non-finite base or `A` / `B` tensor (named),
 /// an empty corpus or one shorter than `seq_len + 1` tokens, a token outside the model's
 /// vocabulary, `resume.step >= spec.train.steps`, or a diverging loss.
+///
+/// The round runs on `covey-qlora`'s trainer (hand-written backward, layer
+/// recomputation, quantized base kept as stored, chunked cross-entropy). With adapter
+/// dropout > 0, which that trainer does not implement, it runs on burn's autodiff
+/// instead ([`train_local_adapter_burn`]).
 pub fn train_local_adapter(
+    round: LocalRound<'_>,
+    spec: &LocalTrainSpec,
+    device: &Device,
+    resume: Option<Resume>,
+    on_checkpoint: impl FnMut(RoundProgress),
+) -> Result<LocalResult> {
+    if spec.lora.dropout > 0.0 {
+        return train_local(round, spec, device, resume, on_checkpoint).map(|(_, r)| r);
+    }
+    train_local_fast(round, spec, resume, on_checkpoint)
+}
+
+/// [`train_local_adapter`] on burn's autodiff (the `device` given, in its autodiff
+/// form): the reference the fast trainer is checked against, and the path for adapter
+/// dropout. The base is expanded to f32 with the version's adapter merged in.
+pub fn train_local_adapter_burn(
     round: LocalRound<'_>,
     spec: &LocalTrainSpec,
     device: &Device,
@@ -337,24 +402,16 @@ pub fn train_local_adapter(
     train_local(round, spec, device, resume, on_checkpoint).map(|(_, r)| r)
 }
 
-/// [`train_local_adapter`], also returning the trained model.
-fn train_local(
-    round: LocalRound<'_>,
-    spec: &LocalTrainSpec,
-    device: &Device,
-    resume: Option<Resume>,
-    mut on_checkpoint: impl FnMut(RoundProgress),
-) -> Result<(Llama, LocalResult)> {
-    let LocalRound { config, base, a: a_init, tokenizer, corpus, chats, chat_format } = round;
-    spec.validate()?;
-    let train = &spec.train;
-    let start_step = resume.as_ref().map_or(0, |r| r.step);
-    if start_step >= train.steps {
-        return Err(ModelError::config(
-            "resume.step",
-            format!("{start_step} leaves nothing of {} steps to train; its B is the final result", train.steps),
-        ));
-    }
+/// The batcher of a round: its corpus tokenized, positioned at `start_step`.
+fn round_batcher(
+    corpus: &[String],
+    chats: &[Vec<crate::chat::Message>],
+    chat_format: Option<ChatFormat<'_>>,
+    tokenizer: &Tokenizer,
+    config: &LlamaConfig,
+    train: &TrainConfig,
+    start_step: usize,
+) -> Result<(Batcher, usize)> {
     let (tokens, mask, documents) = tokenize_corpus(corpus, chats, chat_format, tokenizer, config)?;
     let source = Path::new(CORPUS_SOURCE);
     let mut batcher = match mask {
@@ -362,6 +419,108 @@ fn train_local(
         None => Batcher::new(tokens, train.seq_len, train.seed, source)?,
     };
     batcher.skip(start_step * train.grad_accum, train.batch_size);
+    Ok((batcher, documents))
+}
+
+/// The first step to run, checked against the spec.
+fn start_of(spec: &LocalTrainSpec, resume: Option<&Resume>) -> Result<usize> {
+    spec.validate()?;
+    let start_step = resume.map_or(0, |r| r.step);
+    if start_step >= spec.train.steps {
+        return Err(ModelError::config(
+            "resume.step",
+            format!("{start_step} leaves nothing of {} steps to train; its B is the final result", spec.train.steps),
+        ));
+    }
+    Ok(start_step)
+}
+
+/// The round on `covey-qlora`'s trainer: the same objective, schedule, clipping and
+/// AdamW as burn's loop ([`train_with`]).
+fn train_local_fast(
+    round: LocalRound<'_>,
+    spec: &LocalTrainSpec,
+    resume: Option<Resume>,
+    mut on_checkpoint: impl FnMut(RoundProgress),
+) -> Result<LocalResult> {
+    let LocalRound { config, base, adapter, a, tokenizer, corpus, chats, chat_format } = round;
+    let start_step = start_of(spec, resume.as_ref())?;
+    let train = &spec.train;
+    let lora = spec.ffa_lora();
+    config.validate()?;
+    check_factors(a, config, &lora, 'A', A_SOURCE)?;
+    if let Some(r) = &resume {
+        check_factors(&r.b, config, &lora, 'B', B_SOURCE)?;
+    }
+    let (mut batcher, documents) = round_batcher(corpus, chats, chat_format, tokenizer, config, train, start_step)?;
+    let base = base.into_base(config)?;
+    let lspec = covey_qlora::LoraSpec { rank: lora.rank, scale: lora.scale() as f32, targets: lora.targets.clone() };
+    let mut trainer = covey_qlora::Trainer::new(&base, &lspec, a, resume.as_ref().map(|r| &r.b), adapter)?;
+    let opt = covey_qlora::AdamW {
+        beta_1: crate::train::ADAM_BETA_1,
+        beta_2: crate::train::ADAM_BETA_2,
+        epsilon: crate::train::ADAM_EPSILON,
+        weight_decay: train.weight_decay as f32,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(train.threads.max(1))
+        .build()
+        .map_err(|e| ModelError::config("threads", format!("cannot start the training threads: {e}")))?;
+    let mut losses = Vec::with_capacity(train.steps - start_step);
+    {
+        for step in start_step..train.steps {
+            trainer.zero_grad();
+            let mut loss_sum = 0.0f32;
+            for _ in 0..train.grad_accum {
+                let batch = batcher.next_host_batch(train.batch_size);
+                let weight = 1.0 / train.grad_accum as f32;
+                loss_sum += pool.install(|| trainer.accumulate(&batch, weight))?;
+            }
+            trainer.add_proximal(spec.proximal_mu as f32);
+            let norm = trainer.grad_norm();
+            if let Some(c) = train.max_grad_norm
+                && norm > c
+            {
+                trainer.scale_grads((c / norm) as f32);
+            }
+            trainer.step(train.lr_at(step), &opt);
+            let loss = loss_sum / train.grad_accum as f32;
+            if !loss.is_finite() {
+                return Err(ModelError::config("lr", format!("training diverged at step {step} (loss {loss})")));
+            }
+            losses.push(loss);
+            let every = spec.checkpoint_every;
+            if every > 0 && (step + 1).is_multiple_of(every) {
+                on_checkpoint(RoundProgress { step: step + 1, b: trainer.b_tensors() });
+            }
+        }
+    }
+    let examples = (train.steps * train.batch_size * train.grad_accum) as u64;
+    Ok(LocalResult {
+        b: trainer.b_tensors(),
+        examples,
+        tokens: examples * train.seq_len as u64,
+        documents: documents as u64,
+        steps_run: losses.len(),
+        loss_first: losses.first().copied().unwrap_or(f32::NAN),
+        loss_last: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
+    })
+}
+
+/// [`train_local_adapter_burn`], also returning the trained model.
+fn train_local(
+    round: LocalRound<'_>,
+    spec: &LocalTrainSpec,
+    device: &Device,
+    resume: Option<Resume>,
+    mut on_checkpoint: impl FnMut(RoundProgress),
+) -> Result<(Llama, LocalResult)> {
+    let LocalRound { config, base, adapter, a: a_init, tokenizer, corpus, chats, chat_format } = round;
+    let start_step = start_of(spec, resume.as_ref())?;
+    let train = &spec.train;
+    let (mut batcher, documents) = round_batcher(corpus, chats, chat_format, tokenizer, config, train, start_step)?;
+    let base = base.into_merged_tensors(adapter)?;
     let ad = device.clone().autodiff();
     let model = adapter_model(config, &base, &spec.ffa_lora(), a_init, resume.as_ref().map(|r| &r.b), &ad)?;
     // Handed-over weights are in the model now: do not keep a second copy while training.
@@ -386,6 +545,7 @@ fn train_local(
         steps_run: report.steps.len(),
         loss_first: report.steps.first().map_or(f32::NAN, |s| s.loss),
         loss_last: report.steps.last().map_or(f32::NAN, |s| s.loss),
+        losses: report.steps.iter().map(|s| s.loss).collect(),
     };
     Ok((model, result))
 }
@@ -463,7 +623,8 @@ mod tests {
         static CONFIG: std::sync::OnceLock<LlamaConfig> = std::sync::OnceLock::new();
         LocalRound {
             config: CONFIG.get_or_init(config),
-            base: std::borrow::Cow::Borrowed(base),
+            base: RoundBase::Tensors(std::borrow::Cow::Borrowed(base)),
+            adapter: None,
             a,
             tokenizer: &Tokenizer::Bytes,
             corpus,
@@ -506,6 +667,83 @@ mod tests {
         let seq: Vec<i64> = (0..16).map(|i| (i * 29 % 256) as i64).collect();
         let x = Tensor::<2, Int>::from_data(TensorData::new(seq, [1, 16]), &cpu_device());
         model.forward(x).into_data().try_into_vec::<f32>().expect("f32")
+    }
+
+    /// The largest gap between two loss curves, relative, and the relative L2 distance
+    /// between two sets of `B`.
+    fn gaps(a: &LocalResult, b: &LocalResult) -> (f32, f64) {
+        assert_eq!(a.losses.len(), b.losses.len());
+        let curve = a.losses.iter().zip(&b.losses).map(|(x, y)| (x - y).abs() / y.abs()).fold(0.0f32, f32::max);
+        let diff: f64 =
+            a.b.iter()
+                .map(|(n, t)| t.data.iter().zip(&b.b[n].data).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>())
+                .sum();
+        (curve, diff.sqrt() / covey_tensors::global_norm(&b.b))
+    }
+
+    #[test]
+    fn the_fast_trainer_follows_burns_loss_curve_for_50_steps() {
+        // Clipping, gradient accumulation, two threads, FedProx and a chat-style mask:
+        // every part of the objective and the update.
+        let mut spec = spec(50);
+        spec.train.grad_accum = 2;
+        spec.train.threads = 2;
+        spec.train.max_grad_norm = Some(0.5);
+        spec.proximal_mu = 0.05;
+        let a = frozen_a();
+        let (base, corpus) = (base(), corpus());
+        let device = cpu_device();
+        let fast = train_local_adapter(round(&base, &a, &corpus), &spec, &device, None, |_| {}).expect("fast");
+        let burn = train_local_adapter_burn(round(&base, &a, &corpus), &spec, &device, None, |_| {}).expect("burn");
+        let (curve, b) = gaps(&fast, &burn);
+        eprintln!(
+            "f32 base: loss {:.4} -> {:.4}; curves differ by {curve:.2e} at most, B by {b:.2e}",
+            burn.losses[0], burn.losses[49]
+        );
+        assert!(burn.losses[49] < burn.losses[0] - 0.05, "the run learns");
+        assert!(curve < 1e-3 && b < 1e-2, "curve {curve}, B {b}");
+    }
+
+    #[test]
+    fn qlora_on_a_quantized_release_with_its_adapter_apart_matches_burn_on_the_merged_weights() {
+        use covey_tensors::quant::{Int4Tensor, Int8Tensor, StoredTensor};
+        let spec = spec(20);
+        let (base, corpus, a) = (base(), corpus(), frozen_a());
+        // The release: int4 where rows allow it, int8 elsewhere; the version's adapter
+        // (rank 8, on q and o) stays apart.
+        let stored: std::collections::BTreeMap<String, StoredTensor> = base
+            .iter()
+            .map(|(n, t)| {
+                let s = match t.shape.len() {
+                    2 if Int4Tensor::supports(&t.shape) => StoredTensor::Int4(Int4Tensor::quantize(t).expect("int4")),
+                    2 => StoredTensor::Int8(Int8Tensor::quantize(t).expect("int8")),
+                    _ => StoredTensor::F32(t.clone()),
+                };
+                (n.clone(), s)
+            })
+            .collect();
+        let fa = covey_tensors::lora::frozen_a(&base, 8, &[LoraTarget::Q, LoraTarget::O], 3);
+        let fb: NamedTensors = fa
+            .keys()
+            .map(|n| {
+                let rows = if n.contains("o_proj") { config().hidden_size } else { config().q_dim() };
+                let data = (0..rows * 8).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
+                (n.replace("lora_A", "lora_B"), HostTensor { shape: vec![rows, 8], data })
+            })
+            .collect();
+        let adapter = FrozenAdapter { a: &fa, b: &fb, scale: 0.25 };
+        let with = |stored: std::collections::BTreeMap<String, StoredTensor>| {
+            let mut r = round(&base, &a, &corpus);
+            r.base = RoundBase::Stored(stored);
+            r.adapter = Some(adapter);
+            r
+        };
+        let device = cpu_device();
+        let fast = train_local_adapter(with(stored.clone()), &spec, &device, None, |_| {}).expect("fast");
+        let burn = train_local_adapter_burn(with(stored), &spec, &device, None, |_| {}).expect("burn");
+        let (curve, b) = gaps(&fast, &burn);
+        eprintln!("quantized base: curves differ by {curve:.2e} at most, B by {b:.2e}");
+        assert!(curve < 1e-3 && b < 1e-2, "curve {curve}, B {b}");
     }
 
     #[test]

@@ -15,6 +15,13 @@ use crate::distill::{DistillLoss, distillation_loss};
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 
+/// AdamW's first-moment decay (every training loop of the crate).
+pub(crate) const ADAM_BETA_1: f32 = 0.9;
+/// AdamW's second-moment decay.
+pub(crate) const ADAM_BETA_2: f32 = 0.95;
+/// AdamW's epsilon.
+pub(crate) const ADAM_EPSILON: f32 = 1e-8;
+
 /// Hyper-parameters of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -366,9 +373,9 @@ pub(crate) fn train_with(
     }
     device.seed(config.seed);
     let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.95)
-        .with_epsilon(1e-8)
+        .with_beta_1(ADAM_BETA_1)
+        .with_beta_2(ADAM_BETA_2)
+        .with_epsilon(ADAM_EPSILON)
         .with_weight_decay(config.weight_decay as f32)
         .init();
     let start = Instant::now();

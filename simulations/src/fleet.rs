@@ -372,7 +372,8 @@ pub async fn central_baseline(
     };
     let round = covey_model::LocalRound {
         config: &model.config,
-        base: std::borrow::Cow::Borrowed(&base),
+        base: covey_model::RoundBase::Tensors(std::borrow::Cow::Borrowed(&base)),
+        adapter: None,
         a: &a,
         tokenizer: &model.tokenizer,
         corpus: &corpus,

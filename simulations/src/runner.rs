@@ -302,7 +302,8 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
     let device = covey_model::cpu_device();
     let local = LocalRound {
         config: &prepared.config,
-        base: std::borrow::Cow::Borrowed(published),
+        base: covey_model::RoundBase::Tensors(std::borrow::Cow::Borrowed(published)),
+        adapter: None,
         a,
         tokenizer: &Tokenizer::Bytes,
         corpus: &client.train,

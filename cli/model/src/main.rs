@@ -335,16 +335,22 @@ struct BenchArgs {
     /// batch 4, rank 8.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// With --model: the base held in f32 (LoRA) or quantized (QLoRA).
-    #[arg(long, value_enum, default_value_t = BaseArg::F32)]
+    /// With --model: the base held in f32 (LoRA) or quantized (QLoRA; int8 is what a
+    /// coordinator releases by default).
+    #[arg(long, value_enum, default_value_t = BaseArg::Int8)]
     base: BaseArg,
-    /// With --model: recompute memory-bound activations in the backward pass (burn's
-    /// balanced gradient checkpointing).
-    #[arg(long)]
-    checkpointing: bool,
+    /// Which trainer: covey (what agents run) or burn (autodiff reference).
+    #[arg(long, value_enum, default_value_t = EngineArg::Covey)]
+    engine: EngineArg,
     /// With --model: the text to train on.
     #[arg(long, default_value = "data/shakespeare/hamlet_gut.txt")]
     data: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    Covey,
+    Burn,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -588,8 +594,12 @@ fn info(a: InfoArgs, device: &Device) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    let engine = match a.engine {
+        EngineArg::Covey => crate::bench::Engine::Covey,
+        EngineArg::Burn => crate::bench::Engine::Burn,
+    };
     let r = match &a.model {
-        None => crate::bench::lora_training(a.steps, a.warmup, a.threads)?,
+        None => crate::bench::lora_training(a.steps, a.warmup, a.threads, engine)?,
         Some(path) => {
             let text = std::fs::read_to_string(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
             let base = match a.base {
@@ -597,7 +607,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 BaseArg::Int8 => crate::bench::BaseWeights::Int8,
                 BaseArg::Int4 => crate::bench::BaseWeights::Int4,
             };
-            crate::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads, a.checkpointing)?
+            crate::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads, engine)?
         }
     };
     if a.json {
@@ -610,7 +620,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             r.tokens_per_second, r.ms_per_step, r.steps
         );
         match r.peak_rss_mib {
-            Some(m) => println!("peak RSS          {m:.1} MiB"),
+            Some(m) => println!(
+                "peak RSS          {m:.1} MiB (whole process; {:.1} MiB resident when training started)",
+                r.rss_before_training_mib.unwrap_or(f64::NAN)
+            ),
             None => println!("peak RSS          not reported on this OS"),
         }
     }

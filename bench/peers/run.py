@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Covey against its peers, side by side: each row runs Covey and the peer alternately,
+three times each (by default), and prints medians and the ratio, with the load average
+the figures were taken at.
+
+Rows:
+  tiny      LoRA training, tiny Llama (h256, 4 layers, byte vocab), batch 8 x 128, r8 q,v,
+            against PyTorch + PEFT
+  smollm2   LoRA training of SmolLM2-135M, batch 4 x 128, r8 q,v, against PyTorch + PEFT;
+            Covey on the int8 release a coordinator publishes by default
+
+  python3 bench/peers/run.py --python /path/to/torch-venv/bin/python [--rows tiny,smollm2]
+        [--gguf models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] [--repeats 3] [--threads 2]
+
+Set-up (once): see bench/peers/README.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def load():
+    return open("/proc/loadavg").read().split()[0]
+
+
+def covey_binary():
+    subprocess.run(["cargo", "build", "-q", "-p", "covey-model-cli"], cwd=ROOT, check=True)
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    return os.path.join(target, "debug", "covey-model")
+
+
+def json_line(cmd):
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python", required=True, help="Python of a venv with requirements-torch.txt")
+    ap.add_argument("--rows", default="tiny,smollm2")
+    ap.add_argument("--gguf", default=os.path.join(ROOT, "models", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "peers.json"))
+    a = ap.parse_args()
+    covey = covey_binary()
+    rows = a.rows.split(",")
+    release = os.path.join(ROOT, "runs", "bench", "smollm2-int8")
+    if "smollm2" in rows and not os.path.exists(os.path.join(release, "model.safetensors")):
+        if not os.path.exists(a.gguf):
+            raise SystemExit(f"{a.gguf} not found: run scripts/fetch-smollm2.sh")
+        subprocess.run([covey, "quantize", "--model", a.gguf, "--out", release, "--precision", "int8"],
+                       cwd=ROOT, check=True)
+    t = str(a.threads)
+    commands = {
+        "tiny": (
+            [covey, "bench", "--json", "--threads", t, "--steps", "20", "--warmup", "2"],
+            [a.python, os.path.join(HERE, "torch_lora.py"), "tiny", "--threads", t, "--steps", "20"],
+        ),
+        "smollm2": (
+            [covey, "bench", "--json", "--threads", t, "--steps", "4", "--warmup", "1", "--model", release,
+             "--base", "int8", "--data", "data/shakespeare/hamlet_gut.txt"],
+            [a.python, os.path.join(HERE, "torch_lora.py"), "smollm2", "--gguf", a.gguf, "--threads", t,
+             "--steps", "4", "--warmup", "1"],
+        ),
+    }
+    results = {}
+    for row in rows:
+        ours, peer = commands[row]
+        runs = {"covey": [], "peer": []}
+        loads = [load()]
+        for i in range(a.repeats):
+            for side, cmd in (("covey", ours), ("peer", peer)):
+                r = json_line(cmd)
+                runs[side].append(r)
+                print(f"{row} #{i + 1} {side}: {r['tokens_per_second']:.1f} tokens/s, "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB (load {load()})", file=sys.stderr)
+            loads.append(load())
+        med = {s: statistics.median(r["tokens_per_second"] for r in runs[s]) for s in runs}
+        rss = {s: statistics.median(r["peak_rss_mib"] for r in runs[s]) for s in runs}
+        results[row] = {"runs": runs, "median_tokens_per_second": med, "median_peak_rss_mib": rss,
+                        "ratio": med["covey"] / med["peer"], "load": loads}
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    json.dump(results, open(a.out, "w"), indent=1)
+    print(f"| row | Covey tokens/s | peer tokens/s | ratio | Covey peak RSS | peer peak RSS | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row, r in results.items():
+        m, p = r["median_tokens_per_second"], r["median_peak_rss_mib"]
+        print(f"| {row} | {m['covey']:.0f} | {m['peer']:.0f} | {r['ratio']:.2f}x | {p['covey']:.0f} MiB | "
+              f"{p['peer']:.0f} MiB | {min(r['load'])}-{max(r['load'])} |")
+    print(f"(medians of {a.repeats} alternated runs each; {a.threads} threads; written to {a.out})")
+
+
+if __name__ == "__main__":
+    main()
