@@ -267,10 +267,18 @@ impl Agent {
             other => other?,
         };
         check_layout(task, &model)?;
+        let mut spec = local_spec(task, &self.cfg, &self.identity.device_id);
+        if let Some(limit) = self.cfg.max_memory_bytes {
+            // What the budget leaves above the leanest footprint buys speed: activations
+            // kept instead of recomputed.
+            let need =
+                crate::budget::task_memory_bytes(&model.config, model.manifest.release.model.size, &task.training);
+            spec.train.activation_memory_mib = usize::try_from(limit.saturating_sub(need) >> 20).unwrap_or(usize::MAX);
+        }
         let job = TrainJob {
             model,
             data_dir: self.cfg.data_dir.clone(),
-            spec: local_spec(task, &self.cfg, &self.identity.device_id),
+            spec,
             task: task.clone(),
             store: self.checkpoints.clone(),
         };

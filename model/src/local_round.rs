@@ -456,6 +456,7 @@ fn train_local_fast(
     let base = base.into_base(config)?;
     let lspec = covey_qlora::LoraSpec { rank: lora.rank, scale: lora.scale() as f32, targets: lora.targets.clone() };
     let mut trainer = covey_qlora::Trainer::new(&base, &lspec, a, resume.as_ref().map(|r| &r.b), adapter)?;
+    trainer.set_activation_budget(train.activation_memory_mib.saturating_mul(1 << 20));
     let opt = covey_qlora::AdamW {
         beta_1: crate::train::ADAM_BETA_1,
         beta_2: crate::train::ADAM_BETA_2,

@@ -50,10 +50,20 @@ pub struct TrainConfig {
     /// two cores busy). Default 1.
     #[serde(default = "one")]
     pub threads: usize,
+    /// LoRA rounds (covey-qlora's trainer): MiB of layer activations that may stay from
+    /// the forward to the backward pass instead of being recomputed. More is faster (a
+    /// layer kept costs two passes instead of three); 0 recomputes every layer, the
+    /// least memory. Default 64.
+    #[serde(default = "default_activation_memory_mib")]
+    pub activation_memory_mib: usize,
 }
 
 fn one() -> usize {
     1
+}
+
+fn default_activation_memory_mib() -> usize {
+    64
 }
 
 impl Default for TrainConfig {
@@ -70,6 +80,7 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             seed: 0,
             threads: 1,
+            activation_memory_mib: default_activation_memory_mib(),
         }
     }
 }

@@ -132,6 +132,9 @@ struct Work {
     xs: Vec<Vec<f32>>,
     x_tmp: Vec<f32>,
     acts: Acts,
+    /// Activations kept from the forward pass for layers `first_kept..`.
+    kept: Vec<Acts>,
+    first_kept: usize,
     back: Back,
     hf: Vec<f32>,
     rstd_f: Vec<f32>,
@@ -158,6 +161,7 @@ pub struct Trainer<'b> {
     m: Vec<[Vec<f32>; 7]>,
     v: Vec<[Vec<f32>; 7]>,
     time: i32,
+    activation_budget: usize,
     work: Work,
 }
 
@@ -186,7 +190,21 @@ impl<'b> Trainer<'b> {
                 .collect()
         };
         let (grads, m, v) = (zeros(&slots), zeros(&slots), zeros(&slots));
-        Ok(Self { base, spec: spec.clone(), slots, grads, m, v, time: 0, work: Work::default() })
+        Ok(Self { base, spec: spec.clone(), slots, grads, m, v, time: 0, activation_budget: 0, work: Work::default() })
+    }
+
+    /// Let the activations of up to `bytes` worth of layers stay from the forward to the
+    /// backward pass, so that those layers are not recomputed (a step of a layer kept
+    /// costs two passes instead of three). 0, the default, recomputes every layer: the
+    /// least memory.
+    pub fn set_activation_budget(&mut self, bytes: usize) {
+        self.activation_budget = bytes;
+        self.work.dims = None;
+    }
+
+    /// Layers whose activations stay between the passes (known after the first step).
+    pub fn kept_layers(&self) -> usize {
+        self.work.kept.len()
     }
 
     /// The trained `B` factors, PEFT names, `[out, r]`.
@@ -327,30 +345,19 @@ impl<'b> Trainer<'b> {
             .unwrap_or(0);
         w.xs = (0..=layers).map(|_| vec![0.0; dm.n * dm.d]).collect();
         sized(&mut w.x_tmp, dm.n * dm.d);
-        let a = &mut w.acts;
-        for (v, len) in [
-            (&mut a.h1, dm.n * dm.d),
-            (&mut a.rstd1, dm.n),
-            (&mut a.q, dm.n * dm.qd),
-            (&mut a.k, dm.n * dm.kvd),
-            (&mut a.v, dm.n * dm.kvd),
-            (&mut a.p, dm.b * dm.h * dm.t * dm.t),
-            (&mut a.heads, dm.n * dm.qd),
-            (&mut a.o, dm.n * dm.qd),
-            (&mut a.xmid, dm.n * dm.d),
-            (&mut a.h2, dm.n * dm.d),
-            (&mut a.rstd2, dm.n),
-            (&mut a.g, dm.n * dm.f),
-            (&mut a.up, dm.n * dm.f),
-            (&mut a.act, dm.n * dm.f),
-            (&mut a.tmp, dm.n * max_r),
-        ] {
-            sized(v, len);
-        }
-        for (ti, u) in a.u.iter_mut().enumerate() {
-            let r = self.slots.first().and_then(|s| s[ti].train.as_ref()).map_or(0, |x| x.rank);
-            sized(u, dm.n * r);
-        }
+        let train_ranks: [usize; 7] =
+            std::array::from_fn(|ti| self.slots.first().and_then(|s| s[ti].train.as_ref()).map_or(0, |x| x.rank));
+        size_acts(&mut w.acts, dm, max_r, &train_ranks);
+        let per_layer = acts_bytes(&w.acts);
+        let keep = (self.activation_budget / per_layer.max(1)).min(layers);
+        w.first_kept = layers - keep;
+        w.kept = (0..keep)
+            .map(|_| {
+                let mut a = Acts::default();
+                size_acts(&mut a, dm, max_r, &train_ranks);
+                a
+            })
+            .collect();
         let g = &mut w.back;
         for (v, len) in [
             (&mut g.dx, dm.n * dm.d),
@@ -402,7 +409,8 @@ impl<'b> Trainer<'b> {
         for l in 0..layers {
             let views = layer_views(base, l, &mut w.weights);
             let (done, rest) = w.xs.split_at_mut(l + 1);
-            self.layer_forward(l, &views, dm, &done[l], &mut w.acts, &mut rest[0], &w.cos, &w.sin);
+            let acts = if l >= w.first_kept { &mut w.kept[l - w.first_kept] } else { &mut w.acts };
+            self.layer_forward(l, &views, dm, &done[l], acts, &mut rest[0], &w.cos, &w.sin);
         }
         // Final norm and the chunked cross-entropy.
         rms_norm(&w.xs[layers], &base.norm, base.config.rms_norm_eps as f32, dm.d, &mut w.hf, &mut w.rstd_f);
@@ -412,21 +420,14 @@ impl<'b> Trainer<'b> {
         // Backward, layer by layer, recomputing each layer's activations.
         for l in (0..layers).rev() {
             let views = layer_views(base, l, &mut w.weights);
-            self.layer_forward(l, &views, dm, &w.xs[l], &mut w.acts, &mut w.x_tmp, &w.cos, &w.sin);
+            let acts = if l >= w.first_kept {
+                &mut w.kept[l - w.first_kept]
+            } else {
+                self.layer_forward(l, &views, dm, &w.xs[l], &mut w.acts, &mut w.x_tmp, &w.cos, &w.sin);
+                &mut w.acts
+            };
             let grads = &mut self.grads[l];
-            layer_backward(
-                base,
-                &self.slots[l],
-                l,
-                &views,
-                dm,
-                &w.xs[l],
-                &mut w.acts,
-                &mut w.back,
-                grads,
-                &w.cos,
-                &w.sin,
-            );
+            layer_backward(base, &self.slots[l], l, &views, dm, &w.xs[l], acts, &mut w.back, grads, &w.cos, &w.sin);
         }
         loss
     }
@@ -469,6 +470,40 @@ impl<'b> Trainer<'b> {
         proj_forward(&slots[6], wv[6], &a.act, n, f, d, x_out, &mut a.u[6], &mut a.tmp);
         x_out.par_iter_mut().zip(&a.xmid).for_each(|(o, m)| *o += m);
     }
+}
+
+/// Size every buffer of `a` for a batch of shape `dm`.
+fn size_acts(a: &mut Acts, dm: Dims, max_r: usize, train_ranks: &[usize; 7]) {
+    for (v, len) in [
+        (&mut a.h1, dm.n * dm.d),
+        (&mut a.rstd1, dm.n),
+        (&mut a.q, dm.n * dm.qd),
+        (&mut a.k, dm.n * dm.kvd),
+        (&mut a.v, dm.n * dm.kvd),
+        (&mut a.p, dm.b * dm.h * dm.t * dm.t),
+        (&mut a.heads, dm.n * dm.qd),
+        (&mut a.o, dm.n * dm.qd),
+        (&mut a.xmid, dm.n * dm.d),
+        (&mut a.h2, dm.n * dm.d),
+        (&mut a.rstd2, dm.n),
+        (&mut a.g, dm.n * dm.f),
+        (&mut a.up, dm.n * dm.f),
+        (&mut a.act, dm.n * dm.f),
+        (&mut a.tmp, dm.n * max_r),
+    ] {
+        sized(v, len);
+    }
+    for (u, &r) in a.u.iter_mut().zip(train_ranks) {
+        sized(u, dm.n * r);
+    }
+}
+
+/// Bytes held by one layer's activations.
+fn acts_bytes(a: &Acts) -> usize {
+    let vecs = [
+        &a.h1, &a.rstd1, &a.q, &a.k, &a.v, &a.p, &a.heads, &a.o, &a.xmid, &a.h2, &a.rstd2, &a.g, &a.up, &a.act, &a.tmp,
+    ];
+    4 * (vecs.iter().map(|v| v.len()).sum::<usize>() + a.u.iter().map(Vec::len).sum::<usize>())
 }
 
 /// Layer `l`'s projection weights in f32: the base's own when f32, otherwise decoded

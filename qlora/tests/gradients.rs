@@ -189,3 +189,27 @@ fn bad_inputs_are_refused_with_a_clear_error() {
     let e = Base::from_tensors(&config, &w).expect_err("missing");
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
 }
+
+#[test]
+fn keeping_activations_gives_the_same_gradients_as_recomputing_them() {
+    let config = config();
+    let weights = random_tensors(&config, 6);
+    let base = Base::from_tensors(&config, &weights).expect("base");
+    let spec = LoraSpec { rank: 4, scale: 2.0, targets: LoraTarget::ALL.to_vec() };
+    let a = frozen_a(&weights, 4, &spec.targets, 2);
+    let b = random_b(&a, &config, 3, 0.1);
+    let hb = batch(&config, true);
+    let run = |budget: usize| {
+        let mut t = Trainer::new(&base, &spec, &a, Some(&b), None).expect("trainer");
+        t.set_activation_budget(budget);
+        let loss = t.accumulate(&hb, 1.0).expect("loss");
+        (loss, t.gradients(), t.kept_layers())
+    };
+    let (loss, grads, kept) = run(0);
+    assert_eq!(kept, 0);
+    for budget in [1 << 20, usize::MAX] {
+        let (l, g, k) = run(budget);
+        assert!(k > 0, "a budget of {budget} bytes keeps a layer");
+        assert_eq!((l, &g), (loss, &grads), "kept {k} layers");
+    }
+}

@@ -57,11 +57,28 @@ pub enum Engine {
     Burn,
 }
 
+/// How a benchmark runs: timed steps, warm-up steps, threads, MiB of activations kept
+/// between the passes, and the trainer.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchRun {
+    /// Timed optimizer steps.
+    pub steps: usize,
+    /// Untimed steps before them.
+    pub warmup: usize,
+    /// Training threads.
+    pub threads: usize,
+    /// `TrainConfig::activation_memory_mib`.
+    pub keep_mib: usize,
+    /// Which trainer.
+    pub engine: Engine,
+}
+
 /// LoRA fine-tuning of the fixed configuration: hidden 256, 4 layers, 4 heads,
 /// intermediate 688, byte vocabulary, sequence 128, batch 8, LoRA rank 8 on q and v,
 /// base frozen (f32), AdamW, on `threads` threads. `warmup` steps run before `steps`
 /// timed ones.
-pub fn lora_training(steps: usize, warmup: usize, threads: usize, engine: Engine) -> Result<BenchReport> {
+pub fn lora_training(run: BenchRun) -> Result<BenchReport> {
+    let BenchRun { threads, keep_mib, engine, .. } = run;
     let config = LlamaConfig::default();
     let weights = covey_infer::random_tensors(&config, 0);
     let base = weights.iter().map(|(n, t)| (n.clone(), StoredTensor::F32(t.clone()))).collect();
@@ -70,9 +87,9 @@ pub fn lora_training(steps: usize, warmup: usize, threads: usize, engine: Engine
     let text: String =
         (0..200_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2_654_435_761) >> 24) % 26) as u8)).collect();
     let line = format!(
-        "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s), {engine:?} trainer"
+        "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s), {keep_mib} MiB of activations kept, {engine:?} trainer"
     );
-    timed_round(&config, base, &covey_model::Tokenizer::Bytes, &text, 8, steps, warmup, threads, engine, line)
+    timed_round(&config, base, &covey_model::Tokenizer::Bytes, &text, 8, run, line)
 }
 
 /// What [`lora_real`] fine-tunes on top of.
@@ -90,15 +107,8 @@ pub enum BaseWeights {
 /// local round runs it: the base as a release stores it (`base`), sequence 128, batch 4,
 /// rank 8 on q and v, AdamW, on `text` tokenized by the model's own tokenizer. The peak
 /// RSS is the whole process's, loading included.
-pub fn lora_real(
-    model_path: &std::path::Path,
-    text: &str,
-    base: BaseWeights,
-    steps: usize,
-    warmup: usize,
-    threads: usize,
-    engine: Engine,
-) -> Result<BenchReport> {
+pub fn lora_real(model_path: &std::path::Path, text: &str, base: BaseWeights, run: BenchRun) -> Result<BenchReport> {
+    let BenchRun { threads, keep_mib, engine, .. } = run;
     let loaded = covey_model::artifact::LoadedModel::open(model_path)?;
     let config = loaded.config.clone();
     let tokenizer = loaded.tokenizer.clone();
@@ -121,10 +131,10 @@ pub fn lora_real(
         stored.insert(name, t);
     }
     let line = format!(
-        "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s), {engine:?} trainer",
+        "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s), {keep_mib} MiB of activations kept, {engine:?} trainer",
         model_path.display()
     );
-    timed_round(&config, stored, &tokenizer, text, 4, steps, warmup, threads, engine, line)
+    timed_round(&config, stored, &tokenizer, text, 4, run, line)
 }
 
 /// One local round of `warmup + steps` steps, as an agent runs it; the timed steps are
@@ -136,12 +146,10 @@ fn timed_round(
     tokenizer: &covey_model::Tokenizer,
     text: &str,
     batch_size: usize,
-    steps: usize,
-    warmup: usize,
-    threads: usize,
-    engine: Engine,
+    run: BenchRun,
     line: String,
 ) -> Result<BenchReport> {
+    let BenchRun { steps, warmup, threads, keep_mib, engine } = run;
     let lora = LoraConfig {
         rank: 8,
         alpha: 16.0,
@@ -180,6 +188,7 @@ fn timed_round(
             warmup_steps: 1,
             threads,
             lr: 1e-4,
+            activation_memory_mib: keep_mib,
             ..TrainConfig::default()
         },
         proximal_mu: 0.0,

@@ -161,6 +161,10 @@ struct TrainArgs {
     /// Data-parallel shards of each batch, one thread each.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// LoRA: MiB of layer activations kept between the passes instead of recomputed
+    /// (more is faster; 0 is the least memory).
+    #[arg(long, default_value_t = 64)]
+    activation_memory_mib: usize,
 }
 
 impl TrainArgs {
@@ -178,6 +182,7 @@ impl TrainArgs {
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             seed: self.seed,
             threads: self.threads,
+            activation_memory_mib: self.activation_memory_mib,
         }
     }
 }
@@ -339,6 +344,10 @@ struct BenchArgs {
     /// coordinator releases by default).
     #[arg(long, value_enum, default_value_t = BaseArg::Int8)]
     base: BaseArg,
+    /// MiB of layer activations the trainer keeps between the passes instead of
+    /// recomputing them (the agents' default is 64; 0 is the least memory).
+    #[arg(long, default_value_t = 64)]
+    activation_memory_mib: usize,
     /// Which trainer: covey (what agents run) or burn (autodiff reference).
     #[arg(long, value_enum, default_value_t = EngineArg::Covey)]
     engine: EngineArg,
@@ -598,8 +607,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         EngineArg::Covey => crate::bench::Engine::Covey,
         EngineArg::Burn => crate::bench::Engine::Burn,
     };
+    let run = crate::bench::BenchRun {
+        steps: a.steps,
+        warmup: a.warmup,
+        threads: a.threads,
+        keep_mib: a.activation_memory_mib,
+        engine,
+    };
     let r = match &a.model {
-        None => crate::bench::lora_training(a.steps, a.warmup, a.threads, engine)?,
+        None => crate::bench::lora_training(run)?,
         Some(path) => {
             let text = std::fs::read_to_string(&a.data).with_context(|| format!("reading {}", a.data.display()))?;
             let base = match a.base {
@@ -607,7 +623,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 BaseArg::Int8 => crate::bench::BaseWeights::Int8,
                 BaseArg::Int4 => crate::bench::BaseWeights::Int4,
             };
-            crate::bench::lora_real(path, &text, base, a.steps, a.warmup, a.threads, engine)?
+            crate::bench::lora_real(path, &text, base, run)?
         }
     };
     if a.json {
