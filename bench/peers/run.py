@@ -8,6 +8,8 @@ Rows:
             against PyTorch + PEFT
   smollm2   LoRA training of SmolLM2-135M, batch 4 x 128, r8 q,v, against PyTorch + PEFT;
             Covey on the int8 release a coordinator publishes by default
+  smollm2-dp  the same with example-level DP-SGD (per-example clipping, noise) against
+            Covey without it: the ratio is the DP step time over the plain one
 
   python3 bench/peers/run.py --python /path/to/torch-venv/bin/python [--rows tiny,smollm2]
         [--gguf models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] [--repeats 3] [--threads 2]
@@ -43,7 +45,7 @@ def json_line(cmd):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", required=True, help="Python of a venv with requirements-torch.txt")
-    ap.add_argument("--rows", default="tiny,smollm2")
+    ap.add_argument("--rows", default="tiny,smollm2,smollm2-dp")
     ap.add_argument("--gguf", default=os.path.join(ROOT, "models", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -52,20 +54,22 @@ def main():
     covey = covey_binary()
     rows = a.rows.split(",")
     release = os.path.join(ROOT, "runs", "bench", "smollm2-int8")
-    if "smollm2" in rows and not os.path.exists(os.path.join(release, "model.safetensors")):
+    if any(r.startswith("smollm2") for r in rows) and not os.path.exists(os.path.join(release, "model.safetensors")):
         if not os.path.exists(a.gguf):
             raise SystemExit(f"{a.gguf} not found: run scripts/fetch-smollm2.sh")
         subprocess.run([covey, "quantize", "--model", a.gguf, "--out", release, "--precision", "int8"],
                        cwd=ROOT, check=True)
     t = str(a.threads)
+    smol = [covey, "bench", "--json", "--threads", t, "--steps", "4", "--warmup", "1", "--model", release,
+            "--base", "int8", "--data", "data/shakespeare/hamlet_gut.txt"]
     commands = {
         "tiny": (
             [covey, "bench", "--json", "--threads", t, "--steps", "20", "--warmup", "2"],
             [a.python, os.path.join(HERE, "torch_lora.py"), "tiny", "--threads", t, "--steps", "20"],
         ),
+        "smollm2-dp": (smol + ["--example-clip", "1.0", "--example-noise", "1.0"], smol),
         "smollm2": (
-            [covey, "bench", "--json", "--threads", t, "--steps", "4", "--warmup", "1", "--model", release,
-             "--base", "int8", "--data", "data/shakespeare/hamlet_gut.txt"],
+            smol,
             [a.python, os.path.join(HERE, "torch_lora.py"), "smollm2", "--gguf", a.gguf, "--threads", t,
              "--steps", "4", "--warmup", "1"],
         ),
@@ -84,17 +88,20 @@ def main():
             loads.append(load())
         med = {s: statistics.median(r["tokens_per_second"] for r in runs[s]) for s in runs}
         rss = {s: statistics.median(r["peak_rss_mib"] for r in runs[s]) for s in runs}
+        # Peers: Covey's speed over the peer's. The DP row: the DP step time over the plain one.
+        ratio = med["peer"] / med["covey"] if row.endswith("-dp") else med["covey"] / med["peer"]
         results[row] = {"runs": runs, "median_tokens_per_second": med, "median_peak_rss_mib": rss,
-                        "ratio": med["covey"] / med["peer"], "load": loads}
+                        "ratio": ratio, "load": loads}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     json.dump(results, open(a.out, "w"), indent=1)
-    print(f"| row | Covey tokens/s | peer tokens/s | ratio | Covey peak RSS | peer peak RSS | load |")
+    print("| row | Covey tokens/s | peer tokens/s | ratio | Covey peak RSS | peer peak RSS | load |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row, r in results.items():
         m, p = r["median_tokens_per_second"], r["median_peak_rss_mib"]
         print(f"| {row} | {m['covey']:.0f} | {m['peer']:.0f} | {r['ratio']:.2f}x | {p['covey']:.0f} MiB | "
               f"{p['peer']:.0f} MiB | {min(r['load'])}-{max(r['load'])} |")
-    print(f"(medians of {a.repeats} alternated runs each; {a.threads} threads; written to {a.out})")
+    print(f"(medians of {a.repeats} alternated runs each; {a.threads} threads; the -dp row's peer is Covey "
+          f"without DP and its ratio the DP step time over the plain one; written to {a.out})")
 
 
 if __name__ == "__main__":

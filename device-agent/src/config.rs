@@ -76,6 +76,11 @@ pub struct AgentConfig {
     /// weights the agent estimates what training the task needs ([`crate::budget`]) and
     /// declines a task that would not fit, telling the coordinator why. Default none.
     pub max_memory_bytes: Option<u64>,
+    /// Example-level DP-SGD in local training (`{ clip = 1.0, noise-multiplier = 1.0 }`):
+    /// each training sequence's gradient clipped, Gaussian noise on every step, so that
+    /// the uploaded adapter protects each sequence of the local text on top of what the
+    /// task's update-level clipping and noise protect. Default none.
+    pub example_dp: Option<covey_model::ExampleDp>,
 }
 
 impl Default for AgentConfig {
@@ -97,6 +102,7 @@ impl Default for AgentConfig {
             privacy_budget: None,
             max_lora_rank: 0,
             max_memory_bytes: None,
+            example_dp: None,
         }
     }
 }

@@ -21,7 +21,21 @@ use crate::task::{LoraSpec, Task, TrainingSpec};
 /// of the device id, so devices given the same seed still draw different batches while a
 /// restart of the same device draws the same ones.
 pub fn local_spec(task: &Task, cfg: &AgentConfig, device_id: &[u8; 32]) -> LocalTrainSpec {
-    spec_for(&task.lora, &task.training, cfg.train_threads, cfg.checkpoint_every, device_id)
+    LocalTrainSpec {
+        example_dp: cfg.example_dp,
+        ..spec_for(&task.lora, &task.training, cfg.train_threads, cfg.checkpoint_every, device_id)
+    }
+}
+
+/// Example-level DP-SGD's noise: covey-privacy's snapped Gaussian from a ChaCha20
+/// stream keyed by the operating system (or by a seed, in simulations).
+#[derive(Debug)]
+pub struct SecureNoise(pub covey_privacy::noise::SecureRng);
+
+impl covey_model::NoiseSource for SecureNoise {
+    fn add_gaussian(&mut self, values: &mut [f32], std: f64) {
+        covey_privacy::noise::add_snapped_gaussian(values, std, &mut self.0);
+    }
 }
 
 /// [`local_spec`] from its parts: the task's LoRA layout and training settings, the
@@ -58,6 +72,7 @@ pub fn spec_for(
         },
         proximal_mu: t.proximal_mu,
         checkpoint_every,
+        example_dp: None,
     }
 }
 
@@ -138,17 +153,19 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         chats: &chats,
         chat_format,
     };
-    let result: LocalResult = covey_model::train_local_adapter(
-        round,
-        &spec,
-        &device,
-        resume.map(|c| Resume { step: c.step, b: c.b }),
-        |c: RoundProgress| {
-            if let Err(e) = store.save(&task, &c) {
-                tracing::warn!(task = %task.id_hex(), step = c.step, error = %e, "cannot save a checkpoint");
-            }
-        },
-    )?;
+    let resume = resume.map(|c| Resume { step: c.step, b: c.b });
+    let on_checkpoint = |c: RoundProgress| {
+        if let Err(e) = store.save(&task, &c) {
+            tracing::warn!(task = %task.id_hex(), step = c.step, error = %e, "cannot save a checkpoint");
+        }
+    };
+    let result: LocalResult = match spec.example_dp {
+        None => covey_model::train_local_adapter(round, &spec, &device, resume, on_checkpoint)?,
+        Some(_) => {
+            let mut noise = SecureNoise(covey_privacy::noise::SecureRng::from_os()?);
+            covey_model::train_local_adapter_private(round, &spec, resume, on_checkpoint, &mut noise)?
+        }
+    };
     Ok(Trained { b: result.b, examples: result.examples, loss: result.loss_last, resumed_from })
 }
 

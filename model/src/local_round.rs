@@ -57,6 +57,50 @@ pub struct LocalTrainSpec {
     /// Emit a [`RoundProgress`] every this many optimizer steps; 0 never. Default 10.
     #[serde(default = "ten")]
     pub checkpoint_every: usize,
+    /// Example-level DP-SGD: each example's gradient clipped, Gaussian noise on each
+    /// step's sum. Default none.
+    #[serde(default)]
+    pub example_dp: Option<ExampleDp>,
+}
+
+/// Example-level DP-SGD within a local round (Abadi et al. 2016): every training
+/// sequence's gradient (over all `B` together) is clipped to L2 norm `clip`, and each
+/// optimizer step adds `N(0, (noise_multiplier · clip)²)` to the sum of its clipped
+/// gradients before dividing by the number of sequences. It protects each sequence of the
+/// device's text within the adapter the device uploads; the coordinator's central DP
+/// protects the device as a whole. Windows are drawn with replacement from the token
+/// stream, not by Poisson sampling, so no amplification-by-sampling ε is claimed here.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ExampleDp {
+    /// L2 bound of one example's gradient.
+    pub clip: f64,
+    /// Noise standard deviation over `clip` (0: clipping only).
+    pub noise_multiplier: f64,
+}
+
+impl ExampleDp {
+    /// Check that both values are possible.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return Err(ModelError::config("example_dp.clip", format!("{} is not a positive number", self.clip)));
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return Err(ModelError::config(
+                "example_dp.noise_multiplier",
+                format!("{} is not a number >= 0", self.noise_multiplier),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where example-level DP-SGD's noise comes from: the caller's generator (the agent and
+/// `covey-sim` pass covey-privacy's CSPRNG-keyed, snapped Gaussian; this crate draws no
+/// privacy noise itself).
+pub trait NoiseSource {
+    /// Add independent `N(0, std²)` noise to every value.
+    fn add_gaussian(&mut self, values: &mut [f32], std: f64);
 }
 
 fn ten() -> usize {
@@ -70,6 +114,7 @@ impl Default for LocalTrainSpec {
             train: TrainConfig::default(),
             proximal_mu: 0.0,
             checkpoint_every: ten(),
+            example_dp: None,
         }
     }
 }
@@ -86,6 +131,9 @@ impl LocalTrainSpec {
         self.train.validate()?;
         if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
             return Err(ModelError::config("proximal_mu", format!("{} is not a number >= 0", self.proximal_mu)));
+        }
+        if let Some(dp) = &self.example_dp {
+            dp.validate()?;
         }
         Ok(())
     }
@@ -386,7 +434,19 @@ pub fn train_local_adapter(
     if spec.lora.dropout > 0.0 {
         return train_local(round, spec, device, resume, on_checkpoint).map(|(_, r)| r);
     }
-    train_local_fast(round, spec, resume, on_checkpoint)
+    train_local_fast(round, spec, resume, on_checkpoint, None)
+}
+
+/// [`train_local_adapter`] with example-level DP-SGD (`spec.example_dp`), its noise from
+/// `noise`.
+pub fn train_local_adapter_private(
+    round: LocalRound<'_>,
+    spec: &LocalTrainSpec,
+    resume: Option<Resume>,
+    on_checkpoint: impl FnMut(RoundProgress),
+    noise: &mut dyn NoiseSource,
+) -> Result<LocalResult> {
+    train_local_fast(round, spec, resume, on_checkpoint, Some(noise))
 }
 
 /// [`train_local_adapter`] on burn's autodiff (the `device` given, in its autodiff
@@ -442,9 +502,18 @@ fn train_local_fast(
     spec: &LocalTrainSpec,
     resume: Option<Resume>,
     mut on_checkpoint: impl FnMut(RoundProgress),
+    mut noise: Option<&mut dyn NoiseSource>,
 ) -> Result<LocalResult> {
     let LocalRound { config, base, adapter, a, tokenizer, corpus, chats, chat_format } = round;
     let start_step = start_of(spec, resume.as_ref())?;
+    if let Some(dp) = &spec.example_dp {
+        if spec.lora.dropout > 0.0 {
+            return Err(ModelError::config("example_dp", "example-level DP-SGD does not run with adapter dropout"));
+        }
+        if dp.noise_multiplier > 0.0 && noise.is_none() {
+            return Err(ModelError::config("example_dp", "noise was asked for and no noise source was given"));
+        }
+    }
     let train = &spec.train;
     let lora = spec.ffa_lora();
     config.validate()?;
@@ -457,6 +526,7 @@ fn train_local_fast(
     let lspec = covey_qlora::LoraSpec { rank: lora.rank, scale: lora.scale() as f32, targets: lora.targets.clone() };
     let mut trainer = covey_qlora::Trainer::new(&base, &lspec, a, resume.as_ref().map(|r| &r.b), adapter)?;
     trainer.set_activation_budget(train.activation_memory_mib.saturating_mul(1 << 20));
+    trainer.set_example_clip(spec.example_dp.map(|dp| dp.clip as f32))?;
     let opt = covey_qlora::AdamW {
         beta_1: crate::train::ADAM_BETA_1,
         beta_2: crate::train::ADAM_BETA_2,
@@ -476,6 +546,11 @@ fn train_local_fast(
                 let batch = batcher.next_host_batch(train.batch_size);
                 let weight = 1.0 / train.grad_accum as f32;
                 loss_sum += pool.install(|| trainer.accumulate(&batch, weight))?;
+            }
+            if let (Some(dp), Some(noise)) = (&spec.example_dp, noise.as_deref_mut()) {
+                // The clipped sum's noise, divided like the sum by the step's sequences.
+                let std = dp.noise_multiplier * dp.clip / (train.batch_size * train.grad_accum) as f64;
+                trainer.add_to_gradients(|g| noise.add_gaussian(g, std));
             }
             trainer.add_proximal(spec.proximal_mu as f32);
             let norm = trainer.grad_norm();
@@ -519,6 +594,9 @@ fn train_local(
 ) -> Result<(Llama, LocalResult)> {
     let LocalRound { config, base, adapter, a: a_init, tokenizer, corpus, chats, chat_format } = round;
     let start_step = start_of(spec, resume.as_ref())?;
+    if spec.example_dp.is_some() {
+        return Err(ModelError::config("example_dp", "example-level DP-SGD runs on covey-qlora's trainer only"));
+    }
     let train = &spec.train;
     let (mut batcher, documents) = round_batcher(corpus, chats, chat_format, tokenizer, config, train, start_step)?;
     let base = base.into_merged_tensors(adapter)?;
@@ -616,6 +694,7 @@ mod tests {
             },
             proximal_mu: 0.0,
             checkpoint_every: 2,
+            example_dp: None,
         }
     }
 
@@ -745,6 +824,47 @@ mod tests {
         let (curve, b) = gaps(&fast, &burn);
         eprintln!("quantized base: curves differ by {curve:.2e} at most, B by {b:.2e}");
         assert!(curve < 1e-3 && b < 1e-2, "curve {curve}, B {b}");
+    }
+
+    /// Noise of a fixed, seeded stream (tests only: privacy noise comes from a CSPRNG).
+    struct TestNoise(u64, usize);
+    impl NoiseSource for TestNoise {
+        fn add_gaussian(&mut self, values: &mut [f32], std: f64) {
+            for v in values.iter_mut() {
+                self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let u = (self.0 >> 11) as f64 / (1u64 << 53) as f64;
+                *v += ((u - 0.5) * std * 3.46) as f32;
+            }
+            self.1 += 1;
+        }
+    }
+
+    #[test]
+    fn example_level_dp_clips_adds_noise_every_step_and_still_learns() {
+        let (base, corpus, a) = (base(), corpus(), frozen_a());
+        let device = cpu_device();
+        let plain = train_local_adapter(round(&base, &a, &corpus), &spec(12), &device, None, |_| {}).expect("plain");
+        // A clip far above every gradient and no noise: the same round.
+        let loose = LocalTrainSpec { example_dp: Some(ExampleDp { clip: 1e9, noise_multiplier: 0.0 }), ..spec(12) };
+        let mut none = TestNoise(1, 0);
+        let same = train_local_adapter_private(round(&base, &a, &corpus), &loose, None, |_| {}, &mut none).expect("dp");
+        let (curve, b) = gaps(&same, &plain);
+        assert!(curve < 1e-4 && b < 1e-3, "curve {curve}, B {b}");
+        // A tight clip with noise: noise drawn once per gradient buffer per step, B differs,
+        // and the loss still falls.
+        let tight = LocalTrainSpec { example_dp: Some(ExampleDp { clip: 0.05, noise_multiplier: 0.5 }), ..spec(12) };
+        let mut noise = TestNoise(7, 0);
+        let dp = train_local_adapter_private(round(&base, &a, &corpus), &tight, None, |_| {}, &mut noise).expect("dp");
+        assert_eq!(noise.1, 12 * 3 * config().num_hidden_layers, "one draw per B per step");
+        assert!(gaps(&dp, &plain).1 > 1e-2);
+        assert!(dp.losses[11] < dp.losses[0], "{:?}", dp.losses);
+        // Noise asked for without a source, or with adapter dropout, or a bad clip: errors.
+        let err = train_local_adapter(round(&base, &a, &corpus), &tight, &device, None, |_| {}).expect_err("no source");
+        assert!(err.to_string().contains("noise"), "{err}");
+        let bad = LocalTrainSpec { example_dp: Some(ExampleDp { clip: -1.0, noise_multiplier: 1.0 }), ..spec(2) };
+        let err =
+            train_local_adapter_private(round(&base, &a, &corpus), &bad, None, |_| {}, &mut noise).expect_err("clip");
+        assert!(err.to_string().contains("example_dp.clip"), "{err}");
     }
 
     #[test]

@@ -162,8 +162,19 @@ impl Privatized {
 /// (see the module documentation).
 pub fn privatize(clipped: Clipped, z: NoiseMultiplier, rng: &mut SecureRng) -> Privatized {
     let sigma = z.get() * clipped.clip_norm.get();
-    let grid = snapping_grid(sigma);
     let mut values = clipped.values;
+    add_snapped_gaussian(&mut values, sigma, rng);
+    Privatized { values, clip_norm: clipped.clip_norm, noise_multiplier: z, examples: clipped.examples }
+}
+
+/// Add `N(0, sigma²)` to every value, the sum snapped to the grid of `sigma` (see the
+/// module documentation). What [`privatize`] does to an update, and what example-level
+/// DP-SGD does to each step's clipped gradient sum. `sigma` 0 leaves the values as they are.
+pub fn add_snapped_gaussian(values: &mut [f32], sigma: f64, rng: &mut SecureRng) {
+    if sigma.is_nan() || sigma <= 0.0 {
+        return;
+    }
+    let grid = snapping_grid(sigma);
     let mut noise = vec![0.0f64; 4096];
     for chunk in values.chunks_mut(4096) {
         let n = &mut noise[..chunk.len()];
@@ -173,7 +184,6 @@ pub fn privatize(clipped: Clipped, z: NoiseMultiplier, rng: &mut SecureRng) -> P
             *v = ((noisy / grid).round() * grid) as f32;
         }
     }
-    Privatized { values, clip_norm: clipped.clip_norm, noise_multiplier: z, examples: clipped.examples }
 }
 
 #[cfg(test)]

@@ -162,6 +162,11 @@ pub struct Trainer<'b> {
     v: Vec<[Vec<f32>; 7]>,
     time: i32,
     activation_budget: usize,
+    /// DP-SGD: clip each example's gradient to this L2 norm.
+    example_clip: Option<f32>,
+    /// Per-example gradients of the current micro-batch, `[examples × out × r]` per `B`.
+    per_example: Vec<[Vec<f32>; 7]>,
+    last_example_norms: Vec<f64>,
     work: Work,
 }
 
@@ -190,7 +195,20 @@ impl<'b> Trainer<'b> {
                 .collect()
         };
         let (grads, m, v) = (zeros(&slots), zeros(&slots), zeros(&slots));
-        Ok(Self { base, spec: spec.clone(), slots, grads, m, v, time: 0, activation_budget: 0, work: Work::default() })
+        Ok(Self {
+            base,
+            spec: spec.clone(),
+            slots,
+            grads,
+            m,
+            v,
+            time: 0,
+            activation_budget: 0,
+            example_clip: None,
+            per_example: Vec::new(),
+            last_example_norms: Vec::new(),
+            work: Work::default(),
+        })
     }
 
     /// Let the activations of up to `bytes` worth of layers stay from the forward to the
@@ -200,6 +218,32 @@ impl<'b> Trainer<'b> {
     pub fn set_activation_budget(&mut self, bytes: usize) {
         self.activation_budget = bytes;
         self.work.dims = None;
+    }
+
+    /// DP-SGD: clip every example's gradient (over all `B` together) to L2 norm `clip`
+    /// before it joins the batch's; `None` (the default) clips nothing. The noise is the
+    /// caller's to add ([`Trainer::add_to_gradients`]).
+    pub fn set_example_clip(&mut self, clip: Option<f32>) -> Result<()> {
+        if let Some(c) = clip
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(invalid("example clip", format!("{c} is not a positive number")));
+        }
+        self.example_clip = clip;
+        self.work.dims = None;
+        Ok(())
+    }
+
+    /// The norms of the last micro-batch's per-example gradients, before clipping.
+    pub fn last_example_norms(&self) -> &[f64] {
+        &self.last_example_norms
+    }
+
+    /// Let `f` change every accumulated gradient buffer (DP-SGD's noise).
+    pub fn add_to_gradients(&mut self, mut f: impl FnMut(&mut [f32])) {
+        for g in self.grads.iter_mut().flatten().filter(|g| !g.is_empty()) {
+            f(g);
+        }
     }
 
     /// Layers whose activations stay between the passes (known after the first step).
@@ -396,7 +440,11 @@ impl<'b> Trainer<'b> {
                 w.sin.push(angle.sin() as f32);
             }
         }
-        w.dims = Some((dm.b, dm.t));
+        self.per_example = match self.example_clip {
+            Some(_) => self.grads.iter().map(|gs| std::array::from_fn(|i| vec![0.0; gs[i].len() * dm.b])).collect(),
+            None => Vec::new(),
+        };
+        self.work.dims = Some((dm.b, dm.t));
     }
 
     fn run(&mut self, w: &mut Work, dm: Dims, batch: &HostBatch, weight: f32) -> f32 {
@@ -414,7 +462,8 @@ impl<'b> Trainer<'b> {
         }
         // Final norm and the chunked cross-entropy.
         rms_norm(&w.xs[layers], &base.norm, base.config.rms_norm_eps as f32, dm.d, &mut w.hf, &mut w.rstd_f);
-        let loss = head_loss(base, dm, &w.hf, batch, weight, &mut w.logits, &mut w.head_rows, &mut w.dhf);
+        let head_weight = if self.example_clip.is_some() { 1.0 } else { weight };
+        let loss = head_loss(base, dm, &w.hf, batch, head_weight, &mut w.logits, &mut w.head_rows, &mut w.dhf);
         w.back.dx.fill(0.0);
         rms_backward(&w.xs[layers], &w.rstd_f, &base.norm, &w.dhf, dm.d, &mut w.back.dx);
         // Backward, layer by layer, recomputing each layer's activations.
@@ -426,10 +475,64 @@ impl<'b> Trainer<'b> {
                 self.layer_forward(l, &views, dm, &w.xs[l], &mut w.acts, &mut w.x_tmp, &w.cos, &w.sin);
                 &mut w.acts
             };
-            let grads = &mut self.grads[l];
-            layer_backward(base, &self.slots[l], l, &views, dm, &w.xs[l], acts, &mut w.back, grads, &w.cos, &w.sin);
+            let (grads, examples) = match self.example_clip {
+                Some(_) => (&mut self.per_example[l], dm.b),
+                None => (&mut self.grads[l], 1),
+            };
+            layer_backward(
+                base,
+                &self.slots[l],
+                l,
+                &views,
+                dm,
+                &w.xs[l],
+                acts,
+                &mut w.back,
+                grads,
+                examples,
+                &w.cos,
+                &w.sin,
+            );
+        }
+        if let Some(clip) = self.example_clip {
+            self.add_clipped_examples(dm.b, clip, weight);
         }
         loss
+    }
+
+    /// DP-SGD's per-example clipping: the batch gradient holds `(1 / b) Σ g_i` with `g_i`
+    /// the gradient of example `i`'s own (mean) loss; each `g_i` is clipped to L2 norm
+    /// `clip` over every `B` together, and `weight · (1 / b) Σ clip(g_i)` is added to the
+    /// accumulated gradients.
+    fn add_clipped_examples(&mut self, b: usize, clip: f32, weight: f32) {
+        let norms: Vec<f64> = (0..b)
+            .map(|i| {
+                self.per_example
+                    .iter()
+                    .flatten()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let len = p.len() / b;
+                        p[i * len..(i + 1) * len].iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
+                    })
+                    .sum::<f64>()
+                    .sqrt()
+                    * b as f64
+            })
+            .collect();
+        let factors: Vec<f32> = norms.iter().map(|&g| weight * (f64::from(clip) / g).min(1.0) as f32).collect();
+        for (gs, ps) in self.grads.iter_mut().zip(&self.per_example) {
+            for (g, p) in gs.iter_mut().zip(ps) {
+                if g.is_empty() {
+                    continue;
+                }
+                for (i, f) in factors.iter().enumerate() {
+                    let part = &p[i * g.len()..(i + 1) * g.len()];
+                    g.iter_mut().zip(part).for_each(|(g, x)| *g += f * x);
+                }
+            }
+        }
+        self.last_example_norms = norms;
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -563,6 +666,7 @@ fn proj_backward(
     accumulate: bool,
     tmp: &mut [f32],
     grad_b: &mut [f32],
+    examples: usize,
 ) {
     let dym = Mat::new(dy, n, d_out);
     matmul(MatMut::new(dx, n, d_in), dym, Mat::new(w, d_out, d_in), accumulate, 1.0, Threads::Pool);
@@ -577,7 +681,17 @@ fn proj_backward(
         let tmp = &mut tmp[..n * r];
         matmul(MatMut::new(tmp, n, r), dym, Mat::new(&tr.b, d_out, r), false, 1.0, Threads::Pool);
         matmul(MatMut::new(dx, n, d_in), Mat::new(tmp, n, r), Mat::new(&tr.a, r, d_in), true, tr.scale, Threads::Pool);
-        matmul(MatMut::new(grad_b, d_out, r), dym.t(), Mat::new(u, n, r), true, tr.scale, Threads::Pool);
+        if examples <= 1 {
+            matmul(MatMut::new(grad_b, d_out, r), dym.t(), Mat::new(u, n, r), true, tr.scale, Threads::Pool);
+        } else {
+            // One gradient per example (its rows of `dy` and `u`), overwritten each call.
+            let t = n / examples;
+            for (i, g) in grad_b.chunks_mut(d_out * r).take(examples).enumerate() {
+                let dyi = Mat::new(&dy[i * t * d_out..(i + 1) * t * d_out], t, d_out);
+                let ui = Mat::new(&u[i * t * r..(i + 1) * t * r], t, r);
+                matmul(MatMut::new(g, d_out, r), dyi.t(), ui, false, tr.scale, Threads::Pool);
+            }
+        }
     }
 }
 
@@ -726,13 +840,14 @@ fn layer_backward(
     a: &mut Acts,
     g: &mut Back,
     grads: &mut [Vec<f32>; 7],
+    examples: usize,
     cos: &[f32],
     sin: &[f32],
 ) {
     let lb = &base.layers[l];
     let (n, d, f) = (dm.n, dm.d, dm.f);
     // MLP.
-    proj_backward(&slots[6], wv[6], &g.dx, &a.u[6], n, f, d, &mut g.dact, false, &mut a.tmp, &mut grads[6]);
+    proj_backward(&slots[6], wv[6], &g.dx, &a.u[6], n, f, d, &mut g.dact, false, &mut a.tmp, &mut grads[6], examples);
     g.dg.par_chunks_mut(f).zip(g.dup.par_chunks_mut(f)).enumerate().for_each(|(row, (dg, dup))| {
         let o = row * f;
         for j in 0..f {
@@ -742,21 +857,34 @@ fn layer_backward(
             dup[j] = da * gv * s;
         }
     });
-    proj_backward(&slots[4], wv[4], &g.dg, &a.u[4], n, d, f, &mut g.dh, false, &mut a.tmp, &mut grads[4]);
-    proj_backward(&slots[5], wv[5], &g.dup, &a.u[5], n, d, f, &mut g.dh, true, &mut a.tmp, &mut grads[5]);
+    proj_backward(&slots[4], wv[4], &g.dg, &a.u[4], n, d, f, &mut g.dh, false, &mut a.tmp, &mut grads[4], examples);
+    proj_backward(&slots[5], wv[5], &g.dup, &a.u[5], n, d, f, &mut g.dh, true, &mut a.tmp, &mut grads[5], examples);
     g.dxmid.copy_from_slice(&g.dx);
     rms_backward(&a.xmid, &a.rstd2, &lb.mlp_norm, &g.dh, d, &mut g.dxmid);
     // Attention.
-    proj_backward(&slots[3], wv[3], &g.dxmid, &a.u[3], n, dm.qd, d, &mut g.dout, false, &mut a.tmp, &mut grads[3]);
+    proj_backward(
+        &slots[3],
+        wv[3],
+        &g.dxmid,
+        &a.u[3],
+        n,
+        dm.qd,
+        d,
+        &mut g.dout,
+        false,
+        &mut a.tmp,
+        &mut grads[3],
+        examples,
+    );
     attention_backward(dm, &a.q, &a.k, &a.v, &a.p, &g.dout, &mut g.dqh, &mut g.dkh, &mut g.dvh);
     from_heads(dm, dm.h, &g.dqh, &mut g.dq);
     from_heads(dm, dm.kvh, &g.dkh, &mut g.dk);
     from_heads(dm, dm.kvh, &g.dvh, &mut g.dv);
     rope(&mut g.dq, dm, dm.h, cos, sin, true);
     rope(&mut g.dk, dm, dm.kvh, cos, sin, true);
-    proj_backward(&slots[0], wv[0], &g.dq, &a.u[0], n, d, dm.qd, &mut g.dh, false, &mut a.tmp, &mut grads[0]);
-    proj_backward(&slots[1], wv[1], &g.dk, &a.u[1], n, d, dm.kvd, &mut g.dh, true, &mut a.tmp, &mut grads[1]);
-    proj_backward(&slots[2], wv[2], &g.dv, &a.u[2], n, d, dm.kvd, &mut g.dh, true, &mut a.tmp, &mut grads[2]);
+    proj_backward(&slots[0], wv[0], &g.dq, &a.u[0], n, d, dm.qd, &mut g.dh, false, &mut a.tmp, &mut grads[0], examples);
+    proj_backward(&slots[1], wv[1], &g.dk, &a.u[1], n, d, dm.kvd, &mut g.dh, true, &mut a.tmp, &mut grads[1], examples);
+    proj_backward(&slots[2], wv[2], &g.dv, &a.u[2], n, d, dm.kvd, &mut g.dh, true, &mut a.tmp, &mut grads[2], examples);
     g.dx.copy_from_slice(&g.dxmid);
     rms_backward(x, &a.rstd1, &lb.attn_norm, &g.dh, d, &mut g.dx);
 }

@@ -213,3 +213,59 @@ fn keeping_activations_gives_the_same_gradients_as_recomputing_them() {
         assert_eq!((l, &g), (loss, &grads), "kept {k} layers");
     }
 }
+
+#[test]
+fn per_example_clipping_equals_clipping_each_example_alone() {
+    let config = config();
+    let weights = random_tensors(&config, 8);
+    let base = Base::from_tensors(&config, &weights).expect("base");
+    let spec = LoraSpec { rank: 4, scale: 2.0, targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down] };
+    let a = frozen_a(&weights, 4, &spec.targets, 2);
+    let b = random_b(&a, &config, 3, 0.1);
+    let hb = batch(&config, false);
+    let t = hb.seq;
+    // Each example alone: the gradient of its own mean loss.
+    let alone: Vec<NamedTensors> = (0..hb.batch)
+        .map(|i| {
+            let one = HostBatch {
+                batch: 1,
+                seq: t,
+                inputs: hb.inputs[i * t..(i + 1) * t].to_vec(),
+                targets: hb.targets[i * t..(i + 1) * t].to_vec(),
+                weights: None,
+            };
+            let mut tr = Trainer::new(&base, &spec, &a, Some(&b), None).expect("trainer");
+            tr.accumulate(&one, 1.0).expect("loss");
+            tr.gradients()
+        })
+        .collect();
+    let norm = |g: &NamedTensors| covey_tensors::global_norm(g);
+    let smallest = alone.iter().map(norm).fold(f64::INFINITY, f64::min);
+    for clip in [1e6f32, (smallest * 0.5) as f32] {
+        let mut tr = Trainer::new(&base, &spec, &a, Some(&b), None).expect("trainer");
+        tr.set_example_clip(Some(clip)).expect("clip");
+        tr.accumulate(&hb, 0.5).expect("loss");
+        let got = tr.gradients();
+        for (i, g) in alone.iter().enumerate() {
+            let n = tr.last_example_norms()[i];
+            assert!((n - norm(g)).abs() < 1e-4 * norm(g), "example {i}: norm {n} vs {}", norm(g));
+        }
+        for (name, t) in &got {
+            for (j, &v) in t.data.iter().enumerate() {
+                let want: f64 = alone
+                    .iter()
+                    .map(|g| f64::from(g[name].data[j]) * (f64::from(clip) / norm(g)).min(1.0))
+                    .sum::<f64>()
+                    * 0.5
+                    / hb.batch as f64;
+                assert!(
+                    (f64::from(v) - want).abs() < 1e-6 + 1e-4 * want.abs(),
+                    "{name}[{j}]: {v} vs {want} (clip {clip})"
+                );
+            }
+        }
+    }
+    // A clip that is not a positive number is refused.
+    let mut tr = Trainer::new(&base, &spec, &a, Some(&b), None).expect("trainer");
+    assert!(tr.set_example_clip(Some(f32::NAN)).is_err());
+}

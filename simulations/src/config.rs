@@ -159,11 +159,22 @@ pub struct RoundsSection {
     /// trains `clients-per-round × training.steps` steps per round (the same compute as
     /// the federated round). Default false.
     pub centralised: bool,
+    /// Example-level DP-SGD in every client's local training
+    /// (`example-dp = { clip = 1.0, noise-multiplier = 1.0 }`), as the agent's option of
+    /// the same name. Default none.
+    pub example_dp: Option<covey_model::ExampleDp>,
 }
 
 impl Default for RoundsSection {
     fn default() -> Self {
-        Self { rounds: 10, clients_per_round: 10, parallel: 2, training_threads: 1, centralised: false }
+        Self {
+            rounds: 10,
+            clients_per_round: 10,
+            parallel: 2,
+            training_threads: 1,
+            centralised: false,
+            example_dp: None,
+        }
     }
 }
 

@@ -369,6 +369,7 @@ pub async fn central_baseline(
         },
         proximal_mu: 0.0,
         checkpoint_every: 0,
+        example_dp: None,
     };
     let round = covey_model::LocalRound {
         config: &model.config,

@@ -62,6 +62,7 @@ impl Fleet {
             cfg.coordinator = Some(url.to_owned());
             cfg.max_poll_wait = Duration::from_millis(300);
             cfg.train_threads = prepared.experiment.rounds.training_threads;
+            cfg.example_dp = prepared.experiment.rounds.example_dp;
             cfg.keep_versions = 1;
             covey_agent::enroll(&cfg, TOKEN, &client.id).await?;
             let mut rx = stop_rx.clone();

@@ -298,7 +298,10 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
     let RoundJob { prepared, published, a, round } = *job;
     let exp = &prepared.experiment;
     let device_id = covey_proto::keys::sha256(client.id.as_bytes());
-    let spec = covey_agent::train::spec_for(&task.lora, &task.training, exp.rounds.training_threads, 0, &device_id);
+    let spec = covey_model::LocalTrainSpec {
+        example_dp: exp.rounds.example_dp,
+        ..covey_agent::train::spec_for(&task.lora, &task.training, exp.rounds.training_threads, 0, &device_id)
+    };
     let device = covey_model::cpu_device();
     let local = LocalRound {
         config: &prepared.config,
@@ -310,7 +313,16 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
         chats: &[],
         chat_format: None,
     };
-    let result = match covey_model::train_local_adapter(local, &spec, &device, None, |_| {}) {
+    let trained = match spec.example_dp {
+        None => covey_model::train_local_adapter(local, &spec, &device, None, |_| {}),
+        Some(_) => {
+            // The local DP-SGD noise, keyed apart from the update's noise below.
+            let key = seed_bytes(exp.seed, &format!("example-dp/{}", client.id), round);
+            let mut noise = covey_agent::train::SecureNoise(SecureRng::from_seed(key));
+            covey_model::train_local_adapter_private(local, &spec, None, |_| {}, &mut noise)
+        }
+    };
+    let result = match trained {
         Ok(r) => r,
         Err(e @ covey_model::ModelError::EmptyCorpus { .. }) => {
             tracing::warn!(client = %client.id, error = %e, "client drops out: too little text");

@@ -71,6 +71,18 @@ pub struct BenchRun {
     pub keep_mib: usize,
     /// Which trainer.
     pub engine: Engine,
+    /// Example-level DP-SGD (per-example clipping and noise), covey trainer only.
+    pub example_dp: Option<covey_model::ExampleDp>,
+}
+
+/// Example-level DP-SGD's noise, as the agent draws it (covey-privacy's snapped
+/// Gaussian from an OS-keyed ChaCha20 stream).
+struct Noise(covey_privacy::noise::SecureRng);
+
+impl covey_model::NoiseSource for Noise {
+    fn add_gaussian(&mut self, values: &mut [f32], std: f64) {
+        covey_privacy::noise::add_snapped_gaussian(values, std, &mut self.0);
+    }
 }
 
 /// LoRA fine-tuning of the fixed configuration: hidden 256, 4 layers, 4 heads,
@@ -87,7 +99,8 @@ pub fn lora_training(run: BenchRun) -> Result<BenchReport> {
     let text: String =
         (0..200_000u32).map(|i| char::from(b'a' + ((i.wrapping_mul(2_654_435_761) >> 24) % 26) as u8)).collect();
     let line = format!(
-        "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s), {keep_mib} MiB of activations kept, {engine:?} trainer"
+        "hidden 256, 4 layers, 4 heads, intermediate 688, vocab 256, seq 128, batch 8, LoRA r8 on q,v, AdamW, {threads} thread(s), {keep_mib} MiB of activations kept, {engine:?} trainer{}",
+        dp_line(run.example_dp)
     );
     timed_round(&config, base, &covey_model::Tokenizer::Bytes, &text, 8, run, line)
 }
@@ -131,8 +144,9 @@ pub fn lora_real(model_path: &std::path::Path, text: &str, base: BaseWeights, ru
         stored.insert(name, t);
     }
     let line = format!(
-        "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s), {keep_mib} MiB of activations kept, {engine:?} trainer",
-        model_path.display()
+        "{}, {base:?} base, seq 128, batch 4, LoRA r8 on q,v, AdamW, {threads} thread(s), {keep_mib} MiB of activations kept, {engine:?} trainer{}",
+        model_path.display(),
+        dp_line(run.example_dp)
     );
     timed_round(&config, stored, &tokenizer, text, 4, run, line)
 }
@@ -149,7 +163,7 @@ fn timed_round(
     run: BenchRun,
     line: String,
 ) -> Result<BenchReport> {
-    let BenchRun { steps, warmup, threads, keep_mib, engine } = run;
+    let BenchRun { steps, warmup, threads, keep_mib, engine, example_dp } = run;
     let lora = LoraConfig {
         rank: 8,
         alpha: 16.0,
@@ -193,6 +207,7 @@ fn timed_round(
         },
         proximal_mu: 0.0,
         checkpoint_every: 1,
+        example_dp,
     };
     let corpus = [text.to_string()];
     let round = LocalRound {
@@ -210,9 +225,14 @@ fn timed_round(
     let start = Instant::now();
     let on_step = |_: covey_model::RoundProgress| marks.push(Instant::now());
     let device = covey_model::cpu_device();
-    match engine {
-        Engine::Covey => covey_model::train_local_adapter(round, &spec, &device, None, on_step)?,
-        Engine::Burn => covey_model::train_local_adapter_burn(round, &spec, &device, None, on_step)?,
+    match (engine, example_dp) {
+        (Engine::Covey, None) => covey_model::train_local_adapter(round, &spec, &device, None, on_step)?,
+        (Engine::Covey, Some(_)) => {
+            let rng = covey_privacy::noise::SecureRng::from_os()
+                .map_err(|e| covey_model::ModelError::config("example_dp", e.to_string()))?;
+            covey_model::train_local_adapter_private(round, &spec, None, on_step, &mut Noise(rng))?
+        }
+        (Engine::Burn, _) => covey_model::train_local_adapter_burn(round, &spec, &device, None, on_step)?,
     };
     let from = if warmup == 0 { start } else { marks[warmup - 1] };
     let secs = marks.last().map_or(0.0, |m| m.duration_since(from).as_secs_f64());
@@ -230,4 +250,9 @@ fn timed_round(
 
 fn quantize_error(name: &str, e: covey_tensors::TensorError) -> covey_model::ModelError {
     covey_model::ModelError::config("base", format!("cannot quantize `{name}`: {e}"))
+}
+
+fn dp_line(dp: Option<covey_model::ExampleDp>) -> String {
+    dp.map(|d| format!(", example-level DP-SGD (clip {}, noise multiplier {})", d.clip, d.noise_multiplier))
+        .unwrap_or_default()
 }

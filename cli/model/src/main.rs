@@ -348,6 +348,13 @@ struct BenchArgs {
     /// recomputing them (the agents' default is 64; 0 is the least memory).
     #[arg(long, default_value_t = 64)]
     activation_memory_mib: usize,
+    /// Example-level DP-SGD: clip every sequence's gradient to this L2 norm (and add
+    /// noise, `--example-noise`).
+    #[arg(long)]
+    example_clip: Option<f64>,
+    /// With --example-clip: the noise multiplier.
+    #[arg(long, default_value_t = 1.0)]
+    example_noise: f64,
     /// Which trainer: covey (what agents run) or burn (autodiff reference).
     #[arg(long, value_enum, default_value_t = EngineArg::Covey)]
     engine: EngineArg,
@@ -613,6 +620,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         threads: a.threads,
         keep_mib: a.activation_memory_mib,
         engine,
+        example_dp: a.example_clip.map(|clip| covey_model::ExampleDp { clip, noise_multiplier: a.example_noise }),
     };
     let r = match &a.model {
         None => crate::bench::lora_training(run)?,
