@@ -68,9 +68,11 @@ pub struct AgentConfig {
     /// local noise are refused, and once the budget would be exceeded the agent stops.
     /// Default none (no device-side accounting; rely on the coordinator's central DP).
     pub privacy_budget: Option<covey_privacy::Budget>,
-    /// The largest LoRA rank this device trains (what its memory allows), told to the
-    /// coordinator with each poll; a coordinator that allows smaller ranks
-    /// (`lora.device-ranks`) gives it the largest one not above this. 0: any. Default 0.
+    /// The largest LoRA rank this device trains, told to the coordinator with each poll; a
+    /// coordinator that allows smaller ranks (`lora.device-ranks`) gives it the largest
+    /// one not above this. 0: follow `max-memory-bytes` (the largest rank whose task would
+    /// fit it, on the model and training shape of the last task), or any rank without a
+    /// memory limit. Default 0.
     pub max_lora_rank: u32,
     /// Memory a task may use, in bytes (`None`: no limit). Before it downloads a version's
     /// weights the agent estimates what training the task needs ([`crate::budget`]) and

@@ -124,6 +124,7 @@ pub async fn run_with_shutdown(
     let agent = Agent {
         models: ModelCache::new(&cfg.state_dir),
         checkpoints: CheckpointStore::new(&cfg.state_dir),
+        rank_basis: std::sync::Mutex::new(None),
         cfg,
         identity,
         coordinator,
@@ -191,13 +192,39 @@ struct Agent {
     coordinator: CoordinatorClient,
     models: ModelCache,
     checkpoints: CheckpointStore,
+    /// What the last task trained on: the basis of the rank cap a memory budget implies.
+    rank_basis: std::sync::Mutex<Option<RankBasis>>,
+}
+
+/// The model and training shape of the last task, for [`Agent::rank_cap`].
+struct RankBasis {
+    config: covey_model::LlamaConfig,
+    release_bytes: u64,
+    training: crate::task::TrainingSpec,
+    targets: Vec<covey_model::LoraTarget>,
+    layout_rank: usize,
 }
 
 impl Agent {
+    /// The rank cap stated with each poll: `max-lora-rank` when set; otherwise, with a
+    /// `max-memory-bytes` budget, the largest rank whose task would fit it on the model and
+    /// training shape of the last task (none before the first task: its memory check
+    /// declines it if it does not fit).
+    fn rank_cap(&self) -> u32 {
+        if self.cfg.max_lora_rank > 0 {
+            return self.cfg.max_lora_rank;
+        }
+        let (Some(limit), Ok(basis)) = (self.cfg.max_memory_bytes, self.rank_basis.lock()) else { return 0 };
+        let Some(b) = basis.as_ref() else { return 0 };
+        let r =
+            crate::budget::rank_for_budget(&b.config, b.release_bytes, &b.training, &b.targets, b.layout_rank, limit);
+        u32::try_from(r).unwrap_or(u32::MAX)
+    }
+
     /// One poll and, when it brings a task, the whole task. `Ok(Some(d))`: wait `d` before
     /// polling again; `Ok(None)`: poll again now.
     async fn step(&self, summary: &mut RunSummary) -> Result<Option<Duration>> {
-        let outcome = self.coordinator.poll(&self.identity, self.cfg.max_lora_rank).await?;
+        let outcome = self.coordinator.poll(&self.identity, self.rank_cap()).await?;
         summary.polls += 1;
         let task = match outcome {
             PollReply::Wait { retry_after, reason } => {
@@ -267,12 +294,26 @@ impl Agent {
             other => other?,
         };
         check_layout(task, &model)?;
+        if let Ok(mut basis) = self.rank_basis.lock() {
+            *basis = Some(RankBasis {
+                config: model.config.clone(),
+                release_bytes: model.manifest.release.model.size,
+                training: task.training.clone(),
+                targets: task.lora.targets.clone(),
+                layout_rank: model.manifest.lora.rank,
+            });
+        }
         let mut spec = local_spec(task, &self.cfg, &self.identity.device_id);
         if let Some(limit) = self.cfg.max_memory_bytes {
             // What the budget leaves above the leanest footprint buys speed: activations
             // kept instead of recomputed.
-            let need =
-                crate::budget::task_memory_bytes(&model.config, model.manifest.release.model.size, &task.training);
+            let need = crate::budget::task_memory_bytes(
+                &model.config,
+                model.manifest.release.model.size,
+                &task.training,
+                task.lora.rank,
+                &task.lora.targets,
+            );
             spec.train.activation_memory_mib = usize::try_from(limit.saturating_sub(need) >> 20).unwrap_or(usize::MAX);
         }
         let job = TrainJob {
@@ -454,7 +495,13 @@ impl Agent {
         })?;
         let config: covey_model::LlamaConfig = serde_json::from_slice(&bytes)
             .map_err(|e| AgentError::untrusted(m.version, format!("config.json does not parse: {e}")))?;
-        let need = crate::budget::task_memory_bytes(&config, m.release.model.size, &task.training);
+        let need = crate::budget::task_memory_bytes(
+            &config,
+            m.release.model.size,
+            &task.training,
+            task.lora.rank,
+            &task.lora.targets,
+        );
         if need <= limit {
             return Ok(());
         }
