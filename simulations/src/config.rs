@@ -58,9 +58,11 @@ pub enum Source {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ModelSection {
-    /// A model directory (`config.json`, `model.safetensors`), e.g. from
-    /// `covey-model pretrain`. When absent, a model of `preset` shape is initialised at
-    /// random from `init-seed`. The repository ships a pretrained byte-level model,
+    /// A model directory (`config.json`, `model.safetensors` in f32, int8 or int4, and a
+    /// `tokenizer.json` when the model is not byte-level), e.g. from `covey-model
+    /// pretrain`, `import`, `distill` or `quantize`, or a GGUF file (SmolLM2: see
+    /// `scripts/fetch-smollm2.sh`). When absent, a model of `preset` shape is initialised
+    /// at random from `init-seed`. The repository ships a pretrained byte-level model,
     /// `models/shakespeare-byte`. Default: none.
     pub base: Option<PathBuf>,
     /// Shape of a randomly initialised model when `base` is absent: `tiny` (hidden 32,

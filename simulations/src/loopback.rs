@@ -118,6 +118,11 @@ pub async fn run(prepared: Arc<Prepared>, work: &Path, progress: &dyn Progress) 
     std::fs::write(base.join("config.json"), &prepared.config_json).map_err(|e| SimError::io(&base, e))?;
     let master_bytes = covey_tensors::encode(&prepared.master, None)?;
     std::fs::write(base.join("model.safetensors"), &master_bytes).map_err(|e| SimError::io(&base, e))?;
+    drop(master_bytes);
+    if let Some(tc) = &prepared.tokenizer_config_json {
+        prepared.tokenizer.save_to_dir(&base).map_err(covey_model::ModelError::from)?;
+        std::fs::write(base.join("tokenizer_config.json"), tc).map_err(|e| SimError::io(&base, e))?;
+    }
 
     let engine = server::open_engine(coordinator_config(&prepared, work, &base)).await?;
     let mut versions = engine.watch_versions();

@@ -31,6 +31,11 @@ pub struct Prepared {
     pub config_json: Vec<u8>,
     /// f32 master weights, Hugging Face names.
     pub master: NamedTensors,
+    /// The model's tokenizer (byte-level for a model directory without `tokenizer.json`).
+    pub tokenizer: Tokenizer,
+    /// `tokenizer_config.json` for the model directory the loopback coordinator imports
+    /// (chat template, BOS / EOS); `None` for the byte-level tokenizer.
+    pub tokenizer_config_json: Option<Vec<u8>>,
     /// The clients (after partitioning; one pooled client for a centralised run).
     pub dataset: Dataset,
     /// Held-out texts every version is scored on.
@@ -96,7 +101,13 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
     exp.validate()?;
     let mut exp = exp.clone();
     let mut notes = Vec::new();
-    let (config, config_json, master) = load_model(&exp)?;
+    let LoadedBase { config, config_json, master, tokenizer, tokenizer_config_json } = load_model(&exp)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(SimError::config(
+            "model.base",
+            format!("the tokenizer has {} tokens, the model {}", tokenizer.vocab_size(), config.vocab_size),
+        ));
+    }
     let raw = match exp.data.source {
         Source::LeafShakespeare => dataset::leaf_shakespeare(&exp.data.path, &exp.data.leaf)?,
         Source::ClientDirs => dataset::client_dirs(&exp.data.path, exp.data.train_fraction)?,
@@ -140,19 +151,38 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
             exp.privacy.delta, exp.rounds.rounds
         ));
     }
-    Ok(Prepared { experiment: exp, config, config_json, master, dataset, eval_texts, eval_clients, notes })
+    Ok(Prepared {
+        experiment: exp,
+        config,
+        config_json,
+        master,
+        tokenizer,
+        tokenizer_config_json,
+        dataset,
+        eval_texts,
+        eval_clients,
+        notes,
+    })
 }
 
-/// The model of `exp`: a model directory, or a random initialisation of its preset.
-fn load_model(exp: &Experiment) -> Result<(LlamaConfig, Vec<u8>, NamedTensors)> {
-    let (config, dir_holder);
-    let dir: &Path = match &exp.model.base {
-        Some(dir) => {
-            config = LlamaConfig::load(&dir.join("config.json")).map_err(covey_model::ModelError::from)?;
-            dir
-        }
+/// What [`load_model`] reads.
+struct LoadedBase {
+    config: LlamaConfig,
+    config_json: Vec<u8>,
+    master: NamedTensors,
+    tokenizer: Tokenizer,
+    tokenizer_config_json: Option<Vec<u8>>,
+}
+
+/// The model of `exp`: a model directory or a GGUF file (as the coordinator reads its
+/// initial model: the weights, the tokenizer, the chat template), or a random
+/// initialisation of its preset (byte-level).
+fn load_model(exp: &Experiment) -> Result<LoadedBase> {
+    let dir_holder;
+    let path: &Path = match &exp.model.base {
+        Some(path) => path,
         None => {
-            config = exp.model.preset_config()?;
+            let config = exp.model.preset_config()?;
             let device = covey_model::cpu_device();
             let model = covey_model::Llama::init(&config, exp.model.init_seed, &device)?;
             dir_holder = tempfile::tempdir().map_err(|e| SimError::io(Path::new("temporary directory"), e))?;
@@ -160,14 +190,35 @@ fn load_model(exp: &Experiment) -> Result<(LlamaConfig, Vec<u8>, NamedTensors)> 
             dir_holder.path()
         }
     };
-    if config.vocab_size != Tokenizer::Bytes.vocab_size() {
-        return Err(SimError::config(
-            "model.base",
-            format!("simulations use byte-level models (vocabulary 256); this one has {}", config.vocab_size),
-        ));
-    }
-    let initial = covey_coordinator::weights::read_initial_model(dir, &exp.lora)?;
-    Ok((config, initial.config_json, initial.master))
+    let initial = covey_coordinator::weights::read_initial_model(path, &exp.lora)?;
+    let config: LlamaConfig = serde_json::from_slice(&initial.config_json)
+        .map_err(|e| SimError::config("model.base", format!("config.json: {e}")))?;
+    let (tokenizer, tokenizer_config_json) = match &initial.tokenizer_json {
+        None => (Tokenizer::Bytes, None),
+        Some(json) => {
+            let tokenizer =
+                Tokenizer::from_json_bytes(json, "tokenizer.json").map_err(covey_model::ModelError::from)?;
+            let token = |id: Option<u32>| match (&tokenizer, id) {
+                (Tokenizer::HuggingFace(t), Some(id)) => t.id_to_token(id),
+                _ => None,
+            };
+            let s = &initial.special_tokens;
+            let tc = serde_json::json!({
+                "chat_template": initial.chat_template,
+                "bos_token": token(s.bos),
+                "eos_token": token(s.eos),
+                "add_bos_token": s.add_bos,
+            });
+            (tokenizer, Some(tc.to_string().into_bytes()))
+        }
+    };
+    Ok(LoadedBase {
+        config,
+        config_json: initial.config_json,
+        master: initial.master,
+        tokenizer,
+        tokenizer_config_json,
+    })
 }
 
 /// Test texts of clients (those whose id starts with one of `prefixes`, or all) taken in
@@ -223,7 +274,7 @@ pub fn evaluate(prepared: &Prepared, weights: &NamedTensors) -> Result<covey_mod
     Ok(covey_model::evaluate_texts(
         &prepared.config,
         weights,
-        &Tokenizer::Bytes,
+        &prepared.tokenizer,
         &prepared.eval_texts,
         prepared.experiment.eval_seq_len(),
         &device,
@@ -234,7 +285,7 @@ pub fn evaluate(prepared: &Prepared, weights: &NamedTensors) -> Result<covey_mod
 pub fn sample(prepared: &Prepared, weights: &NamedTensors, prompt: &str, count: usize) -> Result<String> {
     let device = covey_model::cpu_device();
     let model = covey_model::checkpoint::from_base_tensors(&prepared.config, weights, Path::new("published"), &device)?;
-    let tokenizer = Tokenizer::Bytes;
+    let tokenizer = &prepared.tokenizer;
     let ids = tokenizer.encode(prompt).map_err(covey_model::ModelError::from)?;
     let sampling = covey_model::SamplingConfig {
         max_new_tokens: count,

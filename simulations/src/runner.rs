@@ -23,7 +23,7 @@ use std::time::Instant;
 use covey_agent::update::PrivateUpdate;
 use covey_coordinator::round::{PrivacyRecord, RoundFrame, RoundPolicy, privacy_spent};
 use covey_coordinator::{CoordinatorConfig, weights};
-use covey_model::{LocalRound, NamedTensors, Tokenizer};
+use covey_model::{LocalRound, NamedTensors};
 use covey_privacy::SecureRng;
 use covey_proto::task::Task;
 use covey_strategy::{ClientUpdate, Strategy};
@@ -308,7 +308,7 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
         base: covey_model::RoundBase::Tensors(std::borrow::Cow::Borrowed(published)),
         adapter: None,
         a,
-        tokenizer: &Tokenizer::Bytes,
+        tokenizer: &prepared.tokenizer,
         corpus: &client.train,
         chats: &[],
         chat_format: None,
