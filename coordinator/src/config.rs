@@ -160,11 +160,16 @@ pub struct PublishSection {
     /// always kept) are deleted; their versions stay listed but cannot be made current
     /// again. 0 keeps every release. Default 0.
     pub keep_releases: usize,
+    /// When the operator promotes an adapter version (`covey-coordinator promote`), cut a
+    /// base release from it (its adapter merged into the master, quantized) and make that
+    /// current, so devices receive the promoted weights merged rather than release plus
+    /// adapter. `rollback` is never turned into a release. Default false.
+    pub release_on_promote: bool,
 }
 
 impl Default for PublishSection {
     fn default() -> Self {
-        Self { quantization: ReleaseQuantization::Int8, release_every: 10, keep_releases: 0 }
+        Self { quantization: ReleaseQuantization::Int8, release_every: 10, keep_releases: 0, release_on_promote: false }
     }
 }
 

@@ -387,7 +387,8 @@ impl Admin for AdminService {
     }
 
     async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
-        let (current_version, failed) = self.engine.promote(request.into_inner().version).await.map_err(status)?;
+        let (current_version, failed) =
+            self.engine.promote_by_operator(request.into_inner().version).await.map_err(status)?;
         Ok(Response::new(pb::PromoteResponse { current_version, failed_round: failed.unwrap_or(0) }))
     }
 

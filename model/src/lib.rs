@@ -56,8 +56,9 @@ pub use eval::EvalMetrics;
 pub use generate::SamplingConfig;
 pub use llama::{KvCache, Llama};
 pub use local_round::{
-    ChatFormat, ExampleDp, LocalResult, LocalRound, LocalTrainSpec, NoiseSource, Resume, RoundBase, RoundProgress,
-    evaluate_texts, tokenize_corpus, train_local_adapter, train_local_adapter_burn, train_local_adapter_private,
+    AdapterRun, ChatFormat, ExampleDp, LocalResult, LocalRound, LocalTrainSpec, NoiseSource, Resume, RoundBase,
+    RoundProgress, TrainedAdapter, evaluate_texts, seeded_a, tokenize_corpus, train_adapter, train_local_adapter,
+    train_local_adapter_burn, train_local_adapter_private,
 };
 pub use tokenizer::Tokenizer;
 pub use train::TrainConfig;

@@ -502,7 +502,7 @@ fn train_local_fast(
     spec: &LocalTrainSpec,
     resume: Option<Resume>,
     mut on_checkpoint: impl FnMut(RoundProgress),
-    mut noise: Option<&mut dyn NoiseSource>,
+    noise: Option<&mut dyn NoiseSource>,
 ) -> Result<LocalResult> {
     let LocalRound { config, base, adapter, a, tokenizer, corpus, chats, chat_format } = round;
     let start_step = start_of(spec, resume.as_ref())?;
@@ -522,11 +522,118 @@ fn train_local_fast(
         check_factors(&r.b, config, &lora, 'B', B_SOURCE)?;
     }
     let (mut batcher, documents) = round_batcher(corpus, chats, chat_format, tokenizer, config, train, start_step)?;
+    let every = spec.checkpoint_every;
+    let run = AdapterRun {
+        config,
+        base,
+        frozen: adapter,
+        lora: &lora,
+        a: Some(a),
+        b: resume.as_ref().map(|r| &r.b),
+        start_step,
+        proximal_mu: spec.proximal_mu,
+        example_dp: spec.example_dp,
+    };
+    let trained = train_adapter(run, train, &mut batcher, noise, |s, trainer| {
+        if every > 0 && (s.step + 1).is_multiple_of(every) {
+            on_checkpoint(RoundProgress { step: s.step + 1, b: trainer.b_tensors() });
+        }
+    })?;
+    let losses: Vec<f32> = trained.steps.iter().map(|s| s.loss).collect();
+    let examples = (train.steps * train.batch_size * train.grad_accum) as u64;
+    Ok(LocalResult {
+        b: trained.b,
+        examples,
+        tokens: examples * train.seq_len as u64,
+        documents: documents as u64,
+        steps_run: losses.len(),
+        loss_first: losses.first().copied().unwrap_or(f32::NAN),
+        loss_last: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
+    })
+}
+
+/// What [`train_adapter`] trains.
+#[derive(Debug)]
+pub struct AdapterRun<'a> {
+    /// Shape of the model.
+    pub config: &'a LlamaConfig,
+    /// Its weights (f32, or as a release stores them).
+    pub base: RoundBase<'a>,
+    /// An adapter already folded into the version trained on, kept apart, never trained.
+    pub frozen: Option<FrozenAdapter<'a>>,
+    /// Rank, alpha, targets; `ffa` freezes `A` (only `B` trains). Dropout must be 0.
+    pub lora: &'a LoraConfig,
+    /// `A` (PEFT names, `[r, in]`); `None`: the seeded initialisation `Llama::with_lora`
+    /// draws, from `lora.seed`.
+    pub a: Option<&'a NamedTensors>,
+    /// `B` (PEFT names, `[out, r]`); `None`: zero.
+    pub b: Option<&'a NamedTensors>,
+    /// First optimizer step (the batcher must already be positioned there).
+    pub start_step: usize,
+    /// FedProx coefficient on `B` (0: none).
+    pub proximal_mu: f64,
+    /// Example-level DP-SGD (FFA only; noise from the caller's source).
+    pub example_dp: Option<ExampleDp>,
+}
+
+/// An adapter trained by [`train_adapter`].
+#[derive(Debug, Clone)]
+pub struct TrainedAdapter {
+    /// `A` (trained unless FFA), PEFT names.
+    pub a: NamedTensors,
+    /// `B`, PEFT names.
+    pub b: NamedTensors,
+    /// Every step run.
+    pub steps: Vec<crate::train::StepStats>,
+    /// Training tokens processed.
+    pub tokens: usize,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// LoRA training on `covey-qlora`'s trainer (hand-written backward, the base kept as
+/// stored, layer recomputation within `train.activation_memory_mib`): the objective,
+/// schedule, clipping and AdamW of burn's loop ([`crate::train::train`]), on batches
+/// from `batcher`. What local rounds and `covey-model finetune` run. `on_step` sees every
+/// step and the trainer (its `B`, for checkpoints).
+pub fn train_adapter(
+    run: AdapterRun<'_>,
+    train: &TrainConfig,
+    batcher: &mut Batcher,
+    mut noise: Option<&mut dyn NoiseSource>,
+    mut on_step: impl FnMut(&crate::train::StepStats, &covey_qlora::Trainer<'_>),
+) -> Result<TrainedAdapter> {
+    let AdapterRun { config, base, frozen, lora, a, b, start_step, proximal_mu, example_dp } = run;
+    train.validate()?;
+    lora.validate()?;
+    if lora.dropout > 0.0 {
+        return Err(ModelError::config("dropout", "covey-qlora's trainer has no adapter dropout; use burn's"));
+    }
+    if start_step >= train.steps {
+        return Err(ModelError::config(
+            "steps",
+            format!("start step {start_step} leaves nothing of {} steps", train.steps),
+        ));
+    }
+    let drawn;
+    let a = match a {
+        Some(a) => a,
+        None => {
+            drawn = seeded_a(config, lora);
+            &drawn
+        }
+    };
     let base = base.into_base(config)?;
-    let lspec = covey_qlora::LoraSpec { rank: lora.rank, scale: lora.scale() as f32, targets: lora.targets.clone() };
-    let mut trainer = covey_qlora::Trainer::new(&base, &lspec, a, resume.as_ref().map(|r| &r.b), adapter)?;
+    let lspec = covey_qlora::LoraSpec {
+        rank: lora.rank,
+        scale: lora.scale() as f32,
+        targets: lora.targets.clone(),
+        train_a: !lora.ffa,
+    };
+    let mut trainer = covey_qlora::Trainer::new(&base, &lspec, a, b, frozen)?;
     trainer.set_activation_budget(train.activation_memory_mib.saturating_mul(1 << 20));
-    trainer.set_example_clip(spec.example_dp.map(|dp| dp.clip as f32))?;
+    trainer.set_example_clip(example_dp.map(|dp| dp.clip as f32))?;
     let opt = covey_qlora::AdamW {
         beta_1: crate::train::ADAM_BETA_1,
         beta_2: crate::train::ADAM_BETA_2,
@@ -537,51 +644,62 @@ fn train_local_fast(
         .num_threads(train.threads.max(1))
         .build()
         .map_err(|e| ModelError::config("threads", format!("cannot start the training threads: {e}")))?;
-    let mut losses = Vec::with_capacity(train.steps - start_step);
-    {
-        for step in start_step..train.steps {
-            trainer.zero_grad();
-            let mut loss_sum = 0.0f32;
-            for _ in 0..train.grad_accum {
-                let batch = batcher.next_host_batch(train.batch_size);
-                let weight = 1.0 / train.grad_accum as f32;
-                loss_sum += pool.install(|| trainer.accumulate(&batch, weight))?;
-            }
-            if let (Some(dp), Some(noise)) = (&spec.example_dp, noise.as_deref_mut()) {
-                // The clipped sum's noise, divided like the sum by the step's sequences.
-                let std = dp.noise_multiplier * dp.clip / (train.batch_size * train.grad_accum) as f64;
-                trainer.add_to_gradients(|g| noise.add_gaussian(g, std));
-            }
-            trainer.add_proximal(spec.proximal_mu as f32);
-            let norm = trainer.grad_norm();
-            if let Some(c) = train.max_grad_norm
-                && norm > c
-            {
-                trainer.scale_grads((c / norm) as f32);
-            }
-            trainer.step(train.lr_at(step), &opt);
-            let loss = loss_sum / train.grad_accum as f32;
-            if !loss.is_finite() {
-                return Err(ModelError::config("lr", format!("training diverged at step {step} (loss {loss})")));
-            }
-            losses.push(loss);
-            let every = spec.checkpoint_every;
-            if every > 0 && (step + 1).is_multiple_of(every) {
-                on_checkpoint(RoundProgress { step: step + 1, b: trainer.b_tensors() });
-            }
+    let started = std::time::Instant::now();
+    let mut steps = Vec::with_capacity(train.steps - start_step);
+    let mut tokens = 0;
+    for step in start_step..train.steps {
+        trainer.zero_grad();
+        let mut loss_sum = 0.0f32;
+        for _ in 0..train.grad_accum {
+            let batch = batcher.next_host_batch(train.batch_size);
+            let weight = 1.0 / train.grad_accum as f32;
+            loss_sum += pool.install(|| trainer.accumulate(&batch, weight))?;
+            tokens += train.batch_size * train.seq_len;
+        }
+        if let (Some(dp), Some(noise)) = (&example_dp, noise.as_deref_mut()) {
+            // The clipped sum's noise, divided like the sum by the step's sequences.
+            let std = dp.noise_multiplier * dp.clip / (train.batch_size * train.grad_accum) as f64;
+            trainer.add_to_gradients(|g| noise.add_gaussian(g, std));
+        }
+        trainer.add_proximal(proximal_mu as f32);
+        let grad_norm = trainer.grad_norm();
+        if let Some(c) = train.max_grad_norm
+            && grad_norm > c
+        {
+            trainer.scale_grads((c / grad_norm) as f32);
+        }
+        let lr = train.lr_at(step);
+        trainer.step(lr, &opt);
+        let loss = loss_sum / train.grad_accum as f32;
+        if !loss.is_finite() {
+            return Err(ModelError::config("lr", format!("training diverged at step {step} (loss {loss})")));
+        }
+        let s = crate::train::StepStats { step, loss, grad_norm, lr };
+        on_step(&s, &trainer);
+        steps.push(s);
+    }
+    Ok(TrainedAdapter {
+        a: trainer.a_tensors(),
+        b: trainer.b_tensors(),
+        steps,
+        tokens,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The `A` factors `Llama::with_lora` draws for `lora` (PEFT names, `[r, in]`).
+pub fn seeded_a(config: &LlamaConfig, lora: &LoraConfig) -> NamedTensors {
+    let mut out = NamedTensors::new();
+    for l in 0..config.num_hidden_layers {
+        for &t in &lora.targets {
+            let (d_in, _) = config.lora_dims(t);
+            let a = crate::lora::initial_a(lora, crate::lora::lora_stream(l, t), d_in);
+            // Drawn as `[d_in, r]` (burn's layout); PEFT's is `[r, d_in]`.
+            let data = (0..lora.rank * d_in).map(|k| a[(k % d_in) * lora.rank + k / d_in]).collect();
+            out.insert(peft_name(l, t, 'A'), HostTensor { shape: vec![lora.rank, d_in], data });
         }
     }
-    let examples = (train.steps * train.batch_size * train.grad_accum) as u64;
-    Ok(LocalResult {
-        b: trainer.b_tensors(),
-        examples,
-        tokens: examples * train.seq_len as u64,
-        documents: documents as u64,
-        steps_run: losses.len(),
-        loss_first: losses.first().copied().unwrap_or(f32::NAN),
-        loss_last: losses.last().copied().unwrap_or(f32::NAN),
-        losses,
-    })
+    out
 }
 
 /// [`train_local_adapter_burn`], also returning the trained model.
@@ -824,6 +942,55 @@ mod tests {
         let (curve, b) = gaps(&fast, &burn);
         eprintln!("quantized base: curves differ by {curve:.2e} at most, B by {b:.2e}");
         assert!(curve < 1e-3 && b < 1e-2, "curve {curve}, B {b}");
+    }
+
+    #[test]
+    fn plain_lora_with_a_trained_follows_burns_loop() {
+        // `covey-model finetune`'s path: A trains too, from the seeded initialisation.
+        let (cfg, base) = (config(), base());
+        let lora = LoraConfig { ffa: false, ..lora() };
+        let tokens = Tokenizer::Bytes.encode(&corpus().join("\n\n")).expect("bytes");
+        let train = TrainConfig {
+            steps: 20,
+            batch_size: 4,
+            seq_len: 32,
+            warmup_steps: 2,
+            lr: 1e-2,
+            seed: 5,
+            ..TrainConfig::default()
+        };
+        let ad = cpu_device().autodiff();
+        let model = checkpoint::from_base_tensors(&cfg, &base, Path::new("base"), &ad).expect("model");
+        let model = model.with_lora(&lora, &ad).expect("lora");
+        let mut batcher = Batcher::new(tokens.clone(), 32, 5, Path::new("text")).expect("batcher");
+        let (model, report) = crate::train::train(model, &mut batcher, &train, &ad, |_, _| {}).expect("burn");
+        let mut batcher = Batcher::new(tokens, 32, 5, Path::new("text")).expect("batcher");
+        let run = AdapterRun {
+            config: &cfg,
+            base: RoundBase::Tensors(std::borrow::Cow::Borrowed(&base)),
+            frozen: None,
+            lora: &lora,
+            a: None,
+            b: None,
+            start_step: 0,
+            proximal_mu: 0.0,
+            example_dp: None,
+        };
+        let trained = train_adapter(run, &train, &mut batcher, None, |_, _| {}).expect("fast");
+        let curve = trained
+            .steps
+            .iter()
+            .zip(&report.steps)
+            .map(|(x, y)| (x.loss - y.loss).abs() / y.loss)
+            .fold(0.0f32, f32::max);
+        assert!(curve < 1e-3, "loss curves differ by {curve}");
+        let burn = checkpoint::adapter_tensors(&model).expect("adapters");
+        let seeded = seeded_a(&cfg, &lora);
+        for (name, a) in &trained.a {
+            assert_ne!(a, &seeded[name], "{name} trained");
+            let diff = a.data.iter().zip(&burn[name].data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(diff < 1e-4, "{name}: differs from burn's by {diff}");
+        }
     }
 
     /// Noise of a fixed, seeded stream (tests only: privacy noise comes from a CSPRNG).

@@ -17,6 +17,9 @@ pub struct LoraSpec {
     pub scale: f32,
     /// Projections that carry the adapter.
     pub targets: Vec<LoraTarget>,
+    /// Train `A` too (plain LoRA). Off: FFA-LoRA, `A` frozen as given (what federated
+    /// rounds use).
+    pub train_a: bool,
 }
 
 /// An adapter folded into the version trained on, held apart from the base: the

@@ -118,19 +118,6 @@ impl Base {
         &self.config
     }
 
-    /// Bytes of weights held.
-    pub fn weight_bytes(&self) -> usize {
-        let vecs = |v: &[f32]| v.len() * 4;
-        self.embed.bytes()
-            + self.lm_head.as_ref().map_or(0, Weight::bytes)
-            + vecs(&self.norm)
-            + self
-                .layers
-                .iter()
-                .map(|l| l.proj.iter().map(Weight::bytes).sum::<usize>() + vecs(&l.attn_norm) + vecs(&l.mlp_norm))
-                .sum::<usize>()
-    }
-
     /// Every weight in f32 under its Hugging Face name (allocates the whole model: for
     /// callers that need a plain copy, not for training).
     pub fn to_tensors(&self) -> NamedTensors {

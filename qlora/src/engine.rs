@@ -160,6 +160,10 @@ pub struct Trainer<'b> {
     grads: Vec<[Vec<f32>; 7]>,
     m: Vec<[Vec<f32>; 7]>,
     v: Vec<[Vec<f32>; 7]>,
+    /// Gradients and AdamW moments of `A` (empty unless `spec.train_a`).
+    grads_a: Vec<[Vec<f32>; 7]>,
+    m_a: Vec<[Vec<f32>; 7]>,
+    v_a: Vec<[Vec<f32>; 7]>,
     time: i32,
     activation_budget: usize,
     /// DP-SGD: clip each example's gradient to this L2 norm.
@@ -195,6 +199,18 @@ impl<'b> Trainer<'b> {
                 .collect()
         };
         let (grads, m, v) = (zeros(&slots), zeros(&slots), zeros(&slots));
+        let zeros_a = |slots: &[[Slot; 7]]| -> Vec<[Vec<f32>; 7]> {
+            slots
+                .iter()
+                .map(|s| {
+                    std::array::from_fn(|i| match (&s[i].train, spec.train_a) {
+                        (Some(t), true) => vec![0.0; t.a.len()],
+                        _ => Vec::new(),
+                    })
+                })
+                .collect()
+        };
+        let (grads_a, m_a, v_a) = (zeros_a(&slots), zeros_a(&slots), zeros_a(&slots));
         Ok(Self {
             base,
             spec: spec.clone(),
@@ -202,6 +218,9 @@ impl<'b> Trainer<'b> {
             grads,
             m,
             v,
+            grads_a,
+            m_a,
+            v_a,
             time: 0,
             activation_budget: 0,
             example_clip: None,
@@ -229,6 +248,9 @@ impl<'b> Trainer<'b> {
         {
             return Err(invalid("example clip", format!("{c} is not a positive number")));
         }
+        if clip.is_some() && self.spec.train_a {
+            return Err(invalid("example clip", "per-example clipping trains B only (FFA-LoRA)"));
+        }
         self.example_clip = clip;
         self.work.dims = None;
         Ok(())
@@ -241,7 +263,7 @@ impl<'b> Trainer<'b> {
 
     /// Let `f` change every accumulated gradient buffer (DP-SGD's noise).
     pub fn add_to_gradients(&mut self, mut f: impl FnMut(&mut [f32])) {
-        for g in self.grads.iter_mut().flatten().filter(|g| !g.is_empty()) {
+        for g in self.grads.iter_mut().chain(self.grads_a.iter_mut()).flatten().filter(|g| !g.is_empty()) {
             f(g);
         }
     }
@@ -285,9 +307,43 @@ impl<'b> Trainer<'b> {
         out
     }
 
+    /// The `A` factors, PEFT names, `[r, in]` (trained when `spec.train_a`).
+    pub fn a_tensors(&self) -> NamedTensors {
+        let mut out = NamedTensors::new();
+        for (l, slots) in self.slots.iter().enumerate() {
+            for (ti, s) in slots.iter().enumerate() {
+                if let Some(t) = &s.train {
+                    let d_in = t.a.len() / t.rank;
+                    out.insert(
+                        LoraTarget::ALL[ti].peft_name(l, 'A'),
+                        covey_tensors::HostTensor { shape: vec![t.rank, d_in], data: t.a.clone() },
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// The accumulated gradients of the `A` factors (empty unless `spec.train_a`).
+    pub fn gradients_a(&self) -> NamedTensors {
+        let mut out = NamedTensors::new();
+        for (l, (slots, grads)) in self.slots.iter().zip(&self.grads_a).enumerate() {
+            for (ti, (s, g)) in slots.iter().zip(grads).enumerate() {
+                if let (Some(t), false) = (&s.train, g.is_empty()) {
+                    let shape = vec![t.rank, g.len() / t.rank];
+                    out.insert(
+                        LoraTarget::ALL[ti].peft_name(l, 'A'),
+                        covey_tensors::HostTensor { shape, data: g.clone() },
+                    );
+                }
+            }
+        }
+        out
+    }
+
     /// Forget the accumulated gradients.
     pub fn zero_grad(&mut self) {
-        for g in self.grads.iter_mut().flatten() {
+        for g in self.grads.iter_mut().chain(self.grads_a.iter_mut()).flatten() {
             g.fill(0.0);
         }
     }
@@ -308,12 +364,19 @@ impl<'b> Trainer<'b> {
 
     /// L2 norm of all accumulated gradients together.
     pub fn grad_norm(&self) -> f64 {
-        self.grads.iter().flatten().flat_map(|g| g.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+        self.grads
+            .iter()
+            .chain(&self.grads_a)
+            .flatten()
+            .flat_map(|g| g.iter())
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// Multiply every gradient by `factor`.
     pub fn scale_grads(&mut self, factor: f32) {
-        for g in self.grads.iter_mut().flatten() {
+        for g in self.grads.iter_mut().chain(self.grads_a.iter_mut()).flatten() {
             g.iter_mut().for_each(|x| *x *= factor);
         }
     }
@@ -327,15 +390,20 @@ impl<'b> Trainer<'b> {
         let c2 = 1.0 - b2.powi(self.time);
         let decay = (1.0 - lr * f64::from(opt.weight_decay)) as f32;
         let lr = lr as f32;
+        let adam = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            for i in 0..p.len() {
+                m[i] = m[i] * b1 + g[i] * (1.0 - b1);
+                v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
+                let update = (m[i] / c1) / ((v[i] / c2).sqrt() + opt.epsilon);
+                p[i] = p[i] * decay - update * lr;
+            }
+        };
         for l in 0..self.slots.len() {
             for ti in 0..7 {
                 let Some(t) = self.slots[l][ti].train.as_mut() else { continue };
-                let (g, m, v) = (&self.grads[l][ti], &mut self.m[l][ti], &mut self.v[l][ti]);
-                for i in 0..t.b.len() {
-                    m[i] = m[i] * b1 + g[i] * (1.0 - b1);
-                    v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
-                    let update = (m[i] / c1) / ((v[i] / c2).sqrt() + opt.epsilon);
-                    t.b[i] = t.b[i] * decay - update * lr;
+                adam(&mut t.b, &self.grads[l][ti], &mut self.m[l][ti], &mut self.v[l][ti]);
+                if !self.grads_a[l][ti].is_empty() {
+                    adam(&mut t.a, &self.grads_a[l][ti], &mut self.m_a[l][ti], &mut self.v_a[l][ti]);
                 }
             }
         }
@@ -475,24 +543,12 @@ impl<'b> Trainer<'b> {
                 self.layer_forward(l, &views, dm, &w.xs[l], &mut w.acts, &mut w.x_tmp, &w.cos, &w.sin);
                 &mut w.acts
             };
-            let (grads, examples) = match self.example_clip {
+            let (b, examples) = match self.example_clip {
                 Some(_) => (&mut self.per_example[l], dm.b),
                 None => (&mut self.grads[l], 1),
             };
-            layer_backward(
-                base,
-                &self.slots[l],
-                l,
-                &views,
-                dm,
-                &w.xs[l],
-                acts,
-                &mut w.back,
-                grads,
-                examples,
-                &w.cos,
-                &w.sin,
-            );
+            let sinks = Sinks { b, a: &mut self.grads_a[l], examples };
+            layer_backward(base, &self.slots[l], l, &views, dm, &w.xs[l], acts, &mut w.back, sinks, &w.cos, &w.sin);
         }
         if let Some(clip) = self.example_clip {
             self.add_clipped_examples(dm.b, clip, weight);
@@ -651,22 +707,30 @@ fn proj_forward(
     }
 }
 
-/// Backward of [`proj_forward`]: `dx (+)= dy · W + (dy · B_f) · A_f + scale · (dy · B) · A`,
-/// and `grad_b += scale · dyᵀ · u`.
+/// Where one projection's adapter gradients go: `B`'s (`[out, r]`, or one per example
+/// `[examples × out × r]` when `examples > 1`, overwritten), and `A`'s (`[r, in]`; empty
+/// when `A` is frozen).
+struct ProjGrads<'a> {
+    b: &'a mut [f32],
+    a: &'a mut [f32],
+    examples: usize,
+}
+
+/// Backward of [`proj_forward`] with input `x`: `dx (+)= dy · W + (dy · B_f) · A_f +
+/// scale · (dy · B) · A`, `grad_b += scale · dyᵀ · u`, and when `A` trains
+/// `grad_a += scale · (dy · B)ᵀ · x`.
 #[allow(clippy::too_many_arguments)]
 fn proj_backward(
     slot: &Slot,
     w: &[f32],
+    x: &[f32],
     dy: &[f32],
     u: &[f32],
-    n: usize,
-    d_in: usize,
-    d_out: usize,
+    (n, d_in, d_out): (usize, usize, usize),
     dx: &mut [f32],
     accumulate: bool,
     tmp: &mut [f32],
-    grad_b: &mut [f32],
-    examples: usize,
+    grads: ProjGrads<'_>,
 ) {
     let dym = Mat::new(dy, n, d_out);
     matmul(MatMut::new(dx, n, d_in), dym, Mat::new(w, d_out, d_in), accumulate, 1.0, Threads::Pool);
@@ -680,13 +744,17 @@ fn proj_backward(
         let r = tr.rank;
         let tmp = &mut tmp[..n * r];
         matmul(MatMut::new(tmp, n, r), dym, Mat::new(&tr.b, d_out, r), false, 1.0, Threads::Pool);
+        if !grads.a.is_empty() {
+            let xm = Mat::new(x, n, d_in);
+            matmul(MatMut::new(grads.a, r, d_in), Mat::new(tmp, n, r).t(), xm, true, tr.scale, Threads::Pool);
+        }
         matmul(MatMut::new(dx, n, d_in), Mat::new(tmp, n, r), Mat::new(&tr.a, r, d_in), true, tr.scale, Threads::Pool);
-        if examples <= 1 {
-            matmul(MatMut::new(grad_b, d_out, r), dym.t(), Mat::new(u, n, r), true, tr.scale, Threads::Pool);
+        if grads.examples <= 1 {
+            matmul(MatMut::new(grads.b, d_out, r), dym.t(), Mat::new(u, n, r), true, tr.scale, Threads::Pool);
         } else {
             // One gradient per example (its rows of `dy` and `u`), overwritten each call.
-            let t = n / examples;
-            for (i, g) in grad_b.chunks_mut(d_out * r).take(examples).enumerate() {
+            let t = n / grads.examples;
+            for (i, g) in grads.b.chunks_mut(d_out * r).take(grads.examples).enumerate() {
                 let dyi = Mat::new(&dy[i * t * d_out..(i + 1) * t * d_out], t, d_out);
                 let ui = Mat::new(&u[i * t * r..(i + 1) * t * r], t, r);
                 matmul(MatMut::new(g, d_out, r), dyi.t(), ui, false, tr.scale, Threads::Pool);
@@ -829,6 +897,19 @@ fn attention_backward(
         });
 }
 
+/// The adapter gradient buffers of one layer: `B`'s (or per example), `A`'s.
+struct Sinks<'a> {
+    b: &'a mut [Vec<f32>; 7],
+    a: &'a mut [Vec<f32>; 7],
+    examples: usize,
+}
+
+impl Sinks<'_> {
+    fn of(&mut self, ti: usize) -> ProjGrads<'_> {
+        ProjGrads { b: &mut self.b[ti], a: &mut self.a[ti], examples: self.examples }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     base: &Base,
@@ -839,15 +920,14 @@ fn layer_backward(
     x: &[f32],
     a: &mut Acts,
     g: &mut Back,
-    grads: &mut [Vec<f32>; 7],
-    examples: usize,
+    mut sinks: Sinks<'_>,
     cos: &[f32],
     sin: &[f32],
 ) {
     let lb = &base.layers[l];
     let (n, d, f) = (dm.n, dm.d, dm.f);
     // MLP.
-    proj_backward(&slots[6], wv[6], &g.dx, &a.u[6], n, f, d, &mut g.dact, false, &mut a.tmp, &mut grads[6], examples);
+    proj_backward(&slots[6], wv[6], &a.act, &g.dx, &a.u[6], (n, f, d), &mut g.dact, false, &mut a.tmp, sinks.of(6));
     g.dg.par_chunks_mut(f).zip(g.dup.par_chunks_mut(f)).enumerate().for_each(|(row, (dg, dup))| {
         let o = row * f;
         for j in 0..f {
@@ -857,24 +937,22 @@ fn layer_backward(
             dup[j] = da * gv * s;
         }
     });
-    proj_backward(&slots[4], wv[4], &g.dg, &a.u[4], n, d, f, &mut g.dh, false, &mut a.tmp, &mut grads[4], examples);
-    proj_backward(&slots[5], wv[5], &g.dup, &a.u[5], n, d, f, &mut g.dh, true, &mut a.tmp, &mut grads[5], examples);
+    proj_backward(&slots[4], wv[4], &a.h2, &g.dg, &a.u[4], (n, d, f), &mut g.dh, false, &mut a.tmp, sinks.of(4));
+    proj_backward(&slots[5], wv[5], &a.h2, &g.dup, &a.u[5], (n, d, f), &mut g.dh, true, &mut a.tmp, sinks.of(5));
     g.dxmid.copy_from_slice(&g.dx);
     rms_backward(&a.xmid, &a.rstd2, &lb.mlp_norm, &g.dh, d, &mut g.dxmid);
     // Attention.
     proj_backward(
         &slots[3],
         wv[3],
+        &a.o,
         &g.dxmid,
         &a.u[3],
-        n,
-        dm.qd,
-        d,
+        (n, dm.qd, d),
         &mut g.dout,
         false,
         &mut a.tmp,
-        &mut grads[3],
-        examples,
+        sinks.of(3),
     );
     attention_backward(dm, &a.q, &a.k, &a.v, &a.p, &g.dout, &mut g.dqh, &mut g.dkh, &mut g.dvh);
     from_heads(dm, dm.h, &g.dqh, &mut g.dq);
@@ -882,9 +960,9 @@ fn layer_backward(
     from_heads(dm, dm.kvh, &g.dvh, &mut g.dv);
     rope(&mut g.dq, dm, dm.h, cos, sin, true);
     rope(&mut g.dk, dm, dm.kvh, cos, sin, true);
-    proj_backward(&slots[0], wv[0], &g.dq, &a.u[0], n, d, dm.qd, &mut g.dh, false, &mut a.tmp, &mut grads[0], examples);
-    proj_backward(&slots[1], wv[1], &g.dk, &a.u[1], n, d, dm.kvd, &mut g.dh, true, &mut a.tmp, &mut grads[1], examples);
-    proj_backward(&slots[2], wv[2], &g.dv, &a.u[2], n, d, dm.kvd, &mut g.dh, true, &mut a.tmp, &mut grads[2], examples);
+    proj_backward(&slots[0], wv[0], &a.h1, &g.dq, &a.u[0], (n, d, dm.qd), &mut g.dh, false, &mut a.tmp, sinks.of(0));
+    proj_backward(&slots[1], wv[1], &a.h1, &g.dk, &a.u[1], (n, d, dm.kvd), &mut g.dh, true, &mut a.tmp, sinks.of(1));
+    proj_backward(&slots[2], wv[2], &a.h1, &g.dv, &a.u[2], (n, d, dm.kvd), &mut g.dh, true, &mut a.tmp, sinks.of(2));
     g.dx.copy_from_slice(&g.dxmid);
     rms_backward(x, &a.rstd1, &lb.attn_norm, &g.dh, d, &mut g.dx);
 }

@@ -20,7 +20,7 @@
 //! let config = LlamaConfig::tiny();
 //! let weights = random_tensors(&config, 1);
 //! let base = Base::from_tensors(&config, &weights).unwrap();
-//! let spec = LoraSpec { rank: 4, scale: 2.0, targets: vec![LoraTarget::Q, LoraTarget::V] };
+//! let spec = LoraSpec { rank: 4, scale: 2.0, targets: vec![LoraTarget::Q, LoraTarget::V], train_a: false };
 //! let a = frozen_a(&weights, 4, &spec.targets, 7);
 //! let mut trainer = Trainer::new(&base, &spec, &a, None, None).unwrap();
 //! let batch = HostBatch { batch: 1, seq: 4, inputs: vec![1, 2, 3, 4], targets: vec![2, 3, 4, 5], weights: None };

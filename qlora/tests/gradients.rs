@@ -52,23 +52,16 @@ fn batch(config: &LlamaConfig, weighted: bool) -> HostBatch {
     HostBatch { batch: b, seq: t, inputs, targets, weights }
 }
 
-/// The loss at `B = b` (a fresh trainer, so nothing accumulates between calls).
-fn loss_at(
-    base: &Base,
-    spec: &LoraSpec,
-    a: &NamedTensors,
-    b: &NamedTensors,
-    frozen: Option<FrozenAdapter<'_>>,
-    hb: &HostBatch,
-) -> f64 {
-    let mut t = Trainer::new(base, spec, a, Some(b), frozen).expect("trainer");
-    f64::from(t.accumulate(hb, 1.0).expect("loss"))
+fn check(base: &Base, frozen: Option<FrozenAdapter<'_>>, weighted: bool) {
+    check_factors(base, frozen, weighted, false);
 }
 
-fn check(base: &Base, frozen: Option<FrozenAdapter<'_>>, weighted: bool) {
+/// Finite differences of the loss against the analytic gradient of every `B` (and of
+/// every `A` with `train_a`), at three entries each.
+fn check_factors(base: &Base, frozen: Option<FrozenAdapter<'_>>, weighted: bool, train_a: bool) {
     let config = base.config().clone();
     let targets = LoraTarget::ALL.to_vec();
-    let spec = LoraSpec { rank: 3, scale: 2.0, targets: targets.clone() };
+    let spec = LoraSpec { rank: 3, scale: 2.0, targets: targets.clone(), train_a };
     let a = frozen_a(&random_tensors(&config, 1), 3, &targets, 11);
     let b = random_b(&a, &config, 12, 0.05);
     let hb = batch(&config, weighted);
@@ -76,19 +69,21 @@ fn check(base: &Base, frozen: Option<FrozenAdapter<'_>>, weighted: bool) {
     // it: with lr = 1, beta_1 = 0, beta_2 → use the grads through a step of plain form.
     let mut trainer = Trainer::new(base, &spec, &a, Some(&b), frozen).expect("trainer");
     trainer.accumulate(&hb, 1.0).expect("loss");
-    let grads = trainer.gradients();
+    let grads = if train_a { trainer.gradients_a() } else { trainer.gradients() };
+    assert_eq!(trainer.gradients_a().is_empty(), !train_a);
     let mut checked = 0;
     let mut worst: f64 = 0.0;
     for (name, g) in &grads {
         for &i in &[0usize, 7, g.data.len() - 1] {
             let eps = 2e-2f32;
-            let mut plus = b.clone();
-            plus.get_mut(name).expect("b").data[i] += eps;
-            let mut minus = b.clone();
-            minus.get_mut(name).expect("b").data[i] -= eps;
-            let numeric = (loss_at(base, &spec, &a, &plus, frozen, &hb)
-                - loss_at(base, &spec, &a, &minus, frozen, &hb))
-                / (2.0 * f64::from(eps));
+            let nudged = |delta: f32| {
+                let (mut a2, mut b2) = (a.clone(), b.clone());
+                let t = if train_a { &mut a2 } else { &mut b2 };
+                t.get_mut(name).expect("factor").data[i] += delta;
+                let mut t = Trainer::new(base, &spec, &a2, Some(&b2), frozen).expect("trainer");
+                f64::from(t.accumulate(&hb, 1.0).expect("loss"))
+            };
+            let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * f64::from(eps));
             let analytic = f64::from(g.data[i]);
             let err = (numeric - analytic).abs();
             worst = worst.max(err / (numeric.abs().max(analytic.abs()) + 1e-3));
@@ -106,6 +101,18 @@ fn gradients_match_finite_differences_on_an_f32_base() {
     let base = Base::from_tensors(&config, &random_tensors(&config, 3)).expect("base");
     check(&base, None, false);
     check(&base, None, true);
+}
+
+#[test]
+fn a_gradients_match_finite_differences_when_a_trains() {
+    let config = config();
+    let base = Base::from_tensors(&config, &random_tensors(&config, 3)).expect("base");
+    check_factors(&base, None, true, true);
+    // Per-example clipping is for B alone.
+    let spec = LoraSpec { rank: 2, scale: 1.0, targets: vec![LoraTarget::Q], train_a: true };
+    let a = frozen_a(&random_tensors(&config, 3), 2, &spec.targets, 1);
+    let mut t = Trainer::new(&base, &spec, &a, None, None).expect("trainer");
+    assert!(t.set_example_clip(Some(1.0)).is_err());
 }
 
 #[test]
@@ -136,7 +143,7 @@ fn training_lowers_the_loss_and_a_frozen_adapter_equals_a_merged_base() {
     let config = config();
     let weights = random_tensors(&config, 4);
     let targets = vec![LoraTarget::Q, LoraTarget::V];
-    let spec = LoraSpec { rank: 4, scale: 4.0, targets: targets.clone() };
+    let spec = LoraSpec { rank: 4, scale: 4.0, targets: targets.clone(), train_a: false };
     let a = frozen_a(&weights, 4, &targets, 9);
     let hb = batch(&config, false);
     // A frozen adapter held apart gives the loss of the base with it merged in.
@@ -173,7 +180,7 @@ fn bad_inputs_are_refused_with_a_clear_error() {
     let config = config();
     let weights = random_tensors(&config, 4);
     let base = Base::from_tensors(&config, &weights).expect("base");
-    let spec = LoraSpec { rank: 4, scale: 4.0, targets: vec![LoraTarget::Q] };
+    let spec = LoraSpec { rank: 4, scale: 4.0, targets: vec![LoraTarget::Q], train_a: false };
     let a = frozen_a(&weights, 4, &spec.targets, 9);
     // A of another rank.
     let other = frozen_a(&weights, 2, &spec.targets, 9);
@@ -195,7 +202,7 @@ fn keeping_activations_gives_the_same_gradients_as_recomputing_them() {
     let config = config();
     let weights = random_tensors(&config, 6);
     let base = Base::from_tensors(&config, &weights).expect("base");
-    let spec = LoraSpec { rank: 4, scale: 2.0, targets: LoraTarget::ALL.to_vec() };
+    let spec = LoraSpec { rank: 4, scale: 2.0, targets: LoraTarget::ALL.to_vec(), train_a: false };
     let a = frozen_a(&weights, 4, &spec.targets, 2);
     let b = random_b(&a, &config, 3, 0.1);
     let hb = batch(&config, true);
@@ -219,7 +226,8 @@ fn per_example_clipping_equals_clipping_each_example_alone() {
     let config = config();
     let weights = random_tensors(&config, 8);
     let base = Base::from_tensors(&config, &weights).expect("base");
-    let spec = LoraSpec { rank: 4, scale: 2.0, targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down] };
+    let spec =
+        LoraSpec { rank: 4, scale: 2.0, targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down], train_a: false };
     let a = frozen_a(&weights, 4, &spec.targets, 2);
     let b = random_b(&a, &config, 3, 0.1);
     let hb = batch(&config, false);

@@ -190,7 +190,33 @@ pub fn finetune(opts: &FinetuneOptions, device: &Device) -> Result<FinetuneResul
     let trainable_params = checkpoint::adapter_tensors(&model)?.values().map(|t| t.data.len()).sum();
     let mut batcher =
         Batcher::new(tokenizer.encode(&opts.train_text)?, seq, opts.train.seed, Path::new("fine-tuning text"))?;
-    let (model, report) = train_showing(model, &mut batcher, &opts.train, &ad, opts.progress)?;
+    let (model, report) = if opts.lora.dropout > 0.0 {
+        // Adapter dropout runs on burn's autodiff.
+        train_showing(model, &mut batcher, &opts.train, &ad, opts.progress)?
+    } else {
+        // covey-qlora's trainer (what agents run), from the same seeded A.
+        let loaded = covey_model::LoadedModel::open(&opts.base)?;
+        let config = loaded.config.clone();
+        let run = covey_model::AdapterRun {
+            config: &config,
+            base: covey_model::RoundBase::Stored(loaded.tensors),
+            frozen: None,
+            lora: &opts.lora,
+            a: None,
+            b: None,
+            start_step: 0,
+            proximal_mu: 0.0,
+            example_dp: None,
+        };
+        let steps = Steps::new(opts.progress, opts.train.steps as u64, "steps");
+        let trained = covey_model::train_adapter(run, &opts.train, &mut batcher, None, |s, _| {
+            steps.tick(s.step as u64 + 1, &format!("loss {:.3}", s.loss))
+        })?;
+        let mut factors = trained.a;
+        factors.extend(trained.b);
+        let model = checkpoint::load_adapter_tensors(model, &factors, Path::new("trained adapter"))?;
+        (model, TrainReport { steps: trained.steps, tokens: trained.tokens, seconds: trained.seconds })
+    };
     let model = model.valid();
     let after = evaluate(&model, &eval_tokens, seq, opts.train.batch_size, bpt, None, device)?;
     checkpoint::save_adapter(&model, &opts.out, opts.base.to_str())?;

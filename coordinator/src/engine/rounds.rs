@@ -274,6 +274,19 @@ impl Coordinator {
         Ok((version, failed))
     }
 
+    /// The operator's `promote`: with `publish.release-on-promote`, an adapter version is
+    /// merged into a new base release, which becomes current
+    /// ([`Coordinator::cut_release`]); otherwise [`Coordinator::promote`].
+    pub async fn promote_by_operator(&self, version: u64) -> Result<(u64, Option<u64>)> {
+        if self.config.publish.release_on_promote {
+            let record = self.store.version(version).await?.ok_or(CoordinatorError::NoSuchVersion(version))?;
+            if super::publish::parse_manifest(&record)?.adapter.is_some() {
+                return self.cut_release(version).await;
+            }
+        }
+        self.promote(version).await
+    }
+
     /// Go back to `version`, or to the current version's parent when 0.
     pub async fn rollback(&self, version: u64) -> Result<(u64, Option<u64>)> {
         let target = if version == 0 {

@@ -281,6 +281,41 @@ async fn an_operator_cuts_a_release_and_old_releases_are_collected() {
     driver.abort();
 }
 
+/// With `publish.release-on-promote`, the operator's promote of an adapter version cuts
+/// a release from it (the adapter merged, quantized) and makes that current; a release
+/// version is promoted as it is.
+#[tokio::test(start_paused = true)]
+async fn promoting_an_adapter_version_cuts_a_release_when_configured() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = support::config(root.path());
+    config.publish.release_every = 5;
+    config.publish.release_on_promote = true;
+    config.rounds.min_updates = 4;
+    let engine = open(config, Arc::new(MemoryStore::default()), Artifacts::memory()).await;
+    let devices = enrolled(&engine, 4).await;
+    let driver = tokio::spawn(engine.clone().run_rounds());
+    let (_, v2) = round(&engine, &devices, 1).await;
+    assert_eq!(v2, 2);
+    let r2 = engine.store().version(2).await.expect("v").expect("v2");
+    assert!(manifest(&engine, &r2.manifest, &r2.signature).adapter.is_some(), "version 2 is an adapter version");
+    // A release version is promoted as it is.
+    assert_eq!(engine.promote_by_operator(1).await.expect("promote 1").0, 1);
+    // An adapter version becomes a new release, current, whose weights are version 2's merged.
+    let (current, _) = engine.promote_by_operator(2).await.expect("promote 2");
+    assert_eq!(current, 3);
+    assert_eq!(engine.store().current_version().await.expect("current"), 3);
+    let r3 = engine.store().version(3).await.expect("v").expect("v3");
+    let m3 = manifest(&engine, &r3.manifest, &r3.signature);
+    assert_eq!((m3.parent, m3.release.version, m3.adapter.is_none()), (2, 3, true));
+    let (w2, _) = engine.device_weights(2).await.expect("weights 2");
+    let (w3, _) = engine.device_weights(3).await.expect("weights 3");
+    assert!(max_diff(&w3, &w2) < 2e-3, "the release holds version 2's weights, requantized");
+    // rollback is never turned into a release.
+    assert_eq!(engine.rollback(2).await.expect("rollback").0, 2);
+    assert_eq!(engine.store().versions().await.expect("versions").len(), 3);
+    driver.abort();
+}
+
 /// A device declines its task (it does not fit its memory): the reason is recorded and
 /// counted, the task is not offered again, no update is taken from it, and the round
 /// closes as soon as every sampled device answered, without waiting for its deadline.
