@@ -1,6 +1,7 @@
-//! Local training of one task, on a blocking thread: the verified version's weights (its
-//! release with the adapter merged in), its `A` factors and tokenizer, the local corpus;
-//! `B` is trained with `covey_model::train_local_adapter`, checkpointing as it goes.
+//! Local training of one task, on a blocking thread: the verified version's release as
+//! stored (int8 / int4) with its adapter kept apart, its `A` factors and tokenizer, the
+//! local corpus; `B` is trained with `covey_model::train_local_adapter` (covey-qlora's
+//! trainer), checkpointing as it goes.
 
 use std::path::PathBuf;
 

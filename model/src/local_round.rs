@@ -950,15 +950,7 @@ mod tests {
         let (cfg, base) = (config(), base());
         let lora = LoraConfig { ffa: false, ..lora() };
         let tokens = Tokenizer::Bytes.encode(&corpus().join("\n\n")).expect("bytes");
-        let train = TrainConfig {
-            steps: 20,
-            batch_size: 4,
-            seq_len: 32,
-            warmup_steps: 2,
-            lr: 1e-2,
-            seed: 5,
-            ..TrainConfig::default()
-        };
+        let train = spec(20).train;
         let ad = cpu_device().autodiff();
         let model = checkpoint::from_base_tensors(&cfg, &base, Path::new("base"), &ad).expect("model");
         let model = model.with_lora(&lora, &ad).expect("lora");
