@@ -8,8 +8,10 @@
 //! - **Quantized base.** A layer's weights are decoded into one f32 scratch buffer when
 //!   the layer runs (once in the forward pass, once for its recomputation and backward).
 //! - **Chunked cross-entropy.** The logits are never materialised for the whole
-//!   vocabulary: the head runs over blocks of vocabulary rows with an online
-//!   log-sum-exp, and its gradient is formed block by block in a second pass.
+//!   vocabulary: the head runs over blocks of vocabulary rows in one pass, with an online
+//!   log-sum-exp and the softmax-weighted sum of the head's rows rescaled as the running
+//!   maximum grows (as flash attention does), which gives the gradient without a
+//!   second pass.
 //! - Only `B` of the trained adapter receives a gradient (FFA-LoRA: `A` is frozen), so
 //!   no base weight ever has a gradient buffer.
 
@@ -988,33 +990,10 @@ fn head_loss(
     let mut sum = vec![0.0f32; n];
     let mut target_logit = vec![0.0f32; n];
     let hm = Mat::new(hf, n, d);
-    // Pass 1: online log-sum-exp over blocks.
-    let mut v0 = 0;
-    while v0 < vocab {
-        let v1 = (v0 + block).min(vocab);
-        let vb = v1 - v0;
-        let e = head_block(head, v0, v1, d, rows);
-        let lg = &mut logits[..n * vb];
-        matmul(MatMut::new(lg, n, vb), hm, Mat::new(e, vb, d).t(), false, 1.0, Threads::Pool);
-        lg.par_chunks(vb)
-            .zip(max.par_iter_mut().zip(sum.par_iter_mut()))
-            .zip(target_logit.par_iter_mut().zip(batch.targets.par_iter()))
-            .for_each(|((row, (m, s)), (tl, &tg))| {
-                let bm = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let nm = m.max(bm);
-                *s = *s * (*m - nm).exp() + row.iter().map(|&x| (x - nm).exp()).sum::<f32>();
-                *m = nm;
-                let tg = tg as usize;
-                if (v0..v1).contains(&tg) {
-                    *tl = row[tg - v0];
-                }
-            });
-        v0 = v1;
-    }
-    let lse: Vec<f32> = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
-    let w = |i: usize| batch.weights.as_ref().map_or(1.0, |w| w[i]);
-    let loss = (0..n).map(|i| f64::from(w(i) * (lse[i] - target_logit[i]))).sum::<f64>() / n as f64;
-    // Pass 2: the gradient, block by block.
+    // One pass over blocks of the vocabulary, as flash attention does: a running max and
+    // sum per row, and `dhf` accumulating `Σ_j exp(l_j − max) · e_j`, rescaled whenever the
+    // max grows. At the end `softmax · E = dhf / sum`, and the gradient is that minus the
+    // target's row, times the row's weight.
     dhf.fill(0.0);
     let mut v0 = 0;
     while v0 < vocab {
@@ -1023,19 +1002,43 @@ fn head_loss(
         let e = head_block(head, v0, v1, d, rows);
         let lg = &mut logits[..n * vb];
         matmul(MatMut::new(lg, n, vb), hm, Mat::new(e, vb, d).t(), false, 1.0, Threads::Pool);
-        lg.par_chunks_mut(vb).enumerate().for_each(|(i, row)| {
-            let c = w(i) * weight / n as f32;
-            for x in row.iter_mut() {
-                *x = (*x - lse[i]).exp() * c;
-            }
-            let tg = batch.targets[i] as usize;
-            if (v0..v1).contains(&tg) {
-                row[tg - v0] -= c;
-            }
-        });
+        lg.par_chunks_mut(vb)
+            .zip(dhf.par_chunks_mut(d))
+            .zip(max.par_iter_mut().zip(sum.par_iter_mut()))
+            .zip(target_logit.par_iter_mut().zip(batch.targets.par_iter()))
+            .for_each(|(((row, acc), (m, s)), (tl, &tg))| {
+                let tg = tg as usize;
+                if (v0..v1).contains(&tg) {
+                    *tl = row[tg - v0];
+                }
+                let bm = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let nm = m.max(bm);
+                let rescale = (*m - nm).exp();
+                let mut block_sum = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - nm).exp();
+                    block_sum += *x;
+                }
+                *s = *s * rescale + block_sum;
+                if rescale != 1.0 {
+                    acc.iter_mut().for_each(|a| *a *= rescale);
+                }
+                *m = nm;
+            });
         matmul(MatMut::new(dhf, n, d), Mat::new(lg, n, vb), Mat::new(e, vb, d), true, 1.0, Threads::Pool);
         v0 = v1;
     }
+    let w = |i: usize| batch.weights.as_ref().map_or(1.0, |w| w[i]);
+    let loss = (0..n).map(|i| f64::from(w(i) * (max[i] + sum[i].ln() - target_logit[i]))).sum::<f64>() / n as f64;
+    dhf.par_chunks_mut(d).enumerate().for_each(|(i, acc)| {
+        let c = w(i) * weight / n as f32;
+        let mut target_row = vec![0.0f32; d];
+        head.row_into(batch.targets[i] as usize, &mut target_row);
+        let inv = 1.0 / sum[i];
+        for (a, t) in acc.iter_mut().zip(&target_row) {
+            *a = c * (*a * inv - t);
+        }
+    });
     loss as f32
 }
 
