@@ -208,8 +208,8 @@ struct RankBasis {
 impl Agent {
     /// The rank cap stated with each poll: `max-lora-rank` when set; otherwise, with a
     /// `max-memory-bytes` budget, the largest rank whose task would fit it on the model and
-    /// training shape of the last task (none before the first task: its memory check
-    /// declines it if it does not fit).
+    /// training shape of the last task, trained or declined (none before the first task:
+    /// its memory check declines it if it does not fit, and the next poll asks for less).
     fn rank_cap(&self) -> u32 {
         if self.cfg.max_lora_rank > 0 {
             return self.cfg.max_lora_rank;
@@ -219,6 +219,25 @@ impl Agent {
         let r =
             crate::budget::rank_for_budget(&b.config, b.release_bytes, &b.training, &b.targets, b.layout_rank, limit);
         u32::try_from(r).unwrap_or(u32::MAX)
+    }
+
+    /// Keep what `task` trains on as the basis of the next rank cap.
+    fn remember_rank_basis(
+        &self,
+        config: &covey_model::LlamaConfig,
+        release_bytes: u64,
+        task: &Task,
+        layout_rank: usize,
+    ) {
+        if let Ok(mut basis) = self.rank_basis.lock() {
+            *basis = Some(RankBasis {
+                config: config.clone(),
+                release_bytes,
+                training: task.training.clone(),
+                targets: task.lora.targets.clone(),
+                layout_rank,
+            });
+        }
     }
 
     /// One poll and, when it brings a task, the whole task. `Ok(Some(d))`: wait `d` before
@@ -294,15 +313,7 @@ impl Agent {
             other => other?,
         };
         check_layout(task, &model)?;
-        if let Ok(mut basis) = self.rank_basis.lock() {
-            *basis = Some(RankBasis {
-                config: model.config.clone(),
-                release_bytes: model.manifest.release.model.size,
-                training: task.training.clone(),
-                targets: task.lora.targets.clone(),
-                layout_rank: model.manifest.lora.rank,
-            });
-        }
+        self.remember_rank_basis(&model.config, model.manifest.release.model.size, task, model.manifest.lora.rank);
         let mut spec = local_spec(task, &self.cfg, &self.identity.device_id);
         if let Some(limit) = self.cfg.max_memory_bytes {
             // What the budget leaves above the leanest footprint buys speed: activations
@@ -502,6 +513,8 @@ impl Agent {
             task.lora.rank,
             &task.lora.targets,
         );
+        // Whether or not this task fits, the next poll asks for a rank that would.
+        self.remember_rank_basis(&config, m.release.model.size, task, m.lora.rank);
         if need <= limit {
             return Ok(());
         }

@@ -345,3 +345,57 @@ clip-norm = 0.0
     assert_eq!(s.rounds, 2);
     assert!(s.final_perplexity < s.baseline_perplexity, "{} -> {}", s.baseline_perplexity, s.final_perplexity);
 }
+
+/// A device whose memory fits a rank-4 task but not a rank-8 one: its first task (rank
+/// 8: it has stated no cap yet) is declined with the reason recorded, and from then on it
+/// asks for the rank its memory allows, gets rank-4 tasks and trains them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rank_a_device_asks_for_follows_from_its_memory_budget() {
+    let root = tempfile::tempdir().expect("tmp");
+    let parts = corpus();
+    let (model_dir, config) = initial_model(root.path(), &parts);
+    let mut c = common::coordinator_config(root.path(), &model_dir);
+    c.lora.rank = 8;
+    c.lora.device_ranks = vec![4];
+    c.lora.alpha = 16.0;
+    c.rounds.target_updates = 1;
+    c.rounds.min_updates = 1;
+    c.rounds.min_available = 1;
+    c.rounds.max_rounds = 3;
+    c.training.seq_len = 48;
+    let training = covey_proto::task::TrainingSpec {
+        steps: c.training.steps as usize,
+        batch_size: c.training.batch_size as usize,
+        seq_len: c.training.seq_len as usize,
+        learning_rate: f64::from(c.training.learning_rate),
+        proximal_mu: 0.0,
+        seed: 0,
+    };
+    let targets: Vec<covey_model::LoraTarget> =
+        c.lora.targets.iter().map(|t| covey_model::LoraTarget::parse(t).expect("target")).collect();
+    let engine = server::open_engine(c).await.expect("engine");
+    let running = server::start(engine.clone()).await.expect("start");
+    let url = format!("http://{}", running.addr);
+    let v1 = engine.store().version(1).await.expect("v").expect("v1");
+    let m1 = Manifest::verify(&v1.manifest, &v1.signature, &engine.public_key()).expect("v1");
+    let release = m1.release.model.size;
+    // Exactly what a rank-4 task needs: rank 8 does not fit, rank 4 does.
+    let limit = covey_agent::budget::task_memory_bytes(&config, release, &training, 4, &targets);
+    assert!(covey_agent::budget::task_memory_bytes(&config, release, &training, 8, &targets) > limit);
+    let mut cfg = common::device_config(root.path(), 0, &url, &parts[0]);
+    cfg.max_memory_bytes = Some(limit);
+    covey_agent::enroll(&cfg, TOKEN, "small-device").await.expect("enrol");
+    let state = cfg.state_dir.clone();
+    let summary = tokio::time::timeout(Duration::from_secs(600), covey_agent::run(cfg, RunUntil::Updates(1)))
+        .await
+        .expect("the agent finishes")
+        .expect("run");
+    assert_eq!((summary.declined, summary.submitted), (1, 1), "{summary:?}");
+    // The accepted update is a rank-4 B: half the bytes of a rank-8 one.
+    let history = std::fs::read_to_string(state.join("history.jsonl")).expect("history");
+    let entry: serde_json::Value = serde_json::from_str(history.lines().last().expect("a line")).expect("json");
+    let payload = entry["payload_bytes"].as_u64().expect("payload bytes");
+    let rank8: usize = targets.iter().map(|&t| config.lora_dims(t).1 * 8 * 4).sum::<usize>() * config.num_hidden_layers;
+    assert!((payload as usize) < rank8 * 6 / 10, "{payload} bytes against {rank8} for rank 8");
+    running.abort();
+}
