@@ -187,6 +187,11 @@ impl AgentConfig {
         if self.train_threads == 0 {
             return Err(AgentError::config("train-threads", "must be at least 1"));
         }
+        if let Some(dp) = &self.example_dp
+            && let Err(e) = dp.validate()
+        {
+            return Err(AgentError::config("example-dp", e.to_string()));
+        }
         if self.backoff.base.is_zero() || self.backoff.cap < self.backoff.base {
             return Err(AgentError::config("backoff", "base must be > 0 and cap >= base"));
         }
@@ -252,5 +257,11 @@ mod tests {
         assert!(err.contains("coordinator"), "{err}");
         let err = AgentConfig::from_toml_str("[tls]\nclient-cert = \"c.pem\"").expect_err("no key").to_string();
         assert!(err.contains("client-key"), "{err}");
+        let err = AgentConfig::from_toml_str("example-dp = { clip = 0.0, noise-multiplier = 1.0 }")
+            .expect_err("zero clip")
+            .to_string();
+        assert!(err.contains("example-dp") && err.contains("clip"), "{err}");
+        let ok = AgentConfig::from_toml_str("example-dp = { clip = 1.0, noise-multiplier = 0.5 }").expect("valid");
+        assert_eq!(ok.example_dp.map(|d| (d.clip, d.noise_multiplier)), Some((1.0, 0.5)));
     }
 }

@@ -305,6 +305,11 @@ impl Experiment {
         if r.parallel == 0 || r.training_threads == 0 {
             return Err(SimError::config("rounds.parallel", "parallel and training-threads must be at least 1"));
         }
+        if let Some(dp) = &r.example_dp
+            && let Err(e) = dp.validate()
+        {
+            return Err(SimError::config("rounds.example-dp", e.to_string()));
+        }
         if !(self.data.train_fraction > 0.0 && self.data.train_fraction < 1.0) {
             return Err(SimError::config(
                 "data.train-fraction",
@@ -377,6 +382,7 @@ mod tests {
             ("[data]\ntrain-fraction = 1.5\n", "data.train-fraction"),
             ("colour = \"red\"\n", "unknown field"),
             ("[strategy]\nkind = \"fed-nothing\"\n", "fed-nothing"),
+            ("[rounds]\nexample-dp = { clip = -1.0, noise-multiplier = 1.0 }\n", "rounds.example-dp"),
         ];
         for (text, needle) in cases {
             let err = Experiment::from_toml(text, Path::new("bad.toml")).expect_err(text).to_string();

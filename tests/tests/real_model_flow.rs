@@ -354,15 +354,11 @@ async fn the_rank_a_device_asks_for_follows_from_its_memory_budget() {
     let root = tempfile::tempdir().expect("tmp");
     let parts = corpus();
     let (model_dir, config) = initial_model(root.path(), &parts);
-    let mut c = common::coordinator_config(root.path(), &model_dir);
-    c.lora.rank = 8;
-    c.lora.device_ranks = vec![4];
-    c.lora.alpha = 16.0;
+    // The twin's coordinator (rank 8, rank 4 allowed), with rounds of this one device.
+    let mut c = coordinator_config(root.path(), &model_dir);
     c.rounds.target_updates = 1;
     c.rounds.min_updates = 1;
     c.rounds.min_available = 1;
-    c.rounds.max_rounds = 3;
-    c.training.seq_len = 48;
     let training = covey_proto::task::TrainingSpec {
         steps: c.training.steps as usize,
         batch_size: c.training.batch_size as usize,
