@@ -10,9 +10,14 @@ Rows:
             Covey on the int8 release a coordinator publishes by default
   smollm2-dp  the same with example-level DP-SGD (per-example clipping, noise) against
             Covey without it: the ratio is the DP step time over the plain one
+  decode-int8, decode-int4
+            SmolLM2-135M decode (64 tokens) and prompt processing (128 tokens), Covey's
+            int8 / int4 engine against llama.cpp's Q8_0 / Q4_1 (llama-bench), once per
+            thread count of --decode-threads (rows decode-int8-t1, decode-int8-t2, ...)
 
   python3 bench/peers/run.py --python /path/to/torch-venv/bin/python [--rows tiny,smollm2]
         [--gguf models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] [--repeats 3] [--threads 2]
+  python3 bench/peers/run.py --rows decode-int8,decode-int4 [--llama DIR] [--decode-threads 1,2]
 
 Set-up (once): see bench/peers/README.md.
 """
@@ -42,17 +47,72 @@ def json_line(cmd):
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
+def llama_bench(binary, gguf, threads):
+    """llama-bench's decode (tg64) and prompt (pp128) tokens/s, one repetition."""
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(binary))
+    out = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "128", "-n", "64", "-r", "1", "-o", "json"],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    tests = json.loads(out)
+    speed = {("decode" if t["n_gen"] else "prompt"): t["avg_ts"] for t in tests}
+    return {"tokens_per_second": speed["decode"], "prompt_tokens_per_second": speed["prompt"]}
+
+
+def covey_decode(covey, gguf, precision, threads):
+    r = json_line([covey, "--threads", str(threads), "bench-infer", "--json", "--model", gguf,
+                   "--precision", precision, "--decode-tokens", "64", "--prompt-tokens", "128", "--repeat", "1"])
+    row = r["inference"][0]
+    return {"tokens_per_second": row["decode_tokens_per_s"], "prompt_tokens_per_second": row["prompt_tokens_per_s"]}
+
+
+def decode_rows(a, covey):
+    """The decode rows: each side alternately, --repeats times, per thread count."""
+    binary = os.path.join(a.llama, "build", "bin", "llama-bench")
+    if not os.path.exists(binary):
+        raise SystemExit(f"{binary} not found: run bench/peers/build-llamacpp.sh")
+    peers = {"int8": os.path.join(a.llama, "SmolLM2-135M-Instruct.Q8_0.gguf"), "int4": a.gguf}
+    results = {}
+    for row in [r for r in a.rows.split(",") if r.startswith("decode-")]:
+        precision = row.split("-")[1]
+        if precision not in peers:
+            raise SystemExit(f"unknown row {row}: decode-int8 or decode-int4")
+        if not os.path.exists(peers[precision]):
+            raise SystemExit(f"{peers[precision]} not found: run bench/peers/build-llamacpp.sh")
+        for threads in [int(t) for t in a.decode_threads.split(",")]:
+            runs = {"covey": [], "peer": []}
+            loads = [load()]
+            for i in range(a.repeats):
+                for side in ("covey", "peer"):
+                    r = (covey_decode(covey, a.gguf, precision, threads) if side == "covey"
+                         else llama_bench(binary, peers[precision], threads))
+                    runs[side].append(r)
+                    print(f"{row}-t{threads} #{i + 1} {side}: decode {r['tokens_per_second']:.1f} tokens/s, "
+                          f"prompt {r['prompt_tokens_per_second']:.1f} (load {load()})", file=sys.stderr)
+                loads.append(load())
+            med = {s: statistics.median(r["tokens_per_second"] for r in runs[s]) for s in runs}
+            prompt = {s: statistics.median(r["prompt_tokens_per_second"] for r in runs[s]) for s in runs}
+            results[f"{row}-t{threads}"] = {"runs": runs, "median_tokens_per_second": med,
+                                            "median_prompt_tokens_per_second": prompt,
+                                            "ratio": med["covey"] / med["peer"],
+                                            "prompt_ratio": prompt["covey"] / prompt["peer"], "load": loads}
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--python", required=True, help="Python of a venv with requirements-torch.txt")
-    ap.add_argument("--rows", default="tiny,smollm2,smollm2-dp")
+    ap.add_argument("--python", help="Python of a venv with requirements-torch.txt (the training rows)")
+    ap.add_argument("--llama", default=os.environ.get("COVEY_PEERS_LLAMA", "/tmp/covey-peers/llama"),
+                    help="what build-llamacpp.sh made (the decode rows)")
+    ap.add_argument("--decode-threads", default="1,2")
+    ap.add_argument("--rows", default="tiny,smollm2,smollm2-dp,decode-int8,decode-int4")
     ap.add_argument("--gguf", default=os.path.join(ROOT, "models", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "peers.json"))
     a = ap.parse_args()
     covey = covey_binary()
-    rows = a.rows.split(",")
+    rows = [r for r in a.rows.split(",") if not r.startswith("decode-")]
+    if rows and not a.python:
+        raise SystemExit(f"rows {','.join(rows)} need --python (a venv with requirements-torch.txt)")
     release = os.path.join(ROOT, "runs", "bench", "smollm2-int8")
     if any(r.startswith("smollm2") for r in rows) and not os.path.exists(os.path.join(release, "model.safetensors")):
         if not os.path.exists(a.gguf):
@@ -64,7 +124,9 @@ def main():
             "--base", "int8", "--data", "data/shakespeare/hamlet_gut.txt"]
     commands = {
         "tiny": (
-            [covey, "bench", "--json", "--threads", t, "--steps", "20", "--warmup", "2"],
+            # Every layer's activations kept: 17 MiB each, within the row's 150 MiB.
+            [covey, "bench", "--json", "--threads", t, "--steps", "20", "--warmup", "2",
+             "--activation-memory-mib", "128"],
             [a.python, os.path.join(HERE, "torch_lora.py"), "tiny", "--threads", t, "--steps", "20"],
         ),
         "smollm2-dp": (smol + ["--example-clip", "1.0", "--example-noise", "1.0"], smol),
@@ -92,16 +154,28 @@ def main():
         ratio = med["peer"] / med["covey"] if row.endswith("-dp") else med["covey"] / med["peer"]
         results[row] = {"runs": runs, "median_tokens_per_second": med, "median_peak_rss_mib": rss,
                         "ratio": ratio, "load": loads}
+    decode = decode_rows(a, covey)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    json.dump(results, open(a.out, "w"), indent=1)
-    print("| row | Covey tokens/s | peer tokens/s | ratio | Covey peak RSS | peer peak RSS | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row, r in results.items():
-        m, p = r["median_tokens_per_second"], r["median_peak_rss_mib"]
-        print(f"| {row} | {m['covey']:.0f} | {m['peer']:.0f} | {r['ratio']:.2f}x | {p['covey']:.0f} MiB | "
-              f"{p['peer']:.0f} MiB | {min(r['load'])}-{max(r['load'])} |")
-    print(f"(medians of {a.repeats} alternated runs each; {a.threads} threads; the -dp row's peer is Covey "
-          f"without DP and its ratio the DP step time over the plain one; written to {a.out})")
+    json.dump({**results, **decode}, open(a.out, "w"), indent=1)
+    if results:
+        print("| row | Covey tokens/s | peer tokens/s | ratio | Covey peak RSS | peer peak RSS | load |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for row, r in results.items():
+            m, p = r["median_tokens_per_second"], r["median_peak_rss_mib"]
+            print(f"| {row} | {m['covey']:.0f} | {m['peer']:.0f} | {r['ratio']:.2f}x | {p['covey']:.0f} MiB | "
+                  f"{p['peer']:.0f} MiB | {min(r['load'])}-{max(r['load'])} |")
+        print(f"(medians of {a.repeats} alternated runs each; {a.threads} threads; the -dp row's peer is Covey "
+              f"without DP and its ratio the DP step time over the plain one)")
+    if decode:
+        print("| row | Covey decode | llama.cpp decode | ratio | Covey prompt | llama.cpp prompt | ratio | load |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row, r in decode.items():
+            m, p = r["median_tokens_per_second"], r["median_prompt_tokens_per_second"]
+            print(f"| {row} | {m['covey']:.1f} | {m['peer']:.1f} | {r['ratio']:.2f}x | {p['covey']:.0f} | "
+                  f"{p['peer']:.0f} | {r['prompt_ratio']:.2f}x | {min(r['load'])}-{max(r['load'])} |")
+        print(f"(tokens/s, medians of {a.repeats} alternated runs each; decode 64 tokens, prompt 128; "
+              f"llama.cpp: Q8_0 for int8, the shipped Q4_1 for int4)")
+    print(f"written to {a.out}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::LlamaConfig;
 use crate::error::{InferError, Result};
 use crate::kernels::Weight;
+use crate::qdot::KernelPath;
 use crate::sample::{SamplingConfig, sample};
 
 /// How the projection weights are held in memory.
@@ -73,6 +74,7 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: Option<Weight>,
     inv_freq: Vec<f32>,
+    kernels: KernelPath,
 }
 
 /// The KV cache of one sequence.
@@ -243,7 +245,13 @@ impl Model {
         };
         let hd = config.head_dim();
         let inv_freq = (0..hd / 2).map(|j| (1.0 / config.rope_theta.powf(2.0 * j as f64 / hd as f64)) as f32).collect();
-        Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
+        Ok(Self { config, embed, layers, norm, lm_head, inv_freq, kernels: KernelPath::Native })
+    }
+
+    /// Run on the kernels `path` names ([`KernelPath::Native`] unless set): the
+    /// portable ones are what a CPU without AVX2 runs, forced here to compare or measure.
+    pub fn set_kernel_path(&mut self, path: KernelPath) {
+        self.kernels = path;
     }
 
     /// The configuration.
@@ -308,6 +316,16 @@ impl Model {
     /// row-major. With `last_only`, only the last position's logits are computed (what
     /// generation needs), and the result has one row.
     pub fn forward(&self, session: &mut Session, ids: &[u32], last_only: bool) -> Result<Vec<f32>> {
+        if rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none() {
+            // Enter the thread pool once per forward, not once per matmul: from outside
+            // it, every parallel loop is a cold hand-over that blocks the caller (two
+            // context switches, ~200 per decoded token).
+            return rayon::scope(|_| self.forward_in_pool(session, ids, last_only));
+        }
+        self.forward_in_pool(session, ids, last_only)
+    }
+
+    fn forward_in_pool(&self, session: &mut Session, ids: &[u32], last_only: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, vocab) = (c.hidden_size, c.vocab_size);
         let n = ids.len();
@@ -342,9 +360,9 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             self.rms_norm(&x, &layer.attn_norm, &mut normed);
-            layer.q.matmul(&normed, n, &mut q);
-            layer.k.matmul(&normed, n, &mut k);
-            layer.v.matmul(&normed, n, &mut v);
+            layer.q.matmul_on(self.kernels, &normed, n, &mut q);
+            layer.k.matmul_on(self.kernels, &normed, n, &mut k);
+            layer.v.matmul_on(self.kernels, &normed, n, &mut v);
             self.rope(&mut q, heads, start);
             self.rope(&mut k, kvh, start);
             let keys = &mut session.keys[li];
@@ -376,18 +394,18 @@ impl Model {
                     }
                 }
             };
-            if n * heads * (start + n) * hd < crate::kernels::PARALLEL_MIN_WORK {
-                attn.chunks_mut(hd).enumerate().for_each(attend);
-            } else {
+            if crate::kernels::worth_parallel(n * heads * (start + n) * hd) {
                 attn.par_chunks_mut(hd).enumerate().for_each(attend);
+            } else {
+                attn.chunks_mut(hd).enumerate().for_each(attend);
             }
-            layer.o.matmul(&attn, n, &mut proj);
+            layer.o.matmul_on(self.kernels, &attn, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
             self.rms_norm(&x, &layer.mlp_norm, &mut normed);
-            layer.gate.matmul(&normed, n, &mut gate);
-            layer.up.matmul(&normed, n, &mut up);
+            layer.gate.matmul_on(self.kernels, &normed, n, &mut gate);
+            layer.up.matmul_on(self.kernels, &normed, n, &mut up);
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            layer.down.matmul(&gate, n, &mut proj);
+            layer.down.matmul_on(self.kernels, &gate, n, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         session.len += n;
@@ -395,7 +413,7 @@ impl Model {
         let mut final_norm = vec![0.0f32; rows * h];
         self.rms_norm(&x[from..], &self.norm, &mut final_norm);
         let mut logits = vec![0.0f32; rows * vocab];
-        self.lm_head.as_ref().unwrap_or(&self.embed).matmul(&final_norm, rows, &mut logits);
+        self.lm_head.as_ref().unwrap_or(&self.embed).matmul_on(self.kernels, &final_norm, rows, &mut logits);
         Ok(logits)
     }
 
@@ -520,6 +538,27 @@ mod tests {
             let err = got.iter().flatten().zip(base.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err > prev && err < 0.5, "{p}: max logit error {err}");
             prev = err;
+        }
+    }
+
+    /// A CPU without AVX2 runs the portable kernels: forced here, they give the native
+    /// path's logits (up to f32 summation order) and its greedy tokens.
+    #[test]
+    fn the_portable_kernels_decode_like_the_native_ones() {
+        let (c, t) = tiny();
+        for p in [Precision::F32, Precision::Int8, Precision::Int4] {
+            let native = Model::from_tensors(c.clone(), &t, p).expect("model");
+            let mut portable = Model::from_tensors(c.clone(), &t, p).expect("model");
+            portable.set_kernel_path(KernelPath::Portable);
+            let ids: Vec<u32> = (0..12).map(|i| (i * 53 % 256) as u32).collect();
+            let (a, b) = (native.logits(&ids).expect("logits"), portable.logits(&ids).expect("logits"));
+            let err = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-4, "{p}: native and portable logits differ by {err}");
+            let cfg = SamplingConfig { temperature: 0.0, max_new_tokens: 10, ..SamplingConfig::default() };
+            assert_eq!(
+                native.generate(&ids, &cfg, &[]).expect("gen"),
+                portable.generate(&ids, &cfg, &[]).expect("gen")
+            );
         }
     }
 

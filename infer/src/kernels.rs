@@ -2,13 +2,18 @@
 //!
 //! A [`Weight`] is `[rows, cols]` (Hugging Face `[out, in]`). [`Weight::matmul`] computes
 //! `y[t] = W · x[t]` for `n` input rows, parallel over blocks of output rows (rayon), and
-//! never expands a quantized weight: each task decodes one int8 or int4 row at a time
-//! into a row-sized scratch buffer, then takes its dot products with the inputs (four
-//! inputs per pass over the row, so a weight is read once for four tokens). The SIMD
-//! code is chosen at run time by `pulp` (AVX2/FMA, AVX-512 or NEON; scalar otherwise).
+//! never expands a quantized weight:
+//! - int8 and int4 weights multiply activations quantized to int8 in blocks of 32, in
+//!   integers (`crate::qdot`, llama.cpp's scheme);
+//! - f32 weights (and int8 ones whose rows are not a multiple of 32 long) take f32 dot
+//!   products, an int8 row decoded into a row-sized scratch buffer first, four inputs
+//!   per pass over the row. That SIMD code is chosen at run time by `pulp` (AVX2/FMA,
+//!   AVX-512 or NEON; scalar otherwise).
 
 use covey_tensors::quant::{INT4_GROUP, Int4Tensor, Int8Tensor};
 use rayon::prelude::*;
+
+use crate::qdot::{BLOCK, KernelPath, QuantizedRows, QuantizedWeight};
 
 /// A projection weight, held as stored.
 #[derive(Debug, Clone)]
@@ -28,14 +33,25 @@ pub enum Weight {
     Int4(Int4Tensor),
 }
 
-/// Output rows per parallel task: large enough to amortise scheduling, small enough to
-/// balance two to sixteen threads.
-const ROWS_PER_TASK: usize = 16;
+/// Output rows per parallel task: at least this many, and otherwise about eight tasks
+/// per thread (enough to balance, few enough that scheduling stays negligible).
+const MIN_ROWS_PER_TASK: usize = 16;
+
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(8 * rayon::current_num_threads()).max(MIN_ROWS_PER_TASK)
+}
 
 /// Multiply-adds below which a matmul runs on the calling thread: handing a few
 /// microseconds of work to the pool costs more than it saves (a decode step of a
 /// sub-million-parameter student is mostly such matmuls).
-pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 16;
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Whether `work` multiply-adds are worth handing to the thread pool: enough of them,
+/// and more than one thread (handing work to a one-thread pool costs two context
+/// switches and gains nothing).
+pub(crate) fn worth_parallel(work: usize) -> bool {
+    work >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1
+}
 
 impl Weight {
     /// Output rows.
@@ -88,25 +104,61 @@ impl Weight {
         }
     }
 
-    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for `n` rows of `x` (`[n, cols]` → `[n, rows]`).
+    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for `n` rows of `x` (`[n, cols]` → `[n, rows]`),
+    /// on the fastest kernels this CPU has.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let rows = self.rows();
-        debug_assert_eq!(x.len(), n * self.cols());
-        debug_assert_eq!(out.len(), n * rows);
-        // Work in a [rows, n] buffer so each task owns a contiguous block of output rows.
-        let mut tmp = vec![0.0f32; rows * n];
-        let arch = pulp::Arch::new();
-        let task = |(block, chunk): (usize, &mut [f32])| {
-            arch.dispatch(RowBlock { weight: self, x, n, first_row: block * ROWS_PER_TASK, out: chunk });
+        self.matmul_on(KernelPath::Native, x, n, out);
+    }
+
+    /// [`Weight::matmul`] on the kernels `path` names.
+    pub fn matmul_on(&self, path: KernelPath, x: &[f32], n: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        assert_eq!(x.len(), n * cols, "matmul input of the wrong length");
+        assert_eq!(out.len(), n * rows, "matmul output of the wrong length");
+        let quantized = match self {
+            Self::Int8(q) if cols.is_multiple_of(BLOCK) => Some(QuantizedWeight::Int8(q)),
+            Self::Int4(q) => Some(QuantizedWeight::Int4(q)),
+            _ => None,
         };
-        if rows * self.cols() * n < PARALLEL_MIN_WORK {
-            tmp.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
-        } else {
-            tmp.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
+        let per_task = rows_per_task(rows);
+        let parallel = worth_parallel(rows * cols * n);
+        // Work in a [rows, n] buffer so each task owns a contiguous block of output rows
+        // (for one input row, the layout of `out` itself).
+        let mut tmp = if n == 1 { Vec::new() } else { vec![0.0f32; rows * n] };
+        let target: &mut [f32] = if n == 1 { out } else { &mut tmp };
+        match quantized {
+            Some(weight) => {
+                let xq = QuantizedRows::quantize(x, n, cols);
+                let task = |(block, chunk): (usize, &mut [f32])| {
+                    weight.rows_times(path, &xq, block * per_task, chunk, n);
+                };
+                if parallel {
+                    target.par_chunks_mut(per_task * n).enumerate().for_each(task);
+                } else {
+                    target.chunks_mut(per_task * n).enumerate().for_each(task);
+                }
+            }
+            None => {
+                let arch = pulp::Arch::new();
+                let task = |(block, chunk): (usize, &mut [f32])| {
+                    let op = RowBlock { weight: self, x, n, first_row: block * per_task, out: chunk };
+                    match path {
+                        KernelPath::Native => arch.dispatch(op),
+                        KernelPath::Portable => pulp::Simd::vectorize(pulp::Scalar::new(), op),
+                    }
+                };
+                if parallel {
+                    target.par_chunks_mut(per_task * n).enumerate().for_each(task);
+                } else {
+                    target.chunks_mut(per_task * n).enumerate().for_each(task);
+                }
+            }
         }
-        for r in 0..rows {
-            for t in 0..n {
-                out[t * rows + r] = tmp[r * n + t];
+        if n > 1 {
+            for r in 0..rows {
+                for t in 0..n {
+                    out[t * rows + r] = tmp[r * n + t];
+                }
             }
         }
     }
@@ -254,28 +306,50 @@ mod tests {
         out
     }
 
+    /// f32 weights multiply exactly; int8 and int4 ones multiply activations rounded to
+    /// int8 per block of 32, so within a small fraction of `Σ |w x|` of their
+    /// dequantized matrix. Both kernel paths, and int8 rows that are not a multiple of
+    /// 32 long (the f32 fallback).
     #[test]
     fn every_format_multiplies_like_its_dequantized_matrix() {
-        let w = wavy(37, 96);
-        let n = 3;
-        let x: Vec<f32> = (0..n * 96).map(|i| ((i as f32) * 0.29).cos()).collect();
-        let q8 = Int8Tensor::quantize(&w).expect("test value");
-        let q4 = Int4Tensor::quantize(&w).expect("test value");
-        let cases = [
-            (Weight::F32 { rows: 37, cols: 96, data: w.data.clone() }, w.clone()),
-            (Weight::Int8(q8.clone()), q8.dequantize()),
-            (Weight::Int4(q4.clone()), q4.dequantize()),
-        ];
-        for (weight, dense) in cases {
-            let mut out = vec![0.0; n * 37];
-            weight.matmul(&x, n, &mut out);
-            let want = reference(&dense, &x, n);
-            for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        for cols in [96, 40] {
+            let w = wavy(37, cols);
+            for n in [1, 3, 6] {
+                let x: Vec<f32> = (0..n * cols).map(|i| ((i as f32) * 0.29).cos()).collect();
+                let q8 = Int8Tensor::quantize(&w).expect("test value");
+                let mut cases = vec![
+                    (Weight::F32 { rows: 37, cols, data: w.data.clone() }, w.clone(), 1e-5),
+                    (Weight::Int8(q8.clone()), q8.dequantize(), if cols % 32 == 0 { 1e-2 } else { 1e-5 }),
+                ];
+                if cols % 32 == 0 {
+                    let q4 = Int4Tensor::quantize(&w).expect("test value");
+                    cases.push((Weight::Int4(q4.clone()), q4.dequantize(), 1e-2));
+                }
+                for (weight, dense, tolerance) in cases {
+                    let want = reference(&dense, &x, n);
+                    let magnitude = |t: usize, r: usize| -> f32 {
+                        (0..cols).map(|c| (dense.data[r * cols + c] * x[t * cols + c]).abs()).sum()
+                    };
+                    let mut by_path = Vec::new();
+                    for path in [KernelPath::Native, KernelPath::Portable] {
+                        let mut out = vec![0.0; n * 37];
+                        weight.matmul_on(path, &x, n, &mut out);
+                        for t in 0..n {
+                            for r in 0..37 {
+                                let (a, b) = (out[t * 37 + r], want[t * 37 + r]);
+                                assert!((a - b).abs() <= tolerance * magnitude(t, r) + 1e-6, "{path:?} {a} vs {b}");
+                            }
+                        }
+                        by_path.push(out);
+                    }
+                    for (i, (a, b)) in by_path[0].iter().zip(&by_path[1]).enumerate() {
+                        assert!((a - b).abs() <= 1e-5 * magnitude(i / 37, i % 37) + 1e-7, "native {a} portable {b}");
+                    }
+                    let mut row = vec![0.0; cols];
+                    weight.row_into(5, &mut row);
+                    assert_eq!(row, dense.data[5 * cols..6 * cols]);
+                }
             }
-            let mut row = vec![0.0; 96];
-            weight.row_into(5, &mut row);
-            assert_eq!(row, dense.data[5 * 96..6 * 96]);
         }
     }
 

@@ -28,10 +28,12 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kernels;
+mod qdot;
 pub mod sample;
 
 pub use config::LlamaConfig;
 pub use engine::{Model, Precision, Session, expected_shapes, random_tensors};
 pub use error::{InferError, Result};
 pub use kernels::Weight;
+pub use qdot::KernelPath;
 pub use sample::SamplingConfig;

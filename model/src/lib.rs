@@ -49,7 +49,7 @@ pub mod train;
 pub use checkpoint::{HostTensor, NamedTensors};
 pub use config::{LlamaConfig, LoraConfig, LoraTarget};
 pub use covey_artifact::{LoadedModel, artifact, chat, export, gguf_import, tokenizer};
-pub use covey_infer::{Model as InferenceModel, Precision};
+pub use covey_infer::{KernelPath, Model as InferenceModel, Precision};
 pub use covey_qlora::FrozenAdapter;
 pub use error::{ModelError, Result};
 pub use eval::EvalMetrics;

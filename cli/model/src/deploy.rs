@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use covey_gguf::GgmlType;
 use covey_model::artifact::LoadedModel;
 use covey_model::chat::Message;
-use covey_model::{Precision, SamplingConfig, checkpoint, export};
+use covey_model::{KernelPath, Precision, SamplingConfig, checkpoint, export};
 use covey_tensors::quant::Scheme;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -201,6 +201,13 @@ pub struct InferBenchArgs {
     /// Measurements of each figure; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Precisions measured, comma-separated (all three unless given).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub precision: Vec<PrecisionArg>,
+    /// Run the portable kernels (what a CPU without AVX2, such as a phone's ARM core,
+    /// runs) instead of the native ones.
+    #[arg(long)]
+    pub portable_kernels: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -430,9 +437,16 @@ pub fn infer_bench(a: InferBenchArgs) -> Result<Vec<InferFigures>> {
         .into_iter()
         .take(a.prompt_tokens)
         .collect();
+    let precisions: Vec<Precision> = if a.precision.is_empty() {
+        vec![Precision::F32, Precision::Int8, Precision::Int4]
+    } else {
+        a.precision.iter().map(|&p| p.into()).collect()
+    };
+    let kernels = if a.portable_kernels { KernelPath::Portable } else { KernelPath::Native };
     let mut rows = Vec::new();
-    for p in [Precision::F32, Precision::Int8, Precision::Int4] {
-        let engine = m.engine(p)?;
+    for p in precisions {
+        let mut engine = m.engine(p)?;
+        engine.set_kernel_path(kernels);
         let (mut prompt_runs, mut decode_runs) = (Vec::new(), Vec::new());
         for _ in 0..a.repeat.max(1) {
             // Prompt processing: one forward over the whole prompt.
@@ -464,9 +478,9 @@ pub fn infer_bench(a: InferBenchArgs) -> Result<Vec<InferFigures>> {
         });
     }
     if a.json {
-        println!("{}", serde_json::json!({ "threads": threads, "inference": rows }));
+        println!("{}", serde_json::json!({ "threads": threads, "kernels": format!("{kernels:?}"), "inference": rows }));
     } else {
-        println!("model             {} ({threads} threads)", a.model.display());
+        println!("model             {} ({threads} threads, {kernels:?} kernels)", a.model.display());
         for r in &rows {
             println!(
                 "{:<5} weights {:7.1} MiB   decode {:6.1} tokens/s   prompt {:7.1} tokens/s",
