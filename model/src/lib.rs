@@ -43,6 +43,7 @@ mod init;
 pub mod llama;
 pub mod local_round;
 pub mod lora;
+pub mod personal;
 pub mod prune;
 pub mod train;
 

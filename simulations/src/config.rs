@@ -237,6 +237,10 @@ pub struct Experiment {
     pub strategy: StrategyConfig,
     /// Output.
     pub report: ReportSection,
+    /// Personalisation: every evaluated device fits its own adapter on its training
+    /// text, stacked on the final global model, and is scored on its held-out text with
+    /// the base, the global and the personal model. Default none.
+    pub personalisation: Option<covey_model::personal::PersonalConfig>,
 }
 
 impl Default for Experiment {
@@ -260,6 +264,7 @@ impl Default for Experiment {
             calibrate: CalibrateSection::default(),
             strategy: StrategyConfig::default(),
             report: ReportSection::default(),
+            personalisation: None,
         }
     }
 }
@@ -315,6 +320,12 @@ impl Experiment {
                 "data.train-fraction",
                 format!("{} is not in (0, 1)", self.data.train_fraction),
             ));
+        }
+        if let Some(p) = &self.personalisation {
+            p.validate().map_err(|e| SimError::config("personalisation", e.to_string()))?;
+            if self.mode != Mode::InProcess {
+                return Err(SimError::config("personalisation", "runs in the in-process mode only"));
+            }
         }
         if self.data.eval_bytes < 256 {
             return Err(SimError::config("data.eval-bytes", "must be at least 256"));

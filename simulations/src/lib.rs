@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod loopback;
 pub mod output;
 pub mod partition;
+pub mod personal;
 pub mod plot;
 pub mod prepare;
 pub mod progress;

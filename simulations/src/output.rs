@@ -19,7 +19,8 @@ pub struct ReportFiles {
 }
 
 /// Writes a run's report folder: `report.json`, `metrics.csv`, `timing.csv` and
-/// `curves.svg`, creating `dir` if needed. Each file is written atomically.
+/// `curves.svg` (and `personal.csv`, `personal.svg` for a personalised run), creating
+/// `dir` if needed. Each file is written atomically.
 pub fn write_report(dir: &Path, report: &Report) -> Result<ReportFiles> {
     fs::create_dir_all(dir).map_err(|e| SimError::io(dir, e))?;
     let json_path = dir.join("report.json");
@@ -36,8 +37,18 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<ReportFiles> {
     let svg = plot::plot_run(report).map_err(|reason| SimError::Plot { path: curves_path.clone(), reason })?;
     write_atomic(&curves_path, svg.as_bytes())?;
 
+    let mut paths = vec![json_path, metrics_path, timing_path, curves_path];
+    if let Some(personal) = &report.personalisation {
+        let csv_path = dir.join("personal.csv");
+        write_atomic(&csv_path, crate::personal::devices_csv(personal).as_bytes())?;
+        let svg_path = dir.join("personal.svg");
+        let svg = plot::plot_personal(&report.name, personal)
+            .map_err(|reason| SimError::Plot { path: svg_path.clone(), reason })?;
+        write_atomic(&svg_path, svg.as_bytes())?;
+        paths.extend([csv_path, svg_path]);
+    }
     tracing::debug!(dir = %dir.display(), run = %report.name, "wrote report");
-    Ok(ReportFiles { dir: dir.to_owned(), paths: vec![json_path, metrics_path, timing_path, curves_path] })
+    Ok(ReportFiles { dir: dir.to_owned(), paths })
 }
 
 /// Reads a report from a `report.json` file, or from a directory that holds one.

@@ -11,6 +11,7 @@ use std::ops::Range;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::personal::{DeviceScores, PersonalReport, Scores};
 use crate::report::{Report, RoundMetrics};
 
 /// Size of a run's plot, in pixels.
@@ -51,6 +52,61 @@ pub fn plot_run(report: &Report) -> std::result::Result<String, String> {
 /// one line per run in a different colour and the run names in a legend.
 pub fn plot_compare(reports: &[Report]) -> std::result::Result<String, String> {
     render(COMPARE_SIZE, |root| draw_compare(root, reports)).map_err(|e| e.to_string())
+}
+
+/// Draws the personalisation of a run: each device's top-1 accuracy and perplexity on its
+/// held-out text with the base, global and personal models, every curve sorted (worst
+/// device on the left), so that the curves are the distributions over devices.
+pub fn plot_personal(name: &str, report: &PersonalReport) -> std::result::Result<String, String> {
+    render(COMPARE_SIZE, |root| draw_personal(root, name, report)).map_err(|e| e.to_string())
+}
+
+/// Which model's scores of a device a curve shows.
+type Pick = fn(&DeviceScores) -> Scores;
+
+fn draw_personal(root: &Area<'_>, name: &str, report: &PersonalReport) -> DrawResult {
+    let title = format!("{name}: personalisation ({}), {} devices", report.config.method, report.devices.len());
+    let body = root.titled(&title, (FONT, 24).into_font())?;
+    let cells = body.split_evenly((1, 2));
+    let sorted = |label: &str, color: RGBColor, value: &dyn Fn(&DeviceScores) -> f64, descending: bool| {
+        let mut v: Vec<f64> = report.devices.iter().map(value).filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        if descending {
+            v.reverse();
+        }
+        Series {
+            label: label.to_owned(),
+            color,
+            points: v.into_iter().enumerate().map(|(i, y)| (i as u64, y)).collect(),
+        }
+    };
+    let x_range = 0..(report.devices.len() as u64).max(1);
+    let models: [(&str, Pick); 3] = [("base", |d| d.base), ("global", |d| d.global), ("personal", |d| d.personal)];
+    let accuracy = Panel {
+        caption: "next-token top-1 accuracy per device",
+        y_desc: "top-1 (%)",
+        series: models
+            .iter()
+            .enumerate()
+            .map(|(i, (label, pick))| sorted(label, PALETTE[i], &|d| pick(d).top1 * 100.0, false))
+            .collect(),
+        y_range: None,
+        legend: Some(SeriesLabelPosition::LowerRight),
+    };
+    let perplexity = Panel {
+        caption: "held-out perplexity per device",
+        y_desc: "perplexity",
+        series: models
+            .iter()
+            .enumerate()
+            .map(|(i, (label, pick))| sorted(label, PALETTE[i], &|d| pick(d).perplexity, true))
+            .collect(),
+        y_range: None,
+        legend: Some(SeriesLabelPosition::UpperRight),
+    };
+    draw_panel_along(&cells[0], &accuracy, x_range.clone(), "devices, worst first")?;
+    draw_panel_along(&cells[1], &perplexity, x_range, "devices, worst first")?;
+    Ok(())
 }
 
 /// Renders an SVG document of `size` pixels on a white background.
@@ -188,6 +244,11 @@ fn draw_compare(root: &Area<'_>, reports: &[Report]) -> DrawResult {
 /// Draws one panel over `x_range`: axes, lines (with a marker at each point when there
 /// are few enough to tell apart, so a one-point series shows) and the legend.
 fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, x_range: Range<u64>) -> DrawResult {
+    draw_panel_along(area, panel, x_range, "round")
+}
+
+/// [`draw_panel`] with `x_desc` under the x axis.
+fn draw_panel_along(area: &Area<'_>, panel: &Panel<'_>, x_range: Range<u64>, x_desc: &str) -> DrawResult {
     let y_range = panel
         .y_range
         .clone()
@@ -199,7 +260,7 @@ fn draw_panel(area: &Area<'_>, panel: &Panel<'_>, x_range: Range<u64>) -> DrawRe
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(x_range, y_range)?;
-    chart.configure_mesh().x_desc("round").y_desc(panel.y_desc).draw()?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(panel.y_desc).draw()?;
 
     for series in &panel.series {
         let color = series.color;

@@ -308,6 +308,7 @@ pub fn report(prepared: &Prepared, mode: Mode, rounds: Vec<RoundMetrics>, notes:
         rounds,
         summary,
         notes: prepared.notes.iter().cloned().chain(notes).collect(),
+        personalisation: None,
     })
 }
 

@@ -66,8 +66,9 @@ pub async fn run(out: &Path, progress: &dyn crate::progress::Progress) -> Result
     };
     let state = outcome.agent_state.clone();
     let p = prompt.clone();
-    let generated =
-        tokio::task::spawn_blocking(move || covey_agent::generate(&state, &p, &sampling)).await.map_err(join)??;
+    let generated = tokio::task::spawn_blocking(move || covey_agent::generate(&state, &p, &sampling, None))
+        .await
+        .map_err(join)??;
     let mut report = outcome.report;
     report.notes.push(format!(
         "sample from agent 0's verified model version {}: {}{}",

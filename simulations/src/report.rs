@@ -142,6 +142,9 @@ pub struct Report {
     /// Free-form remarks about the run.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Per-device base, global and personal figures, when the experiment personalises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personalisation: Option<crate::personal::PersonalReport>,
 }
 
 /// (De)serialises an `f64` as a JSON number, or `null` when it is not finite (read back as NaN).
@@ -434,6 +437,7 @@ pub(crate) mod tests {
             rounds,
             summary,
             notes: vec!["a note".to_owned()],
+            personalisation: None,
         }
     }
 

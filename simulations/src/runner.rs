@@ -206,6 +206,13 @@ pub fn run(prepared: &Prepared, progress: &dyn Progress) -> Result<Report> {
         wall_seconds: started.elapsed().as_secs_f64(),
     }];
     tracing::info!(perplexity = base.perplexity, top1 = base.top1, "round 0 (base model)");
+    // Personalisation scores every evaluated device with the base model now, and with
+    // the global and personal models after the last round.
+    let devices = crate::personal::devices(prepared);
+    let base_scores = match &exp.personalisation {
+        Some(_) => crate::personal::score(prepared, sim.published(), &devices)?,
+        None => Vec::new(),
+    };
 
     for round in 1..=exp.rounds.rounds {
         let t0 = Instant::now();
@@ -234,7 +241,13 @@ pub fn run(prepared: &Prepared, progress: &dyn Progress) -> Result<Report> {
         let text = prepare::sample(prepared, sim.published(), &exp.report.sample_prompt, exp.report.sample_bytes)?;
         notes.push(format!("sample after round {}: {}{}", exp.rounds.rounds, exp.report.sample_prompt, text));
     }
-    prepare::report(prepared, Mode::InProcess, rounds, notes)
+    let mut report = prepare::report(prepared, Mode::InProcess, rounds, notes)?;
+    if let Some(cfg) = &exp.personalisation {
+        let personal = crate::personal::personalise(prepared, cfg, &devices, &base_scores, sim.published())?;
+        tracing::debug!("{}", crate::personal::table(&personal));
+        report.personalisation = Some(personal);
+    }
+    Ok(report)
 }
 
 /// What every client of a round trains from.

@@ -104,3 +104,45 @@ async fn loopback_rounds_run_through_a_real_coordinator_and_agents() {
     // The first agent holds the last version, verified.
     assert!(out.agent_state.join("identity.json").is_file());
 }
+
+/// Personalisation: every evaluated device is scored with the base, global and personal
+/// models; fitting a local adapter on a device's own text lowers the median perplexity on
+/// its held-out text, and the report folder carries the per-device table and plot.
+#[test]
+fn personalisation_scores_every_device_and_the_personal_models_fit_them_better() {
+    let mut exp = experiment(3);
+    exp.personalisation = Some(covey_model::personal::PersonalConfig {
+        steps: 12,
+        seq_len: 32,
+        learning_rate: 3e-2,
+        ..Default::default()
+    });
+    let prepared = prepare::prepare(&exp).expect("prepare");
+    let report = runner::run(&prepared, &Silent).expect("run");
+    let p = report.personalisation.clone().expect("a personalisation section");
+    assert!(!p.devices.is_empty() && p.devices.len() <= prepared.eval_clients.len());
+    for d in &p.devices {
+        assert!(prepared.eval_clients.contains(&d.client), "{} was not evaluated", d.client);
+        for s in [d.base, d.global, d.personal] {
+            assert!(s.perplexity.is_finite() && (0.0..=1.0).contains(&s.top1) && s.top1 <= s.top3, "{d:?}");
+        }
+    }
+    assert!(
+        p.personal.perplexity_median < p.global.perplexity_median,
+        "personal {} vs global {}",
+        p.personal.perplexity_median,
+        p.global.perplexity_median
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    covey_sim::output::write_report(dir.path(), &report).expect("write");
+    let csv = std::fs::read_to_string(dir.path().join("personal.csv")).expect("personal.csv");
+    assert_eq!(csv.lines().count(), p.devices.len() + 1);
+    let svg = std::fs::read_to_string(dir.path().join("personal.svg")).expect("personal.svg");
+    assert!(svg.contains("personalisation") && svg.contains("global"), "the plot names its curves");
+    let back = covey_sim::output::read_report(dir.path()).expect("read back").personalisation.expect("in report.json");
+    assert_eq!(back.devices.len(), p.devices.len());
+    for (a, b) in back.devices.iter().zip(&p.devices) {
+        assert_eq!((&a.client, a.tokens), (&b.client, b.tokens));
+        assert!((a.personal.perplexity - b.personal.perplexity).abs() < 1e-9 * b.personal.perplexity);
+    }
+}

@@ -215,6 +215,9 @@ fn run_experiment(exp: &Experiment, progress: &dyn Progress) -> Result<Report> {
         peak_rss().map_or_else(|| "unknown".to_owned(), |kib| format!("{:.1} MiB", kib as f64 / 1024.0)),
         dir.display()
     );
+    if let Some(personal) = &report.personalisation {
+        print!("{}", covey_sim::personal::table(personal));
+    }
     Ok(report)
 }
 
