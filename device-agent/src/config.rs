@@ -83,7 +83,21 @@ pub struct AgentConfig {
     /// the uploaded adapter protects each sequence of the local text on top of what the
     /// task's update-level clipping and noise protect. Default none.
     pub example_dp: Option<covey_model::ExampleDp>,
+    /// Personalisation (`[personalisation]`: method `fed-recon` or `ditto`, rank, steps,
+    /// learning rate, λ): after each update it sends, the device fits its own adapter on
+    /// its text, stacked on the version it trained on, and seals it under
+    /// `state/personal/` (`crate::personal`). It is used for this device's generation and
+    /// suggestions and never uploaded. Needs a key: `personal-key-file`, or the host app's
+    /// in `COVEY_PERSONAL_KEY`. Default none.
+    pub personalisation: Option<covey_model::personal::PersonalConfig>,
+    /// File of the local adapter's key (64 hex characters; created owner-only when
+    /// missing), outside the state and data directories. Default none.
+    pub personal_key_file: Option<PathBuf>,
 }
+
+/// The environment variable a host app hands the local adapter's key over in (64 hex
+/// characters), instead of a key file.
+pub const PERSONAL_KEY_ENV: &str = "COVEY_PERSONAL_KEY";
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -105,6 +119,8 @@ impl Default for AgentConfig {
             max_lora_rank: 0,
             max_memory_bytes: None,
             example_dp: None,
+            personalisation: None,
+            personal_key_file: None,
         }
     }
 }
@@ -209,7 +225,29 @@ impl AgentConfig {
         {
             return Err(AgentError::config("privacy-budget", "epsilon must be > 0 and delta in (0, 1)"));
         }
+        if let Some(p) = &self.personalisation {
+            p.validate().map_err(|e| AgentError::config("personalisation", e.to_string()))?;
+            if self.personal_key_file.is_none() && std::env::var_os(PERSONAL_KEY_ENV).is_none() {
+                return Err(AgentError::config(
+                    "personalisation",
+                    format!("needs a key: personal-key-file, or {PERSONAL_KEY_ENV} from the host app"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The sealed local adapter's store, when this device personalises: the key from
+    /// `COVEY_PERSONAL_KEY` if the host app set it, else from `personal-key-file`.
+    pub fn personal_store(&self) -> Result<Option<crate::personal::PersonalStore>> {
+        if self.personalisation.is_none() {
+            return Ok(None);
+        }
+        let key = crate::personal::key_from(self.personal_key_file.as_deref(), &self.state_dir, &self.data_dir)?
+            .ok_or_else(|| {
+                AgentError::config("personalisation", "needs a key (personal-key-file or COVEY_PERSONAL_KEY)")
+            })?;
+        Ok(Some(crate::personal::PersonalStore::new(&self.state_dir, key)))
     }
 }
 

@@ -65,6 +65,15 @@ pub enum AgentError {
         /// The state directory.
         state_dir: PathBuf,
     },
+    /// The sealed local adapter cannot be used: another key, altered or truncated, or not
+    /// a local adapter. The device falls back to the global model.
+    #[error("{path}: local adapter unusable: {reason}")]
+    LocalAdapter {
+        /// The sealed file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The stored identity is inconsistent (key and device id disagree, bad hex...).
     #[error("{path}: corrupt identity: {reason}")]
     CorruptIdentity {
@@ -238,6 +247,7 @@ impl AgentError {
             | Self::AlreadyEnrolled { .. }
             | Self::StateLocked { .. }
             | Self::CorruptIdentity { .. }
+            | Self::LocalAdapter { .. }
             | Self::Proto { .. }
             | Self::Transport { .. }
             | Self::UntrustedModel { .. }

@@ -51,6 +51,7 @@ pub mod error;
 pub mod identity;
 pub mod infer;
 pub mod models;
+pub mod personal;
 pub mod run;
 pub mod task;
 pub mod train;
@@ -61,7 +62,10 @@ pub use config::{AgentConfig, BackoffConfig, TlsConfig};
 pub use enroll::{MAX_LABEL_BYTES, enroll};
 pub use error::{AgentError, Result};
 pub use identity::Identity;
-pub use infer::{AgentStatus, ExportedAdapter, Generated, chat, export_adapter, generate, status};
+pub use infer::{
+    AgentStatus, ExportedAdapter, Generated, PersonalUse, Suggestion, Suggestions, chat, export_adapter, generate,
+    status, suggest,
+};
 pub use run::{RunSummary, RunUntil, run, run_with_shutdown};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

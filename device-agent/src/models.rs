@@ -213,22 +213,39 @@ impl VerifiedModel {
     /// precision by the engine; the tokenizer, chat template and special tokens of the
     /// release.
     pub fn loaded(&self) -> Result<(LoadedModel, Precision)> {
-        self.as_loaded(true)
+        self.as_loaded(true, None)
+    }
+
+    /// The personal model: [`VerifiedModel::loaded`] with the device's local adapter
+    /// merged too (after the global one, into the same f32 projections).
+    pub fn loaded_with(&self, local: &covey_model::personal::LocalAdapter) -> Result<(LoadedModel, Precision)> {
+        self.as_loaded(true, Some(local))
     }
 
     /// The release alone (no adapter), as [`VerifiedModel::loaded`] builds it.
     pub fn release_model(&self) -> Result<(LoadedModel, Precision)> {
-        self.as_loaded(false)
+        self.as_loaded(false, None)
     }
 
-    fn as_loaded(&self, with_adapter: bool) -> Result<(LoadedModel, Precision)> {
+    fn as_loaded(
+        &self,
+        with_adapter: bool,
+        local: Option<&covey_model::personal::LocalAdapter>,
+    ) -> Result<(LoadedModel, Precision)> {
         let mut tensors = self.release.clone();
-        if with_adapter && self.b.is_some() {
+        let global = with_adapter && self.b.is_some();
+        if global || local.is_some() {
+            let factor_names = self.a.keys().filter(|_| global).chain(local.into_iter().flat_map(|l| l.a.keys()));
             let targets: HashSet<String> =
-                self.a.keys().filter_map(|n| covey_tensors::lora::base_weight_of(n)).map(|(w, _)| w).collect();
+                factor_names.filter_map(|n| covey_tensors::lora::base_weight_of(n)).map(|(w, _)| w).collect();
             let mut touched: NamedTensors =
                 tensors.iter().filter(|(n, _)| targets.contains(*n)).map(|(n, t)| (n.clone(), t.to_f32())).collect();
-            self.merge_adapter(&mut touched)?;
+            if global {
+                self.merge_adapter(&mut touched)?;
+            }
+            if let Some(local) = local {
+                local.merge_into(&mut touched).map_err(AgentError::Inference)?;
+            }
             tensors.extend(touched.into_iter().map(|(n, t)| (n, StoredTensor::F32(t))));
         }
         let r = &self.manifest.release;

@@ -121,7 +121,9 @@ pub async fn run_with_shutdown(
     let url = cfg.coordinator.clone().unwrap_or_else(|| identity.coordinator_url.clone());
     let coordinator = CoordinatorClient::connect(&url, &cfg)?;
     tracing::info!(device = %identity.device_id_hex(), coordinator = %url, "agent started");
+    let personal = cfg.personal_store()?.map(std::sync::Arc::new);
     let agent = Agent {
+        personal,
         models: ModelCache::new(&cfg.state_dir),
         checkpoints: CheckpointStore::new(&cfg.state_dir),
         rank_basis: std::sync::Mutex::new(None),
@@ -194,6 +196,8 @@ struct Agent {
     checkpoints: CheckpointStore,
     /// What the last task trained on: the basis of the rank cap a memory budget implies.
     rank_basis: std::sync::Mutex<Option<RankBasis>>,
+    /// The sealed local adapter, when this device personalises.
+    personal: Option<std::sync::Arc<crate::personal::PersonalStore>>,
 }
 
 /// The model and training shape of the last task, for [`Agent::rank_cap`].
@@ -348,7 +352,33 @@ impl Agent {
         let mut entry = self.upload(task, &signed, Some(pre_clip), trained.resumed_from).await?;
         entry.downloaded_bytes = downloaded;
         entry.train_seconds = started.elapsed().as_secs_f64();
+        self.personalise(task.base_version).await;
         Ok((entry, task.base_version))
+    }
+
+    /// Fit the local adapter on `version` (the newest global model this device holds),
+    /// after its update left: the upload is built and signed before this runs, from the
+    /// task's `B` alone. A failure is logged and changes nothing already stored.
+    async fn personalise(&self, version: u64) {
+        let (Some(store), Some(cfg)) = (&self.personal, &self.cfg.personalisation) else { return };
+        let model = match self.models.load(version, &self.identity.coordinator_public_key) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(version, error = %e, "cannot personalise: the version does not load");
+                return;
+            }
+        };
+        let (store, cfg, data_dir) = (store.clone(), cfg.clone(), self.cfg.data_dir.clone());
+        let (device_id, threads) = (self.identity.device_id, self.cfg.train_threads);
+        let fitted = tokio::task::spawn_blocking(move || {
+            crate::personal::fit(model, &cfg, &data_dir, &store, &device_id, threads)
+        })
+        .await;
+        match fitted {
+            Ok(Ok(meta)) => tracing::info!(version = meta.version, tokens = meta.train_tokens, "personalised"),
+            Ok(Err(e)) => tracing::warn!(version, error = %e, "personalisation failed; the last local adapter stays"),
+            Err(e) => tracing::warn!(version, error = %e, "personalisation panicked; the last local adapter stays"),
+        }
     }
 
     async fn upload(

@@ -114,23 +114,7 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
     // The version's weights as released (int8 / int4), handed over to the round, with
     // the version's adapter kept apart (QLoRA: the base is never expanded to f32).
     let weights = model.take_release();
-    // Plain texts, and chat transcripts (trained with the model's chat template, the loss
-    // on the assistant's turns only).
-    let mut corpus = Vec::new();
-    let mut chats = Vec::new();
-    for d in covey_model::data::load_corpus(&data_dir)? {
-        match d.chat {
-            Some(turns) => chats.push(turns),
-            None => corpus.push(d.text),
-        }
-    }
-    let release = &model.manifest.release;
-    let token = |id: Option<u32>| match (&model.tokenizer, id) {
-        (covey_model::Tokenizer::HuggingFace(t), Some(id)) => t.id_to_token(id).unwrap_or_default(),
-        _ => String::new(),
-    };
-    let (bos, eos) = (token(release.special_tokens.bos), token(release.special_tokens.eos));
-    let chat_format = release.chat_template.as_deref().map(|template| ChatFormat { template, bos: &bos, eos: &eos });
+    let text = LocalText::load(&data_dir, &model)?;
     let resumed_from = resume.as_ref().map(|c| c.step);
     if let Some(step) = resumed_from {
         tracing::info!(task = %task.id_hex(), step, "resuming from a checkpoint");
@@ -150,9 +134,9 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         adapter,
         a: &a,
         tokenizer: &model.tokenizer,
-        corpus: &corpus,
-        chats: &chats,
-        chat_format,
+        corpus: &text.corpus,
+        chats: &text.chats,
+        chat_format: text.chat_format(&model),
     };
     let resume = resume.map(|c| Resume { step: c.step, b: c.b });
     let on_checkpoint = |c: RoundProgress| {
@@ -168,6 +152,45 @@ fn train_blocking(job: TrainJob) -> Result<Trained> {
         }
     };
     Ok(Trained { b: result.b, examples: result.examples, loss: result.loss_last, resumed_from })
+}
+
+/// The device's text as a local round takes it: plain texts, and chat transcripts
+/// (trained with the model's chat template, the loss on the assistant's turns only).
+pub(crate) struct LocalText {
+    pub corpus: Vec<String>,
+    pub chats: Vec<Vec<covey_model::chat::Message>>,
+    bos: String,
+    eos: String,
+}
+
+impl LocalText {
+    /// The texts of `data_dir`, with `model`'s special tokens.
+    pub(crate) fn load(data_dir: &std::path::Path, model: &VerifiedModel) -> Result<Self> {
+        let mut corpus = Vec::new();
+        let mut chats = Vec::new();
+        for d in covey_model::data::load_corpus(data_dir)? {
+            match d.chat {
+                Some(turns) => chats.push(turns),
+                None => corpus.push(d.text),
+            }
+        }
+        let release = &model.manifest.release;
+        let token = |id: Option<u32>| match (&model.tokenizer, id) {
+            (covey_model::Tokenizer::HuggingFace(t), Some(id)) => t.id_to_token(id).unwrap_or_default(),
+            _ => String::new(),
+        };
+        let (bos, eos) = (token(release.special_tokens.bos), token(release.special_tokens.eos));
+        Ok(Self { corpus, chats, bos, eos })
+    }
+
+    /// How chat transcripts are rendered for `model` (none without a chat template).
+    pub(crate) fn chat_format<'a>(&'a self, model: &'a VerifiedModel) -> Option<ChatFormat<'a>> {
+        model.manifest.release.chat_template.as_deref().map(|template| ChatFormat {
+            template,
+            bos: &self.bos,
+            eos: &self.eos,
+        })
+    }
 }
 
 /// The first `rank` rows of every `A` (`[r, in]` → `[rank, in]`).

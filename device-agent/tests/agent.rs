@@ -28,6 +28,8 @@ struct Received {
     device: [u8; 32],
     header: UpdateHeader,
     b: NamedTensors,
+    /// The payload as it arrived.
+    payload: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -348,7 +350,7 @@ impl Fleet for Svc {
         st.tasks.remove(&header.device_id);
         *st.next_round.entry(header.device_id).or_insert(1) += 1;
         let round_id = header.round_id;
-        st.received.push(Received { device: header.device_id, header, b });
+        st.received.push(Received { device: header.device_id, header, b, payload });
         let update_id = st.received.len() as u64;
         if st.faults.lost_acks > 0 {
             st.faults.lost_acks -= 1;
@@ -466,7 +468,7 @@ async fn enrolls_trains_and_uploads_clipped_signed_updates_through_faults() {
     assert_eq!(status.cached_versions, vec![1]);
     assert!(status.pending_tasks.is_empty(), "{:?}", status.pending_tasks);
     let sampling = covey_model::SamplingConfig { max_new_tokens: 5, temperature: 0.0, ..Default::default() };
-    let out = covey_agent::generate(&cfg.state_dir, "Now is", &sampling).expect("generate");
+    let out = covey_agent::generate(&cfg.state_dir, "Now is", &sampling, None).expect("generate");
     assert_eq!(out.version, 1);
 }
 
@@ -751,4 +753,89 @@ async fn a_task_beyond_the_memory_budget_is_declined_before_the_weights_download
     assert!(reason.contains("GB") && reason.contains("allows 0.03 GB"), "{reason}");
     assert_eq!(st.fetches, 1, "only the config was downloaded, not the weights");
     assert!(st.received.is_empty());
+}
+
+/// Personalisation: over three rounds the device fits its own adapter after each update
+/// and seals it; every upload, recorded as it arrived, holds only the task's `B` (none of
+/// the local adapter's tensors, names or values) and is the size a device that does not
+/// personalise sends. Generation and suggestions use the personal model; a corrupted or
+/// foreign local adapter falls back to the global one; `forget` wipes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_adapter_personalises_and_never_leaves_the_device() {
+    use covey_agent::personal::{PersonalKey, PersonalStore};
+    use covey_model::personal::{LOCAL_PREFIX, PersonalConfig, PersonalMethod};
+
+    async fn three_rounds(dir: &Path, personal: bool) -> (AgentConfig, Vec<(NamedTensors, Vec<u8>)>) {
+        let mock = Arc::new(Mock::new(2, clip(1.0, 0.0), Faults::default(), false));
+        let addr = serve(mock.clone()).await;
+        let mut cfg = config(dir, addr);
+        if personal {
+            cfg.personalisation = Some(PersonalConfig {
+                method: PersonalMethod::Ditto,
+                steps: 4,
+                batch_size: 2,
+                seq_len: 16,
+                learning_rate: 5e-2,
+                ..PersonalConfig::default()
+            });
+            cfg.personal_key_file = Some(dir.join("keys/personal.key"));
+        }
+        covey_agent::enroll(&cfg, TOKEN, "").await.expect("enrol");
+        within(covey_agent::run(cfg.clone(), RunUntil::Updates(3))).await.expect("run");
+        let st = mock.state();
+        (cfg, st.received.iter().map(|r| (r.b.clone(), r.payload.clone())).collect())
+    }
+    let (plain_dir, personal_dir) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (_, plain) = three_rounds(plain_dir.path(), false).await;
+    let (cfg, uploads) = three_rounds(personal_dir.path(), true).await;
+    assert!(!plain_dir.path().join("state").join(covey_agent::personal::SEALED_FILE).exists());
+
+    let store = cfg.personal_store().expect("store").expect("personalises");
+    let (meta, local) = store.load().expect("readable").expect("a local adapter was fitted");
+    assert_eq!(meta.version, 1);
+    assert_eq!(meta.train_tokens, 3 * 4 * 2 * 16, "Ditto continued the adapter over three fits");
+    let local_tensors = local.to_tensors();
+    assert_eq!(uploads.len(), 3);
+    for ((b, payload), (_, plain_payload)) in uploads.iter().zip(&plain) {
+        assert_eq!(payload.len(), plain_payload.len(), "personalisation changed the upload's size");
+        for (name, t) in b {
+            assert!(name.ends_with("lora_B.weight") && !name.starts_with(LOCAL_PREFIX), "{name} uploaded");
+            for (local_name, l) in local_tensors.iter().chain(&local.b) {
+                assert!(t.data != l.data, "upload tensor {name} equals the local adapter's {local_name}");
+            }
+        }
+        assert!(
+            !payload.windows(LOCAL_PREFIX.len()).any(|w| w == LOCAL_PREFIX.as_bytes()),
+            "a local name in a payload"
+        );
+    }
+
+    let sampling = covey_model::SamplingConfig { max_new_tokens: 5, temperature: 0.0, ..Default::default() };
+    let state = &cfg.state_dir;
+    let personal = covey_agent::generate(state, "Now is", &sampling, Some(&store)).expect("generate");
+    assert!(personal.personal.used, "{:?}", personal.personal);
+    let global = covey_agent::generate(state, "Now is", &sampling, None).expect("generate");
+    assert!(!global.personal.used);
+    let s = covey_agent::suggest(state, "Now is the", 3, Some(&store)).expect("suggest");
+    assert!(s.personal.used && s.tokens.len() == 3 && s.words.len() == 3, "{s:?}");
+    assert!(s.tokens.windows(2).all(|w| w[0].probability >= w[1].probability), "{s:?}");
+    assert!(s.words.iter().zip(&s.tokens).all(|(w, t)| w.text.starts_with(&t.text) && w.probability <= t.probability));
+
+    // Another device's key: the sealed file does not open; the global model answers.
+    let foreign = PersonalStore::new(state, PersonalKey::from_bytes(&[7; 32]).expect("key"));
+    let fallback = covey_agent::generate(state, "Now is", &sampling, Some(&foreign)).expect("falls back");
+    assert!(
+        !fallback.personal.used && fallback.personal.note.as_deref().is_some_and(|n| n.contains("does not decrypt"))
+    );
+    assert_eq!(fallback.text, global.text);
+    // A flipped byte: the same.
+    let mut bytes = std::fs::read(store.path()).expect("sealed");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(store.path(), &bytes).expect("write");
+    let fallback = covey_agent::generate(state, "Now is", &sampling, Some(&store)).expect("falls back");
+    assert!(!fallback.personal.used, "{:?}", fallback.personal);
+    assert!(store.forget().expect("forget"));
+    let after = covey_agent::generate(state, "Now is", &sampling, Some(&store)).expect("generate");
+    assert_eq!(after.personal.note.as_deref(), Some("no local adapter fitted yet"));
 }

@@ -192,10 +192,11 @@ async fn a_bpe_chat_model_federates_with_adapter_rounds_and_releases() {
     // The agent chats with the newest version it holds (4: release 3 and its adapter),
     // through the chat template, on the int4 engine.
     let sampling = covey_model::SamplingConfig { max_new_tokens: 12, temperature: 0.0, ..Default::default() };
-    let reply = covey_agent::chat(&states[0], &[Message::new("user", "Who is Macbeth?")], &sampling).expect("chat");
+    let reply =
+        covey_agent::chat(&states[0], &[Message::new("user", "Who is Macbeth?")], &sampling, None).expect("chat");
     assert_eq!((reply.version, reply.release), (4, 3));
     assert!(reply.new_tokens > 0 && reply.prompt_tokens > 5, "{reply:?}");
-    let generated = covey_agent::generate(&states[0], "MACBETH.", &sampling).expect("generate");
+    let generated = covey_agent::generate(&states[0], "MACBETH.", &sampling, None).expect("generate");
     assert!(generated.new_tokens > 0, "{generated:?}");
 
     // The adapter exports as a llama.cpp LoRA GGUF, and its release as the base GGUF.
@@ -290,8 +291,8 @@ async fn the_smollm2_gguf_federates_when_present() {
 
     // The agent holds the version it trained on (1: the int8 release of the GGUF).
     let sampling = covey_model::SamplingConfig { max_new_tokens: 8, temperature: 0.0, ..Default::default() };
-    let reply =
-        covey_agent::chat(&state, &[Message::new("user", "What is the capital of France?")], &sampling).expect("chat");
+    let reply = covey_agent::chat(&state, &[Message::new("user", "What is the capital of France?")], &sampling, None)
+        .expect("chat");
     eprintln!("SmolLM2 via the agent: {reply:?}");
     assert!(reply.text.contains("Paris"), "{reply:?}");
 }

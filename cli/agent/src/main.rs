@@ -1,5 +1,6 @@
 //! `covey-agent`: enrol a device, run it against a coordinator, show its state, and
-//! generate text or chat with the newest verified model (its release and adapter, on the
+//! generate text, chat or suggest next words with the newest verified model (its release
+//! and adapter, with this device's own local adapter on top when it has one, on the
 //! int8 / int4 inference engine, with the model's tokenizer and chat template).
 
 use std::path::PathBuf;
@@ -33,6 +34,72 @@ enum Command {
     /// Write the newest verified version's adapter as a llama.cpp LoRA GGUF (apply it
     /// with `llama-cli -m BASE.gguf --lora ADAPTER.gguf`), and optionally its base release.
     ExportAdapter(ExportAdapterArgs),
+    /// The keyboard path: the k most likely next tokens after a prefix, and the word each
+    /// begins, from the personal model (the global one without a local adapter).
+    Suggest(SuggestArgs),
+    /// Delete this device's local adapter (it is fitted again after the next update when
+    /// personalisation stays on).
+    Forget(ForgetArgs),
+}
+
+/// Which model answers: the personal one (the device's sealed local adapter on the
+/// global model) unless turned off or unreadable.
+#[derive(Args)]
+struct PersonalArgs {
+    /// Answer with the global model, without the local adapter.
+    #[arg(long)]
+    no_personal: bool,
+    /// Key file of the sealed local adapter (or COVEY_PERSONAL_KEY, 64 hex characters).
+    #[arg(long, env = "COVEY_PERSONAL_KEY_FILE")]
+    personal_key_file: Option<PathBuf>,
+    /// Data directory (only to refuse a key file kept inside it).
+    #[arg(long, default_value = "covey-data")]
+    data: PathBuf,
+}
+
+impl PersonalArgs {
+    /// The store to read the local adapter from; `None` (the global model) when turned
+    /// off, or when no key is given.
+    fn store(&self, state: &std::path::Path) -> Result<Option<covey_agent::personal::PersonalStore>> {
+        if self.no_personal {
+            return Ok(None);
+        }
+        let key = covey_agent::personal::key_from(self.personal_key_file.as_deref(), state, &self.data)?;
+        Ok(key.map(|k| covey_agent::personal::PersonalStore::new(state, k)))
+    }
+}
+
+fn say_personal(p: &covey_agent::PersonalUse) {
+    match (&p.used, &p.note) {
+        (true, _) => eprintln!("(personal model: the local adapter on the global one)"),
+        (false, Some(note)) => eprintln!("(global model: {note})"),
+        (false, None) => eprintln!("(global model)"),
+    }
+}
+
+#[derive(Args)]
+struct SuggestArgs {
+    /// State directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// The text typed so far.
+    #[arg(long)]
+    prefix: String,
+    /// Suggestions offered.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    personal: PersonalArgs,
+}
+
+#[derive(Args)]
+struct ForgetArgs {
+    /// State directory.
+    #[arg(long)]
+    state: PathBuf,
 }
 
 /// Connection settings shared by `enroll` and `run`.
@@ -145,6 +212,8 @@ struct GenerateArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    personal: PersonalArgs,
 }
 
 #[derive(Args)]
@@ -180,6 +249,8 @@ struct ChatArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    personal: PersonalArgs,
 }
 
 #[tokio::main]
@@ -198,6 +269,19 @@ async fn main() -> Result<()> {
         Command::Status(a) => status(a),
         Command::Generate(a) => generate(a).await,
         Command::Chat(a) => chat(a),
+        Command::Suggest(a) => suggest(a),
+        Command::Forget(a) => {
+            // Deleting needs no key: the file is removed whatever it holds.
+            let path = a.state.join(covey_agent::personal::SEALED_FILE);
+            match std::fs::remove_file(&path) {
+                Ok(()) => println!("local adapter deleted ({})", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("no local adapter in {}", a.state.display())
+                }
+                Err(e) => return Err(e).with_context(|| format!("deleting {}", path.display())),
+            }
+            Ok(())
+        }
         Command::ExportAdapter(a) => {
             let e = covey_agent::export_adapter(&a.state, &a.out, a.base_out.as_deref())?;
             println!(
@@ -285,8 +369,11 @@ async fn generate(a: GenerateArgs) -> Result<()> {
     };
     let state = a.state.clone();
     let prompt = a.prompt.clone();
-    let out = tokio::task::spawn_blocking(move || covey_agent::generate(&state, &prompt, &sampling)).await??;
+    let store = a.personal.store(&a.state)?;
+    let out = tokio::task::spawn_blocking(move || covey_agent::generate(&state, &prompt, &sampling, store.as_ref()))
+        .await??;
     eprintln!("(model version {}, release {})", out.version, out.release);
+    say_personal(&out.personal);
     println!("{}{}", a.prompt, out.text);
     Ok(())
 }
@@ -301,10 +388,12 @@ fn chat(a: ChatArgs) -> Result<()> {
         seed: a.seed,
     };
     let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let store = a.personal.store(&a.state)?;
     let reply = |history: &mut Vec<Message>, text: &str| -> Result<()> {
         history.push(Message::new("user", text));
-        let out = covey_agent::chat(&a.state, history, &sampling)?;
+        let out = covey_agent::chat(&a.state, history, &sampling, store.as_ref())?;
         eprintln!("(model version {}, release {})", out.version, out.release);
+        say_personal(&out.personal);
         println!("{}", out.text);
         history.push(Message::new("assistant", &out.text));
         Ok(())
@@ -320,5 +409,23 @@ fn chat(a: ChatArgs) -> Result<()> {
             reply(&mut history, line)?;
         }
     }
+    Ok(())
+}
+
+fn suggest(a: SuggestArgs) -> Result<()> {
+    let store = a.personal.store(&a.state)?;
+    let s = covey_agent::suggest(&a.state, &a.prefix, a.top_k, store.as_ref())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    say_personal(&s.personal);
+    for (t, w) in s.tokens.iter().zip(&s.words) {
+        println!("{:>6.2} %  {:?}  → {:?} ({:.2} %)", 100.0 * t.probability, t.text, w.text, 100.0 * w.probability);
+    }
+    eprintln!(
+        "(model version {}; suggestions in {:.1} ms after {:.0} ms loading the model)",
+        s.version, s.suggest_ms, s.load_ms
+    );
     Ok(())
 }
