@@ -137,16 +137,13 @@ pub struct Suggestions {
     /// The `k` most likely next tokens.
     pub tokens: Vec<Suggestion>,
     /// Word completions: each of those tokens extended greedily to the end of its word
-    /// (at most 8 tokens), with the probability of the whole extension.
+    /// (`covey_model::keyboard::complete_words`), with the probability of the extension.
     pub words: Vec<Suggestion>,
     /// Milliseconds to load the model.
     pub load_ms: f64,
     /// Milliseconds from the prefix to the suggestions (the keyboard's latency).
     pub suggest_ms: f64,
 }
-
-/// Tokens a word completion may take.
-const MAX_WORD_TOKENS: usize = 8;
 
 /// The `k` most likely next tokens after `prefix`, and the word each begins, from the
 /// personal model when `personal` holds a usable local adapter, else the global model.
@@ -162,56 +159,11 @@ pub fn suggest(state_dir: &Path, prefix: &str, k: usize, personal: Option<&Perso
     if ids.is_empty() {
         return Err(AgentError::config("prefix", "has no tokens"));
     }
-    let mut session = engine.session();
-    let logits = engine.forward(&mut session, &ids, true).map_err(inference)?;
-    let probs = softmax(&logits);
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    let decode = |ids: &[u32]| loaded.tokenizer.decode(ids).map_err(inference);
-    let mut tokens = Vec::new();
-    let mut words = Vec::new();
-    for &first in order.iter().take(k) {
-        let first_id = first as u32;
-        tokens.push(Suggestion { text: decode(&[first_id])?, probability: probs[first] });
-        // Extend greedily while the next token continues the same word.
-        let mut s = session.clone();
-        let mut ext = vec![first_id];
-        let mut p = probs[first];
-        while ext.len() < MAX_WORD_TOKENS && !word_ended(&decode(&ext)?) {
-            let row = softmax(&engine.forward(&mut s, &ext[ext.len() - 1..], true).map_err(inference)?);
-            let (best, q) = row.iter().enumerate().fold((0, f64::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-            let mut longer = ext.clone();
-            longer.push(best as u32);
-            if word_ended(&decode(&longer)?) {
-                break;
-            }
-            ext = longer;
-            p *= q;
-        }
-        words.push(Suggestion { text: decode(&ext)?, probability: p });
-    }
+    let completions = covey_model::keyboard::complete_words(&engine, &loaded.tokenizer, &ids, k).map_err(inference)?;
+    let tokens =
+        completions.iter().map(|c| Suggestion { text: c.token.clone(), probability: c.token_probability }).collect();
+    let words = completions.into_iter().map(|c| Suggestion { text: c.word, probability: c.word_probability }).collect();
     Ok(Suggestions { version, personal, tokens, words, load_ms, suggest_ms: started.elapsed().as_secs_f64() * 1e3 })
-}
-
-/// Whether `text`, after its leading spaces, holds a word and then something that is not
-/// part of it (a space, punctuation: the start of what follows).
-fn word_ended(text: &str) -> bool {
-    let mut seen = false;
-    for c in text.trim_start().chars() {
-        if c.is_alphanumeric() || c == '\'' {
-            seen = true;
-        } else if seen {
-            return true;
-        }
-    }
-    false
-}
-
-fn softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let exp: Vec<f64> = logits.iter().map(|&x| f64::from(x - max).exp()).collect();
-    let total: f64 = exp.iter().sum();
-    exp.into_iter().map(|e| e / total).collect()
 }
 
 /// What [`export_adapter`] wrote.

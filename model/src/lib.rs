@@ -40,6 +40,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 mod init;
+pub mod keyboard;
 pub mod llama;
 pub mod local_round;
 pub mod lora;

@@ -4,7 +4,9 @@
 //! `covey_model::personal`).
 //!
 //! Each device is scored on its own held-out text: next-token top-1 and top-3 accuracy
-//! (next byte for the byte-level model) and perplexity. The report gives the
+//! (next byte for the byte-level model), perplexity, and whole-word top-1 / top-3 (the
+//! next word among the three completions decoded from the prefix, as a keyboard's
+//! suggestion strip offers them). The report gives the
 //! distribution over devices: the median, and the worst decile (the 10th percentile of
 //! accuracy, the 90th of perplexity): the users the global model serves worst.
 
@@ -20,6 +22,11 @@ use crate::dataset::ClientData;
 use crate::error::{Result, SimError};
 use crate::prepare::{Prepared, seed_bytes};
 
+/// Words of a device's held-out text the keyboard measure predicts (spread evenly).
+pub const WORDS_PER_DEVICE: usize = 40;
+/// Tokens of context before each predicted word.
+pub const WORD_CONTEXT: usize = 64;
+
 /// One model's figures on one device's held-out text.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
@@ -29,6 +36,13 @@ pub struct Scores {
     pub top1: f64,
     /// Next-token top-3 accuracy.
     pub top3: f64,
+    /// Whole-word top-1: the next word is the first of three completions
+    /// (`covey_model::keyboard::word_accuracy` on the int8 engine devices run).
+    #[serde(with = "crate::report::nullable_f64")]
+    pub word_top1: f64,
+    /// Whole-word top-3: the next word is among the three completions.
+    #[serde(with = "crate::report::nullable_f64")]
+    pub word_top3: f64,
 }
 
 /// One device: its three models' figures.
@@ -65,12 +79,22 @@ pub struct Distribution {
     pub perplexity_median: f64,
     /// 90th percentile of perplexity (the worst decile).
     pub perplexity_p90: f64,
+    /// Median whole-word top-1.
+    #[serde(with = "crate::report::nullable_f64")]
+    pub word_top1_median: f64,
+    /// Median whole-word top-3.
+    #[serde(with = "crate::report::nullable_f64")]
+    pub word_top3_median: f64,
+    /// 10th percentile of whole-word top-3.
+    #[serde(with = "crate::report::nullable_f64")]
+    pub word_top3_p10: f64,
 }
 
 impl Distribution {
     fn of(devices: &[DeviceScores], pick: impl Fn(&DeviceScores) -> Scores) -> Self {
         let column = |f: &dyn Fn(&Scores) -> f64| -> Vec<f64> { devices.iter().map(|d| f(&pick(d))).collect() };
         let (top1, top3, ppl) = (column(&|s| s.top1), column(&|s| s.top3), column(&|s| s.perplexity));
+        let (w1, w3) = (column(&|s| s.word_top1), column(&|s| s.word_top3));
         Self {
             top1_median: quantile(&top1, 0.5),
             top1_p10: quantile(&top1, 0.1),
@@ -78,6 +102,9 @@ impl Distribution {
             top3_p10: quantile(&top3, 0.1),
             perplexity_median: quantile(&ppl, 0.5),
             perplexity_p90: quantile(&ppl, 0.9),
+            word_top1_median: quantile(&w1, 0.5),
+            word_top3_median: quantile(&w3, 0.5),
+            word_top3_p10: quantile(&w3, 0.1),
         }
     }
 }
@@ -131,11 +158,28 @@ pub fn score(
 fn score_one(prepared: &Prepared, weights: &NamedTensors, texts: &[String]) -> Result<Option<(usize, Scores)>> {
     let device = covey_model::cpu_device();
     let seq_len = prepared.experiment.eval_seq_len();
-    match covey_model::evaluate_texts(&prepared.config, weights, &prepared.tokenizer, texts, seq_len, &device) {
-        Ok(m) => Ok(Some((m.tokens, Scores { perplexity: m.perplexity, top1: m.top1, top3: m.top3 }))),
-        Err(ModelError::EmptyCorpus { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    let m = match covey_model::evaluate_texts(&prepared.config, weights, &prepared.tokenizer, texts, seq_len, &device) {
+        Ok(m) => m,
+        Err(ModelError::EmptyCorpus { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let engine =
+        covey_model::InferenceModel::from_tensors(prepared.config.clone(), weights, covey_model::Precision::Int8)
+            .map_err(ModelError::from)?;
+    let text = texts.join("\n");
+    let words =
+        covey_model::keyboard::word_accuracy(&engine, &prepared.tokenizer, &text, 3, WORDS_PER_DEVICE, WORD_CONTEXT)
+            .ok();
+    Ok(Some((
+        m.tokens,
+        Scores {
+            perplexity: m.perplexity,
+            top1: m.top1,
+            top3: m.top3,
+            word_top1: words.map_or(f64::NAN, |w| w.top1),
+            word_top3: words.map_or(f64::NAN, |w| w.topk),
+        },
+    )))
 }
 
 /// Fit every device's local adapter on the final global model `global` and score the
@@ -249,25 +293,21 @@ fn parallel_map<T: Send>(
 
 /// `personal.csv`: one line per device.
 pub fn devices_csv(report: &PersonalReport) -> String {
-    let mut out = String::from(
-        "client,tokens,train_tokens,base_perplexity,base_top1,base_top3,global_perplexity,global_top1,global_top3,personal_perplexity,personal_top1,personal_top3\n",
-    );
+    let mut out = String::from("client,tokens,train_tokens");
+    for model in ["base", "global", "personal"] {
+        for figure in ["perplexity", "top1", "top3", "word_top1", "word_top3"] {
+            out.push_str(&format!(",{model}_{figure}"));
+        }
+    }
+    out.push('\n');
     for d in &report.devices {
-        out.push_str(&format!(
-            "{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}\n",
-            d.client,
-            d.tokens,
-            d.train_tokens,
-            d.base.perplexity,
-            d.base.top1,
-            d.base.top3,
-            d.global.perplexity,
-            d.global.top1,
-            d.global.top3,
-            d.personal.perplexity,
-            d.personal.top1,
-            d.personal.top3
-        ));
+        out.push_str(&format!("{},{},{}", d.client, d.tokens, d.train_tokens));
+        for s in [d.base, d.global, d.personal] {
+            for v in [s.perplexity, s.top1, s.top3, s.word_top1, s.word_top3] {
+                out.push_str(&format!(",{v:.4}"));
+            }
+        }
+        out.push('\n');
     }
     out
 }
@@ -282,11 +322,21 @@ pub fn table(report: &PersonalReport) -> String {
         report.seconds,
         100.0 * report.top1_improved
     );
-    out.push_str("model     top-1 median  top-1 p10  top-3 median  top-3 p10  ppl median  ppl p90\n");
+    out.push_str(
+        "model     top-1 median  top-1 p10  top-3 median  top-3 p10  ppl median  ppl p90  word-1 median  word-3 median  word-3 p10\n",
+    );
     for (name, d) in [("base", &report.base), ("global", &report.global), ("personal", &report.personal)] {
         out.push_str(&format!(
-            "{name:<9} {:>12.4} {:>10.4} {:>13.4} {:>10.4} {:>11.3} {:>8.3}\n",
-            d.top1_median, d.top1_p10, d.top3_median, d.top3_p10, d.perplexity_median, d.perplexity_p90
+            "{name:<9} {:>12.4} {:>10.4} {:>13.4} {:>10.4} {:>11.3} {:>8.3} {:>14.4} {:>14.4} {:>11.4}\n",
+            d.top1_median,
+            d.top1_p10,
+            d.top3_median,
+            d.top3_p10,
+            d.perplexity_median,
+            d.perplexity_p90,
+            d.word_top1_median,
+            d.word_top3_median,
+            d.word_top3_p10
         ));
     }
     out

@@ -148,7 +148,7 @@ pub struct Report {
 }
 
 /// (De)serialises an `f64` as a JSON number, or `null` when it is not finite (read back as NaN).
-mod nullable_f64 {
+pub(crate) mod nullable_f64 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {

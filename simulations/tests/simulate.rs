@@ -125,6 +125,7 @@ fn personalisation_scores_every_device_and_the_personal_models_fit_them_better()
         assert!(prepared.eval_clients.contains(&d.client), "{} was not evaluated", d.client);
         for s in [d.base, d.global, d.personal] {
             assert!(s.perplexity.is_finite() && (0.0..=1.0).contains(&s.top1) && s.top1 <= s.top3, "{d:?}");
+            assert!((0.0..=1.0).contains(&s.word_top1) && s.word_top1 <= s.word_top3 && s.word_top3 <= 1.0, "{d:?}");
         }
     }
     assert!(

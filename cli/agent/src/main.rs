@@ -37,9 +37,31 @@ enum Command {
     /// The keyboard path: the k most likely next tokens after a prefix, and the word each
     /// begins, from the personal model (the global one without a local adapter).
     Suggest(SuggestArgs),
+    /// Fit this device's local adapter now, on the newest verified version and the local
+    /// text (`run` does so after each update it sends), and seal it.
+    Personalise(PersonaliseArgs),
     /// Delete this device's local adapter (it is fitted again after the next update when
     /// personalisation stays on).
     Forget(ForgetArgs),
+}
+
+#[derive(Args)]
+struct PersonaliseArgs {
+    /// State directory of an enrolled device.
+    #[arg(long)]
+    state: PathBuf,
+    /// Local text: a .txt / .jsonl file or a directory of them.
+    #[arg(long)]
+    data: PathBuf,
+    /// Agent configuration (its `[personalisation]` section; defaults otherwise).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Key file of the sealed local adapter (or COVEY_PERSONAL_KEY, 64 hex characters).
+    #[arg(long, env = "COVEY_PERSONAL_KEY_FILE")]
+    personal_key_file: Option<PathBuf>,
+    /// Training threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
 }
 
 /// Which model answers: the personal one (the device's sealed local adapter on the
@@ -65,6 +87,12 @@ impl PersonalArgs {
             return Ok(None);
         }
         let key = covey_agent::personal::key_from(self.personal_key_file.as_deref(), state, &self.data)?;
+        if key.is_none() && state.join(covey_agent::personal::SEALED_FILE).exists() {
+            eprintln!(
+                "(this device has a local adapter, sealed: give its key with --personal-key-file or \
+                 COVEY_PERSONAL_KEY to use it)"
+            );
+        }
         Ok(key.map(|k| covey_agent::personal::PersonalStore::new(state, k)))
     }
 }
@@ -270,6 +298,7 @@ async fn main() -> Result<()> {
         Command::Generate(a) => generate(a).await,
         Command::Chat(a) => chat(a),
         Command::Suggest(a) => suggest(a),
+        Command::Personalise(a) => personalise(a),
         Command::Forget(a) => {
             // Deleting needs no key: the file is removed whatever it holds.
             let path = a.state.join(covey_agent::personal::SEALED_FILE);
@@ -426,6 +455,36 @@ fn suggest(a: SuggestArgs) -> Result<()> {
     eprintln!(
         "(model version {}; suggestions in {:.1} ms after {:.0} ms loading the model)",
         s.version, s.suggest_ms, s.load_ms
+    );
+    Ok(())
+}
+
+fn personalise(a: PersonaliseArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(path) => AgentConfig::load(path).with_context(|| format!("loading {}", path.display()))?,
+        None => AgentConfig::default(),
+    };
+    cfg.state_dir = a.state;
+    cfg.data_dir = a.data;
+    if a.personal_key_file.is_some() {
+        cfg.personal_key_file = a.personal_key_file;
+    }
+    let personal = cfg.personalisation.get_or_insert_with(Default::default).clone();
+    let store = cfg.personal_store()?.context("personalisation needs a key")?;
+    let identity = covey_agent::Identity::load(&cfg.state_dir)?;
+    let model = covey_agent::models::ModelCache::new(&cfg.state_dir)
+        .latest_verified(&identity.coordinator_public_key)
+        .with_context(|| format!("{}: no verified model version", cfg.state_dir.display()))?;
+    let started = std::time::Instant::now();
+    let meta = covey_agent::personal::fit(model, &personal, &cfg.data_dir, &store, &identity.device_id, a.threads)?;
+    println!(
+        "local adapter ({}, rank {}) fitted on version {} in {:.1} s ({} training tokens in all), sealed in {}",
+        personal.method,
+        personal.rank,
+        meta.version,
+        started.elapsed().as_secs_f64(),
+        meta.train_tokens,
+        store.path().display()
     );
     Ok(())
 }
