@@ -15,6 +15,7 @@ pub mod error;
 pub mod fleet;
 pub mod loopback;
 pub mod output;
+pub mod parallel;
 pub mod partition;
 pub mod personal;
 pub mod plot;

@@ -11,8 +11,6 @@
 //! accuracy, the 90th of perplexity): the users the global model serves worst.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use covey_model::personal::{self, PersonalConfig};
 use covey_model::{LocalRound, ModelError, NamedTensors, RoundBase};
@@ -254,41 +252,13 @@ pub fn personalise(
     })
 }
 
-/// `f` over `devices`, `rounds.parallel` at a time, results in order; the first error
-/// stops the rest.
+/// `f` over `devices`, `rounds.parallel` at a time, results in order.
 fn parallel_map<T: Send>(
     prepared: &Prepared,
     devices: &[&ClientData],
     f: impl Fn(&ClientData) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<T>>>> = Mutex::new((0..devices.len()).map(|_| None).collect());
-    let workers = prepared.experiment.rounds.parallel.min(devices.len()).max(1);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= devices.len() {
-                        break;
-                    }
-                    let out = f(devices[i]);
-                    let failed = out.is_err();
-                    if let Ok(mut r) = results.lock() {
-                        r[i] = Some(out);
-                    }
-                    if failed {
-                        next.store(devices.len(), Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-    let results = results.into_inner().map_err(|_| SimError::Data("a personalisation thread panicked".into()))?;
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(SimError::Data("personalisation stopped after an error".into()))))
-        .collect()
+    crate::parallel::map_in_order(devices, prepared.experiment.rounds.parallel, "personalisation", |_, d| f(d))
 }
 
 /// `personal.csv`: one line per device.

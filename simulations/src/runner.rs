@@ -16,7 +16,6 @@
 //! the cohort's `B` factors, never by the population. A fixed seed gives the same
 //! metrics: cohorts, batches, noise and aggregation order depend only on it.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -271,36 +270,12 @@ fn train_cohort(
     progress: &dyn Progress,
 ) -> Result<Vec<Option<Outcome>>> {
     let prepared = job.prepared;
-    let exp = &prepared.experiment;
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Option<Outcome>>>>> = Mutex::new((0..members.len()).map(|_| None).collect());
     let done = AtomicUsize::new(0);
-    let workers = exp.rounds.parallel.min(members.len()).max(1);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= members.len() {
-                        break;
-                    }
-                    let client = &prepared.dataset.clients[members[i]];
-                    let outcome = train_task(job, client, &tasks[i]);
-                    let failed = outcome.is_err();
-                    if let Ok(mut r) = results.lock() {
-                        r[i] = Some(outcome);
-                    }
-                    progress.client_done(job.round, done.fetch_add(1, Ordering::Relaxed) + 1, members.len());
-                    if failed {
-                        // Stop handing out work; the error is reported below.
-                        next.store(members.len(), Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    });
-    let results = results.into_inner().map_err(|_| SimError::Data("a training thread panicked".into()))?;
-    results.into_iter().map(|r| r.unwrap_or(Ok(None))).collect::<Result<Vec<_>>>()
+    crate::parallel::map_in_order(members, prepared.experiment.rounds.parallel, "training a cohort", |i, &m| {
+        let outcome = train_task(job, &prepared.dataset.clients[m], &tasks[i]);
+        progress.client_done(job.round, done.fetch_add(1, Ordering::Relaxed) + 1, members.len());
+        outcome
+    })
 }
 
 /// One virtual client's round, as a device agent runs it: train `task` on the client's
