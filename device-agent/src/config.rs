@@ -278,6 +278,25 @@ mod tests {
     }
 
     #[test]
+    fn personalisation_parses_and_needs_a_key() {
+        let text = "personal-key-file = \"/keys/p.key\"\n[personalisation]\nmethod = \"ditto\"\nlambda = 0.5\n";
+        let cfg = AgentConfig::from_toml_str(text).expect("parse");
+        cfg.validate().expect("valid");
+        let p = cfg.personalisation.expect("section");
+        assert_eq!((p.method, p.lambda, p.rank), (covey_model::personal::PersonalMethod::Ditto, 0.5, 4));
+        if std::env::var_os(PERSONAL_KEY_ENV).is_none() {
+            let err = AgentConfig::from_toml_str("[personalisation]\nsteps = 5\n")
+                .and_then(|c| c.validate())
+                .expect_err("no key");
+            assert!(err.to_string().contains("personal-key-file"), "{err}");
+        }
+        let err = AgentConfig::from_toml_str("personal-key-file = \"/k\"\n[personalisation]\nrank = 0\n")
+            .and_then(|c| c.validate())
+            .expect_err("rank 0");
+        assert!(err.to_string().contains("personalisation") && err.to_string().contains("rank"), "{err}");
+    }
+
+    #[test]
     fn a_privacy_budget_parses_and_is_checked() {
         let cfg = AgentConfig::from_toml_str("[privacy-budget]\nepsilon = 8.0\ndelta = 1e-5\n").expect("budget");
         assert_eq!(cfg.privacy_budget.map(|b| b.epsilon), Some(8.0));
