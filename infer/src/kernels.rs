@@ -4,7 +4,9 @@
 //! `y[t] = W · x[t]` for `n` input rows, parallel over blocks of output rows (rayon), and
 //! never expands a quantized weight:
 //! - int8 and int4 weights multiply activations quantized to int8 in blocks of 32, in
-//!   integers (`crate::qdot`, llama.cpp's scheme);
+//!   integers (`crate::qdot`, llama.cpp's scheme), for fewer than [`GEMM_MIN_INPUTS`]
+//!   input rows (decoding); from that many on (a prompt), each task decodes a panel of
+//!   rows to f32 and multiplies it with `gemm` (f32 activations, exact dequantization);
 //! - f32 weights (and int8 ones whose rows are not a multiple of 32 long) take f32 dot
 //!   products, an int8 row decoded into a row-sized scratch buffer first, four inputs
 //!   per pass over the row. That SIMD code is chosen at run time by `pulp` (AVX2/FMA,
@@ -13,7 +15,15 @@
 use covey_tensors::quant::{INT4_GROUP, Int4Tensor, Int8Tensor};
 use rayon::prelude::*;
 
+use crate::gemm::{Mat, MatMut, Threads, matmul};
 use crate::qdot::{BLOCK, KernelPath, QuantizedRows, QuantizedWeight};
+
+/// Input rows from which a quantized weight is multiplied as f32 panels through `gemm`
+/// (prompt processing: compute-bound, where a blocked matrix product wins) instead of
+/// row by row in integers (decoding: memory-bound).
+pub const GEMM_MIN_INPUTS: usize = 16;
+/// Rows of a weight decoded into one f32 panel (≤ 256 × cols floats: L2-sized).
+const GEMM_PANEL_ROWS: usize = 256;
 
 /// A projection weight, held as stored.
 #[derive(Debug, Clone)]
@@ -127,6 +137,31 @@ impl Weight {
         let mut tmp = if n == 1 { Vec::new() } else { vec![0.0f32; rows * n] };
         let target: &mut [f32] = if n == 1 { out } else { &mut tmp };
         match quantized {
+            Some(_) if n >= GEMM_MIN_INPUTS => {
+                // Each task decodes its rows into an f32 panel (exactly the dequantized
+                // matrix) and multiplies the inputs with gemm: `[len, n] = panel · xᵀ`.
+                let per_panel = per_task.min(GEMM_PANEL_ROWS);
+                let task = |(block, chunk): (usize, &mut [f32])| {
+                    let (first, len) = (block * per_panel, chunk.len() / n);
+                    let mut panel = vec![0.0f32; len * cols];
+                    for (i, row) in panel.chunks_exact_mut(cols).enumerate() {
+                        self.row_into(first + i, row);
+                    }
+                    matmul(
+                        MatMut::new(chunk, len, n),
+                        Mat::new(&panel, len, cols),
+                        Mat::new(x, n, cols).t(),
+                        false,
+                        1.0,
+                        Threads::One,
+                    );
+                };
+                if parallel {
+                    target.par_chunks_mut(per_panel * n).enumerate().for_each(task);
+                } else {
+                    target.chunks_mut(per_panel * n).enumerate().for_each(task);
+                }
+            }
             Some(weight) => {
                 let xq = QuantizedRows::quantize(x, n, cols);
                 let task = |(block, chunk): (usize, &mut [f32])| {
@@ -314,16 +349,26 @@ mod tests {
     fn every_format_multiplies_like_its_dequantized_matrix() {
         for cols in [96, 40] {
             let w = wavy(37, cols);
-            for n in [1, 3, 6] {
+            for n in [1, 3, 6, GEMM_MIN_INPUTS + 3] {
                 let x: Vec<f32> = (0..n * cols).map(|i| ((i as f32) * 0.29).cos()).collect();
                 let q8 = Int8Tensor::quantize(&w).expect("test value");
                 let mut cases = vec![
                     (Weight::F32 { rows: 37, cols, data: w.data.clone() }, w.clone(), 1e-5),
-                    (Weight::Int8(q8.clone()), q8.dequantize(), if cols % 32 == 0 { 1e-2 } else { 1e-5 }),
+                    // Integer products round activations to int8: within 1 % of Σ|w x|.
+                    // The prompt path and rows that are not a multiple of 32: f32.
+                    (
+                        Weight::Int8(q8.clone()),
+                        q8.dequantize(),
+                        if cols % 32 == 0 && n < GEMM_MIN_INPUTS { 1e-2 } else { 1e-5 },
+                    ),
                 ];
                 if cols % 32 == 0 {
                     let q4 = Int4Tensor::quantize(&w).expect("test value");
-                    cases.push((Weight::Int4(q4.clone()), q4.dequantize(), 1e-2));
+                    cases.push((
+                        Weight::Int4(q4.clone()),
+                        q4.dequantize(),
+                        if n < GEMM_MIN_INPUTS { 1e-2 } else { 1e-5 },
+                    ));
                 }
                 for (weight, dense, tolerance) in cases {
                     let want = reference(&dense, &x, n);

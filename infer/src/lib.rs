@@ -27,6 +27,7 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gemm;
 pub mod kernels;
 mod qdot;
 pub mod sample;

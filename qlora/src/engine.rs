@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::adapter::{FrozenAdapter, LoraSpec, Slot, build_slots};
 use crate::base::{Base, dequantize_rows, f32_view};
 use crate::error::{Result, invalid};
-use crate::matmul::{Mat, MatMut, Threads, matmul};
+use covey_infer::gemm::{Mat, MatMut, Threads, matmul};
 
 /// Values in a block of logits (`tokens × vocabulary rows`): 2 Mi f32, 8 MiB.
 const LOGIT_BLOCK_VALUES: usize = 1 << 21;

@@ -38,7 +38,6 @@ mod adapter;
 mod base;
 mod engine;
 pub mod error;
-mod matmul;
 
 pub use adapter::{FrozenAdapter, LoraSpec};
 pub use base::Base;

@@ -1,15 +1,15 @@
-//! The one home of `unsafe` in this crate: a bounds-checked, safe front to `gemm`'s f32
-//! kernels (AVX-512 with the `x86-v4` feature, AVX2/FMA, NEON or portable code, chosen
-//! at run time).
+//! The one home of `unsafe` in the workspace: a bounds-checked, safe front to `gemm`'s
+//! f32 kernels (AVX-512 with the `x86-v4` feature, AVX2/FMA, NEON or portable code,
+//! chosen at run time). covey-qlora's trainer and this engine's prompt path use it.
 
 #![allow(unsafe_code)]
 
-use gemm::Parallelism;
+use ::gemm::Parallelism;
 
 /// A read-only matrix: `rows × cols` stored row-major with row stride `rs`, read as is
 /// or transposed.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Mat<'a> {
+pub struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -48,7 +48,7 @@ impl<'a> Mat<'a> {
 
 /// A writable dense block: `rows × cols`, row stride `rs`.
 #[derive(Debug)]
-pub(crate) struct MatMut<'a> {
+pub struct MatMut<'a> {
     data: &'a mut [f32],
     rows: usize,
     cols: usize,
@@ -71,7 +71,7 @@ impl<'a> MatMut<'a> {
 
 /// How many threads a product may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Threads {
+pub enum Threads {
     /// The calling thread only (inside a parallel loop).
     One,
     /// The current rayon pool.
@@ -81,7 +81,7 @@ pub(crate) enum Threads {
 /// `dst = scale · a · b`, or `dst += scale · a · b` with `accumulate`.
 ///
 /// Panics when the shapes do not agree (a bug of the caller, never of the input data).
-pub(crate) fn matmul(dst: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, scale: f32, threads: Threads) {
+pub fn matmul(dst: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, scale: f32, threads: Threads) {
     let (m, k) = a.shape();
     let (k2, n) = b.shape();
     assert_eq!(k, k2, "inner dimensions differ");
@@ -108,7 +108,7 @@ pub(crate) fn matmul(dst: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool, 
     // shapes address lies inside its slice; the shapes agree (asserted above); `dst` is a
     // unique borrow, so it aliases neither input.
     unsafe {
-        gemm::gemm(
+        ::gemm::gemm(
             m,
             n,
             k,
