@@ -97,6 +97,14 @@ def decode_rows(a, covey):
     return results
 
 
+def table(header, rows):
+    """A Markdown table."""
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join("---" for _ in header) + " |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", help="Python of a venv with requirements-torch.txt (the training rows)")
@@ -158,21 +166,20 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     json.dump({**results, **decode}, open(a.out, "w"), indent=1)
     if results:
-        print("| row | Covey tokens/s | peer tokens/s | ratio | Covey peak RSS | peer peak RSS | load |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for row, r in results.items():
-            m, p = r["median_tokens_per_second"], r["median_peak_rss_mib"]
-            print(f"| {row} | {m['covey']:.0f} | {m['peer']:.0f} | {r['ratio']:.2f}x | {p['covey']:.0f} MiB | "
-                  f"{p['peer']:.0f} MiB | {min(r['load'])}-{max(r['load'])} |")
+        table(["row", "Covey tokens/s", "peer tokens/s", "ratio", "Covey peak RSS", "peer peak RSS", "load"],
+              [[row, f"{r['median_tokens_per_second']['covey']:.0f}", f"{r['median_tokens_per_second']['peer']:.0f}",
+                f"{r['ratio']:.2f}x", f"{r['median_peak_rss_mib']['covey']:.0f} MiB",
+                f"{r['median_peak_rss_mib']['peer']:.0f} MiB", f"{min(r['load'])}-{max(r['load'])}"]
+               for row, r in results.items()])
         print(f"(medians of {a.repeats} alternated runs each; {a.threads} threads; the -dp row's peer is Covey "
               f"without DP and its ratio the DP step time over the plain one)")
     if decode:
-        print("| row | Covey decode | llama.cpp decode | ratio | Covey prompt | llama.cpp prompt | ratio | load |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for row, r in decode.items():
-            m, p = r["median_tokens_per_second"], r["median_prompt_tokens_per_second"]
-            print(f"| {row} | {m['covey']:.1f} | {m['peer']:.1f} | {r['ratio']:.2f}x | {p['covey']:.0f} | "
-                  f"{p['peer']:.0f} | {r['prompt_ratio']:.2f}x | {min(r['load'])}-{max(r['load'])} |")
+        table(["row", "Covey decode", "llama.cpp decode", "ratio", "Covey prompt", "llama.cpp prompt", "ratio", "load"],
+              [[row, f"{r['median_tokens_per_second']['covey']:.1f}", f"{r['median_tokens_per_second']['peer']:.1f}",
+                f"{r['ratio']:.2f}x", f"{r['median_prompt_tokens_per_second']['covey']:.0f}",
+                f"{r['median_prompt_tokens_per_second']['peer']:.0f}", f"{r['prompt_ratio']:.2f}x",
+                f"{min(r['load'])}-{max(r['load'])}"]
+               for row, r in decode.items()])
         print(f"(tokens/s, medians of {a.repeats} alternated runs each; decode 64 tokens, prompt 128; "
               f"llama.cpp: Q8_0 for int8, the shipped Q4_1 for int4)")
     print(f"written to {a.out}")
