@@ -35,6 +35,12 @@ pub enum PrivacyError {
     /// The operating system's random generator failed.
     #[error("the operating system's random generator failed: {0}")]
     Entropy(#[source] getrandom::Error),
+    /// An accountant name that does not exist.
+    #[error("unknown accountant `{name}`: expected `rdp` or `pld`")]
+    UnknownAccountant {
+        /// The name given.
+        name: String,
+    },
     /// No noise multiplier reaches the target.
     #[error("no noise multiplier up to {max} reaches ε = {target_epsilon} at δ = {delta}")]
     CalibrationFailed {

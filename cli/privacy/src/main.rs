@@ -1,22 +1,14 @@
 //! `covey-privacy`: ε of a training run, and the noise multiplier for a target ε.
 
-use anyhow::{Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
-use covey_privacy::{calibrate, rdp};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use covey_privacy::{Accountant, SampledGaussian, calibrate, rdp};
 
 #[derive(Parser)]
 #[command(name = "covey-privacy", version, about = "Differential-privacy accounting for Covey runs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Accountant {
-    /// Rényi DP of the Poisson-subsampled Gaussian (Mironov et al. 2019).
-    Rdp,
-    /// Privacy loss distributions (not built yet).
-    Pld,
 }
 
 #[derive(Subcommand)]
@@ -35,8 +27,8 @@ enum Command {
         /// Target δ.
         #[arg(long)]
         delta: f64,
-        /// Accountant.
-        #[arg(long, value_enum, default_value_t = Accountant::Rdp)]
+        /// Accountant: `rdp` (Rényi DP) or `pld` (privacy loss distributions, tighter).
+        #[arg(long, default_value = "rdp")]
         accountant: Accountant,
         /// Print one JSON object as the last line.
         #[arg(long)]
@@ -56,40 +48,58 @@ enum Command {
         /// Number of steps (rounds).
         #[arg(long)]
         steps: u64,
+        /// Accountant: `rdp` or `pld`.
+        #[arg(long, default_value = "rdp")]
+        accountant: Accountant,
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// ε, and the optimal RDP order when the accountant is RDP.
+fn epsilon(accountant: Accountant, q: f64, z: f64, steps: u64, delta: f64) -> Result<(f64, Option<f64>)> {
+    Ok(match accountant {
+        Accountant::Rdp => {
+            let (e, order) = rdp::epsilon(q, z, steps, delta)?;
+            (e, Some(order))
+        }
+        _ => (accountant.epsilon(&[SampledGaussian { q, z, steps }], delta)?, None),
+    })
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Epsilon { sampling_rate, noise_multiplier, steps, delta, accountant, json } => {
-            if let Accountant::Pld = accountant {
-                bail!("the PLD accountant is not built yet; use --accountant rdp");
-            }
-            let (epsilon, order) = rdp::epsilon(sampling_rate, noise_multiplier, steps, delta)?;
+            let (eps, order) = epsilon(accountant, sampling_rate, noise_multiplier, steps, delta)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"epsilon": epsilon, "delta": delta, "accountant": "rdp", "order": order,
-                        "sampling_rate": sampling_rate, "noise_multiplier": noise_multiplier, "steps": steps})
-                );
+                let mut v = serde_json::json!({"epsilon": eps, "delta": delta, "accountant": accountant.name(),
+                    "sampling_rate": sampling_rate, "noise_multiplier": noise_multiplier, "steps": steps});
+                if let Some(order) = order {
+                    v["order"] = order.into();
+                }
+                println!("{v}");
+            } else if let Some(order) = order {
+                println!("ε = {eps:.6} at δ = {delta:e} (RDP, optimal order {order})");
             } else {
-                println!("ε = {epsilon:.6} at δ = {delta:e} (RDP, optimal order {order})");
+                println!("ε = {eps:.6} at δ = {delta:e} (PLD)");
             }
         }
-        Command::Calibrate { target_epsilon, delta, sampling_rate, steps, json } => {
-            let z = calibrate::noise_multiplier(target_epsilon, delta, sampling_rate, steps)?;
-            let (epsilon, order) = rdp::epsilon(sampling_rate, z, steps, delta)?;
+        Command::Calibrate { target_epsilon, delta, sampling_rate, steps, accountant, json } => {
+            let z = calibrate::noise_multiplier_for(accountant, target_epsilon, delta, sampling_rate, steps)?;
+            let (eps, order) = epsilon(accountant, sampling_rate, z, steps, delta)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"noise_multiplier": z, "epsilon": epsilon, "target_epsilon": target_epsilon,
-                        "delta": delta, "accountant": "rdp", "order": order, "sampling_rate": sampling_rate, "steps": steps})
-                );
+                let mut v = serde_json::json!({"noise_multiplier": z, "epsilon": eps, "target_epsilon": target_epsilon,
+                    "delta": delta, "accountant": accountant.name(), "sampling_rate": sampling_rate, "steps": steps});
+                if let Some(order) = order {
+                    v["order"] = order.into();
+                }
+                println!("{v}");
             } else {
-                println!("noise multiplier z = {z:.6} gives ε = {epsilon:.6} ≤ {target_epsilon} at δ = {delta:e}");
+                println!(
+                    "noise multiplier z = {z:.6} gives ε = {eps:.6} ≤ {target_epsilon} at δ = {delta:e} ({})",
+                    accountant.name().to_uppercase()
+                );
             }
         }
     }
