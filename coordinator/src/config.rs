@@ -316,6 +316,9 @@ pub struct PrivacySection {
     pub central: Option<covey_strategy::DpConfig>,
     /// δ at which ε is reported. Default 1e-5.
     pub delta: f64,
+    /// The accountant that turns the rounds' releases into ε: `rdp` (Rényi DP, the
+    /// default) or `pld` (privacy loss distributions: tighter, ≈ 0.1 s a query).
+    pub accountant: covey_privacy::Accountant,
     /// Devices each round samples from, N: every eligible device joins the cohort
     /// independently with probability q = cohort / N (Poisson sampling), the q the
     /// accountant uses. 0 (the default) takes N = the eligible devices at the round's
@@ -337,6 +340,7 @@ impl Default for PrivacySection {
             local_noise_multiplier: 0.0,
             central: None,
             delta: 1e-5,
+            accountant: covey_privacy::Accountant::Rdp,
             population: 0,
             target_epsilon: None,
             retain_updates: false,
@@ -564,6 +568,12 @@ mod tests {
         let err =
             CoordinatorConfig::from_toml(&format!("{base}[rounds]\ndeadline = \"soon\"\n")).expect_err("duration");
         assert!(err.to_string().contains("deadline"), "{err}");
+        let err = CoordinatorConfig::from_toml(&format!("{base}[privacy]\naccountant = \"moments\"\n"))
+            .expect_err("accountant");
+        let err = err.to_string();
+        assert!(err.contains("accountant") && err.contains("moments") && err.contains("pld"), "{err}");
+        let c = CoordinatorConfig::from_toml(&format!("{base}[privacy]\naccountant = \"pld\"\n")).expect("pld");
+        assert_eq!(c.privacy.accountant, covey_privacy::Accountant::Pld);
     }
 
     #[test]

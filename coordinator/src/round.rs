@@ -8,7 +8,7 @@
 //! record: a poll or an upload compares against the plan, and the strategy is consulted
 //! once per round, not per request.
 
-use covey_privacy::SecureRng;
+use covey_privacy::{Accountant, SecureRng};
 use covey_proto::manifest::PrivacySpent;
 use covey_proto::task::{LoraSpec, PrivacySpec, Task, TrainingSpec};
 use covey_strategy::{PrivacyEvent, RoundContext, Strategy};
@@ -170,10 +170,10 @@ impl<'a> RoundPolicy<'a> {
         let Some(target) = self.config.privacy.target_epsilon else { return Ok(None) };
         let privacy = &self.config.privacy;
         let z = privacy.central.as_ref().map_or(privacy.local_noise_multiplier, |c| c.noise_multiplier);
-        let epsilon = privacy_spent(events, privacy.delta)?.epsilon;
+        let epsilon = privacy_spent(privacy.accountant, events, privacy.delta)?.epsilon;
         let mut next = events.to_vec();
         next.push(PrivacyRecord { q: sampling.rate(), z });
-        let next = privacy_spent(&next, privacy.delta)?.epsilon;
+        let next = privacy_spent(privacy.accountant, &next, privacy.delta)?.epsilon;
         Ok((next > target).then_some(NoRound::BudgetReached { epsilon, next }))
     }
 
@@ -242,18 +242,15 @@ impl<'a> RoundPolicy<'a> {
     }
 }
 
-/// ε spent by `events` at `delta` (RDP of the subsampled Gaussian, composed in order);
-/// nothing spent without events.
-pub fn privacy_spent(events: &[PrivacyRecord], delta: f64) -> Result<PrivacySpent> {
+/// ε spent by `events` at `delta` under `accountant` (each event one round of the
+/// subsampled Gaussian; composition commutes); nothing spent without events.
+pub fn privacy_spent(accountant: Accountant, events: &[PrivacyRecord], delta: f64) -> Result<PrivacySpent> {
     if events.is_empty() {
         return Ok(PrivacySpent { epsilon: 0.0, delta, accountant: "none".into(), rounds: 0 });
     }
-    let mut acc = covey_privacy::RdpAccountant::default();
-    for e in events {
-        acc.compose_subsampled_gaussian(e.q.clamp(0.0, 1.0), e.z, 1)?;
-    }
-    let (epsilon, _) = acc.epsilon(delta)?;
-    Ok(PrivacySpent { epsilon, delta, accountant: "rdp-subsampled-gaussian".into(), rounds: events.len() as u64 })
+    let rounds: Vec<(f64, f64)> = events.iter().map(|e| (e.q.clamp(0.0, 1.0), e.z)).collect();
+    let epsilon = accountant.epsilon_of_rounds(&rounds, delta)?;
+    Ok(PrivacySpent { epsilon, delta, accountant: accountant.manifest_name().into(), rounds: events.len() as u64 })
 }
 
 #[cfg(test)]
@@ -332,7 +329,14 @@ mod tests {
         let plan = RoundPolicy::new(&c).plan(&frame(1), &s, &mut *strategy);
         let event = RoundPolicy::new(&c).privacy_event(&plan, &s, None);
         assert_eq!(event, Some(PrivacyRecord { q: 0.2, z: 1.5 }));
-        assert_eq!(privacy_spent(&[], 1e-5).expect("none").epsilon, 0.0);
-        assert!(privacy_spent(&[PrivacyRecord { q: 0.2, z: 1.5 }], 1e-5).expect("spent").epsilon > 0.0);
+        assert_eq!(privacy_spent(Accountant::Rdp, &[], 1e-5).expect("none").epsilon, 0.0);
+        let one = [PrivacyRecord { q: 0.2, z: 1.5 }];
+        let rdp = privacy_spent(Accountant::Rdp, &one, 1e-5).expect("spent");
+        let pld = privacy_spent(Accountant::Pld, &one, 1e-5).expect("spent");
+        assert!(rdp.epsilon > pld.epsilon && pld.epsilon > 0.0, "{} vs {}", rdp.epsilon, pld.epsilon);
+        assert_eq!(
+            (rdp.accountant.as_str(), pld.accountant.as_str()),
+            ("rdp-subsampled-gaussian", "pld-subsampled-gaussian")
+        );
     }
 }

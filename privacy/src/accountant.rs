@@ -43,6 +43,61 @@ impl Accountant {
         }
     }
 
+    /// The sampling rate a run's round is composed at: the exact `q` for RDP; for PLD,
+    /// `q` rounded up to the next point of a 1 % geometric grid (`1.01^k`, at most 1), so
+    /// that rounds whose cohorts were drawn from slightly different populations share
+    /// one self-composition instead of one FFT convolution each. ε is non-decreasing in
+    /// `q`, so this can only over-report, by about 1 % at most.
+    pub fn composition_rate(self, q: f64) -> f64 {
+        match self {
+            Accountant::Rdp => q,
+            Accountant::Pld if q <= 0.0 || q >= 1.0 => q,
+            Accountant::Pld => {
+                let k = (q.ln() / 1.01f64.ln()).ceil();
+                let up = 1.01f64.powf(k).min(1.0);
+                // Guard the rounding of powf: never below q.
+                if up < q { (up * 1.01).min(1.0) } else { up }
+            }
+        }
+    }
+
+    /// ε at `delta` of a run's rounds, one `(q, z)` release each, at
+    /// [`Accountant::composition_rate`].
+    pub fn epsilon_of_rounds(self, rounds: &[(f64, f64)], delta: f64) -> Result<f64> {
+        let steps: Vec<SampledGaussian> = rounds
+            .iter()
+            .map(|&(q, z)| SampledGaussian { q: if q.is_nan() { q } else { self.composition_rate(q) }, z, steps: 1 })
+            .collect();
+        self.epsilon(&steps, delta)
+    }
+
+    /// ε at `delta` of one Gaussian mechanism with noise multiplier `z` and squared L2
+    /// sensitivity `sensitivity_squared` (per unit clip norm), with no sampling: the whole
+    /// of a DP-FTRL run ([`crate::tree::CorrelatedNoise::sensitivity_squared`]), RDP
+    /// `α·s²/(2z²)`, or (PLD) the exact ε of the Gaussian of multiplier `z/s`.
+    pub fn epsilon_without_sampling(self, z: f64, sensitivity_squared: f64, delta: f64) -> Result<f64> {
+        if !(z.is_finite() && z > 0.0) {
+            return Err(PrivacyError::param("noise_multiplier", z, "must be finite and > 0"));
+        }
+        if !(sensitivity_squared.is_finite() && sensitivity_squared >= 0.0) {
+            return Err(PrivacyError::param("sensitivity_squared", sensitivity_squared, "must be finite and >= 0"));
+        }
+        if !(delta > 0.0 && delta < 1.0) {
+            return Err(PrivacyError::param("delta", delta, "must be in (0, 1)"));
+        }
+        if sensitivity_squared == 0.0 {
+            return Ok(0.0);
+        }
+        match self {
+            Accountant::Rdp => {
+                let orders = rdp::default_orders();
+                let curve: Vec<f64> = orders.iter().map(|a| a * sensitivity_squared / (2.0 * z * z)).collect();
+                Ok(rdp::epsilon_from_rdp(&orders, &curve, delta)?.0)
+            }
+            Accountant::Pld => pld::gaussian_epsilon(z / sensitivity_squared.sqrt(), delta),
+        }
+    }
+
     /// ε at `delta` of all `steps` (composed in any order: composition commutes).
     pub fn epsilon(self, steps: &[SampledGaussian], delta: f64) -> Result<f64> {
         if !(delta > 0.0 && delta < 1.0) {
@@ -139,6 +194,22 @@ mod tests {
         assert_eq!(pld, crate::pld::epsilon(0.01, 1.1, 1000, 1e-5).expect("pld"));
         assert!(pld < rdp, "{pld} vs {rdp}");
         assert_eq!(Accountant::Pld.epsilon(&[], 1e-5).expect("nothing"), 0.0);
+    }
+
+    #[test]
+    fn pld_rounds_share_compositions_on_a_one_percent_grid_that_never_rounds_down() {
+        for q in [1e-4, 0.0123, 0.05, 0.2, 0.999, 1.0] {
+            let r = Accountant::Pld.composition_rate(q);
+            assert!(r >= q && r <= (q * 1.0101).min(1.0), "q={q} → {r}");
+            assert_eq!(Accountant::Rdp.composition_rate(q), q);
+        }
+        // 200 rounds whose population drifted between 1,000 and 1,010 devices (cohort 20):
+        let rounds: Vec<(f64, f64)> = (0..200).map(|i| (20.0 / (1000.0 + (i % 11) as f64), 1.0)).collect();
+        let bucketed = Accountant::Pld.epsilon_of_rounds(&rounds, 1e-5).expect("pld");
+        let top = Accountant::Pld.epsilon(&[SampledGaussian { q: 0.0202, z: 1.0, steps: 200 }], 1e-5).expect("pld");
+        let exact_low =
+            Accountant::Pld.epsilon(&[SampledGaussian { q: 20.0 / 1010.0, z: 1.0, steps: 200 }], 1e-5).expect("pld");
+        assert!(bucketed >= exact_low && bucketed <= top * 1.000_001, "{exact_low} <= {bucketed} <= {top}");
     }
 
     #[test]

@@ -15,6 +15,9 @@
 //!   FFT composition), tighter than RDP, matching `dp_accounting`'s PLD within 1 %.
 //! * [`accountant`]: which accountant ([`Accountant`]: `rdp` or `pld`) and ε of a run's
 //!   releases under it — the one place callers choose.
+//! * [`tree`]: DP-FTRL's tree-aggregated Gaussian noise (restart variant), regenerated
+//!   from per-node seeds, behind the [`tree::CorrelatedNoise`] trait; its sensitivity
+//!   under participation limits, for [`Accountant::epsilon_without_sampling`].
 //! * [`calibrate`]: the smallest noise multiplier for a target (ε, δ).
 //! * [`zcdp`]: zCDP of the plain Gaussian and its (ε, δ) conversion.
 //! * [`adaptive`]: quantile-tracking adaptive clipping and its noise split.
@@ -47,6 +50,7 @@ pub mod noise;
 pub mod pld;
 pub mod rdp;
 pub mod sampling;
+pub mod tree;
 pub mod zcdp;
 
 pub use accountant::{Accountant, SampledGaussian};

@@ -74,6 +74,14 @@ impl SecureRng {
         Self(ChaCha20Rng::from_seed(seed))
     }
 
+    /// Fill `out` with random bytes (seeds of derived generators).
+    pub fn fill_bytes(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let bytes = self.0.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+
     /// Uniform in `[0, 1)` with 53 bits.
     pub fn uniform(&mut self) -> f64 {
         (self.0.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)

@@ -533,6 +533,37 @@ impl PldAccountant {
     }
 }
 
+/// The exact ε at `delta` of one Gaussian mechanism with sensitivity 1 and noise
+/// standard deviation `sigma`, without sampling (the analytic Gaussian mechanism of Balle
+/// and Wang 2018: `δ(ε) = Φ(μ/2 − ε/μ) − e^ε Φ(−μ/2 − ε/μ)`, `μ = 1/σ`), by bisection to a
+/// relative 1e-12. The PLD of such a mechanism is a Gaussian: no discretisation needed.
+pub fn gaussian_epsilon(sigma: f64, delta: f64) -> Result<f64> {
+    check_event(1.0, sigma)?;
+    check_delta(delta)?;
+    let mu = 1.0 / sigma;
+    let delta_at = |eps: f64| norm_cdf(mu / 2.0 - eps / mu) - (eps + norm_log_cdf(-mu / 2.0 - eps / mu)).exp();
+    if delta_at(0.0) <= delta {
+        return Ok(0.0);
+    }
+    let mut hi = 1.0;
+    while delta_at(hi) > delta {
+        hi *= 2.0;
+    }
+    let mut lo = 0.0;
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if delta_at(mid) > delta {
+            lo = mid
+        } else {
+            hi = mid
+        }
+        if hi - lo <= 1e-12 * hi {
+            break;
+        }
+    }
+    Ok(hi)
+}
+
 /// ε of `steps` steps at sampling rate `q` and noise multiplier `z`, at `delta`, with
 /// `dp_accounting`'s default discretisation.
 pub fn epsilon(q: f64, noise_multiplier: f64, steps: u64, delta: f64) -> Result<f64> {
@@ -651,6 +682,17 @@ mod tests {
                 assert!(d <= e * 1.01 + 1e-12, "σ={sigma} T={steps} ε={eps}: {d} vs exact {e}");
             }
         }
+    }
+
+    #[test]
+    fn the_analytic_gaussian_agrees_with_the_discretised_pld() {
+        for &(sigma, delta) in &[(0.5, 1e-5), (1.0, 1e-5), (3.0, 1e-6), (0.1, 1e-5)] {
+            let exact = gaussian_epsilon(sigma, delta).expect("analytic");
+            let discretised = epsilon(1.0, sigma, 1, delta).expect("pld");
+            assert!(exact <= discretised * (1.0 + 1e-9), "σ={sigma}: {exact} vs {discretised}");
+            assert!((discretised - exact) / exact < 1e-3, "σ={sigma}: {exact} vs {discretised}");
+        }
+        assert!(gaussian_epsilon(0.0, 1e-5).is_err());
     }
 
     #[test]

@@ -141,13 +141,20 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
     if let Some(target) = exp.calibrate.target_epsilon {
         let population = dataset.clients.len();
         let q = exp.rounds.clients_per_round.min(population) as f64 / population as f64;
-        let z = covey_privacy::calibrate::noise_multiplier(target, exp.privacy.delta, q, exp.rounds.rounds)?;
+        let accountant = exp.privacy.accountant;
+        let z = covey_privacy::calibrate::noise_multiplier_for(
+            accountant,
+            target,
+            exp.privacy.delta,
+            q,
+            exp.rounds.rounds,
+        )?;
         match exp.privacy.central.as_mut() {
             Some(central) => central.noise_multiplier = z,
             None => exp.privacy.local_noise_multiplier = z,
         }
         notes.push(format!(
-            "noise multiplier {z:.4} calibrated for ε = {target} at δ = {} over {} rounds at q = {q:.4}",
+            "noise multiplier {z:.4} calibrated for ε = {target} at δ = {} over {} rounds at q = {q:.4} ({accountant})",
             exp.privacy.delta, exp.rounds.rounds
         ));
     }

@@ -123,7 +123,7 @@ impl<'a> InProcess<'a> {
 
     /// ε spent so far at the experiment's δ.
     pub fn epsilon(&self) -> Result<f64> {
-        Ok(privacy_spent(&self.events, self.config.privacy.delta)?.epsilon)
+        Ok(privacy_spent(self.config.privacy.accountant, &self.events, self.config.privacy.delta)?.epsilon)
     }
 
     /// Run round `round`: the policy samples the cohort and plans the round, every

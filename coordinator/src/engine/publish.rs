@@ -87,7 +87,12 @@ pub(super) async fn import_initial_model(
     };
     let lora =
         LoraLayout { rank: config.lora.rank, alpha: config.lora.alpha, targets: config.lora.targets.clone(), a: a_ref };
-    let input = VersionInput { version: 1, parent: 0, round_id: 0, privacy: privacy_spent(&[], config.privacy.delta)? };
+    let input = VersionInput {
+        version: 1,
+        parent: 0,
+        round_id: 0,
+        privacy: privacy_spent(config.privacy.accountant, &[], config.privacy.delta)?,
+    };
     let publication = Publication::Release { master: &model.master, template };
     let (v, _) = build_version(artifacts, key, config, &lora, &input, publication)?;
     let state = [(KEY_A.into(), a_hash.to_vec()), (KEY_PRIVACY.into(), b"[]".to_vec())];
@@ -167,7 +172,7 @@ impl Coordinator {
             version,
             parent: round.base_version,
             round_id: round.id,
-            privacy: privacy_spent(&events, self.config.privacy.delta)?,
+            privacy: privacy_spent(self.config.privacy.accountant, &events, self.config.privacy.delta)?,
         };
         let (v, new_artifacts) =
             build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
@@ -216,7 +221,7 @@ impl Coordinator {
             version: new,
             parent: version,
             round_id: 0,
-            privacy: privacy_spent(&events, self.config.privacy.delta)?,
+            privacy: privacy_spent(self.config.privacy.accountant, &events, self.config.privacy.delta)?,
         };
         let publication = Publication::Release { master: &merged, template: parent.release.clone() };
         let (v, added) = build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
@@ -330,7 +335,8 @@ impl Coordinator {
 
     /// ε spent so far at the configured δ.
     pub async fn epsilon(&self) -> Result<f64> {
-        Ok(privacy_spent(&self.privacy_events().await?, self.config.privacy.delta)?.epsilon)
+        Ok(privacy_spent(self.config.privacy.accountant, &self.privacy_events().await?, self.config.privacy.delta)?
+            .epsilon)
     }
 }
 
