@@ -102,7 +102,7 @@ fn main() {
         let mut strategy = covey_strategy::build(
             &covey_strategy::StrategyConfig::FedAvg { server_learning_rate: 1.0 },
             None,
-            covey_privacy::SecureRng::from_seed([0; 32]),
+            covey_strategy::Randomness::Seeded([0; 32]),
         )
         .expect("fedavg");
         reset_peak_rss();

@@ -331,6 +331,56 @@ pub struct PrivacySection {
     /// personal data (clipped but not noised under central DP): by default each round's
     /// payloads are deleted once it is published or failed. Default false.
     pub retain_updates: bool,
+    /// Limits on how often one enrolled device contributes (`[privacy.participation]`).
+    pub participation: ParticipationLimits,
+}
+
+/// How often one enrolled device may contribute, enforced by the coordinator: a device
+/// over a limit is given no task and its upload is refused. Counted per enrolled device
+/// identity (its key): a device that is revoked and enrols again with a new key starts
+/// afresh, so an operator who needs a person-level bound issues one-time enrolment
+/// tokens per person and does not re-enrol (see ARCHITECTURE.md, "Participation limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ParticipationLimits {
+    /// At least this many rounds between two contributions of a device (round ids: a
+    /// device that contributed to round r is next eligible for round r + min-separation).
+    /// 0 or 1: no limit. DP-FTRL needs it: its noise tree spans this many rounds.
+    pub min_separation: u64,
+    /// At most this many contributions per device over the accounting period (this state
+    /// directory). 0: no limit. DP-FTRL's ε is computed from it.
+    pub max_participations: u64,
+}
+
+impl ParticipationLimits {
+    /// Whether a device with `count` contributions, the last in round `last`, may
+    /// contribute to round `round`.
+    pub fn allows(&self, count: u64, last: Option<u64>, round: u64) -> bool {
+        let under_max = self.max_participations == 0 || count < self.max_participations;
+        let separated = match last {
+            Some(last) if self.min_separation > 1 => round >= last.saturating_add(self.min_separation),
+            _ => true,
+        };
+        under_max && separated
+    }
+}
+
+impl PrivacySection {
+    /// `[privacy.central]` as the strategy is built from it: DP-FTRL's tree period is
+    /// `participation.min-separation` unless set.
+    pub fn effective_central(&self) -> Option<covey_strategy::DpConfig> {
+        self.central.clone().map(|mut c| {
+            if c.mechanism == covey_strategy::Mechanism::DpFtrl && c.tree_period.is_none() {
+                c.tree_period = Some(self.participation.min_separation);
+            }
+            c
+        })
+    }
+
+    /// The central mechanism, if any.
+    pub fn mechanism(&self) -> Option<covey_strategy::Mechanism> {
+        self.central.as_ref().map(|c| c.mechanism)
+    }
 }
 
 impl Default for PrivacySection {
@@ -344,6 +394,7 @@ impl Default for PrivacySection {
             population: 0,
             target_epsilon: None,
             retain_updates: false,
+            participation: ParticipationLimits::default(),
         }
     }
 }
@@ -512,10 +563,40 @@ impl CoordinatorConfig {
                 );
             }
         }
+        if p.mechanism() == Some(covey_strategy::Mechanism::DpFtrl) {
+            let limits = p.participation;
+            if limits.min_separation == 0 {
+                return bad(
+                    "privacy.participation.min-separation",
+                    "DP-FTRL needs it (at least 1): a device contributes at most once per noise tree".into(),
+                );
+            }
+            let period = p.effective_central().and_then(|c| c.tree_period).unwrap_or(0);
+            if period > limits.min_separation {
+                return bad(
+                    "privacy.central.tree_period",
+                    format!(
+                        "{period} rounds per tree exceeds min-separation {}: a device could contribute twice to \
+                         one tree, which the accountant cannot honour",
+                        limits.min_separation
+                    ),
+                );
+            }
+            if limits.max_participations == 0 && self.rounds.max_rounds == 0 {
+                return bad(
+                    "privacy.participation.max-participations",
+                    "DP-FTRL's ε grows with every contribution: bound it (max-participations, or rounds.max-rounds)"
+                        .into(),
+                );
+            }
+            if p.local_noise_multiplier > 0.0 {
+                return bad("privacy.local-noise-multiplier", "DP-FTRL adds the noise at the server: set 0".into());
+            }
+        }
         covey_strategy::build(
             &self.strategy,
-            self.privacy.central.as_ref(),
-            covey_privacy::SecureRng::from_seed([0; 32]),
+            self.privacy.effective_central().as_ref(),
+            covey_strategy::Randomness::Seeded([0; 32]),
         )
         .map_err(|e| CoordinatorError::Config { field: "strategy".into(), reason: e.to_string() })?;
         Ok(())

@@ -175,6 +175,16 @@ pub enum Rejection {
     /// The nonce is not the one issued, or was used already.
     #[error("nonce already used or not issued (replay)")]
     Replay,
+    /// The device is over its participation limits (`privacy.participation`).
+    #[error(
+        "the device is over its participation limits ({contributions} contributions, the last in round {last_round})"
+    )]
+    ParticipationLimit {
+        /// Its accepted updates so far.
+        contributions: u64,
+        /// The round of its latest one.
+        last_round: u64,
+    },
     /// The round's deadline passed.
     #[error("the round's deadline has passed")]
     DeadlinePassed,
@@ -259,6 +269,7 @@ impl Rejection {
             Self::WrongBaseVersion => "wrong_base_version",
             Self::WrongTask => "wrong_task",
             Self::Replay => "replay",
+            Self::ParticipationLimit { .. } => "participation_limit",
             Self::DeadlinePassed => "deadline_passed",
             Self::RoundClosed => "round_closed",
             Self::PrivacyMismatch(_) => "privacy_mismatch",
@@ -305,6 +316,7 @@ impl Rejection {
             | Self::WrongBaseVersion
             | Self::WrongTask
             | Self::DeadlinePassed
+            | Self::ParticipationLimit { .. }
             | Self::RoundClosed => Code::FailedPrecondition,
             Self::Replay => Code::AlreadyExists,
             Self::Oversized { .. } => Code::ResourceExhausted,

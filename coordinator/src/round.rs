@@ -8,10 +8,10 @@
 //! record: a poll or an upload compares against the plan, and the strategy is consulted
 //! once per round, not per request.
 
-use covey_privacy::{Accountant, SecureRng};
+use covey_privacy::SecureRng;
 use covey_proto::manifest::PrivacySpent;
 use covey_proto::task::{LoraSpec, PrivacySpec, Task, TrainingSpec};
-use covey_strategy::{PrivacyEvent, RoundContext, Strategy};
+use covey_strategy::{Mechanism, PrivacyEvent, RoundContext, Strategy};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -55,6 +55,14 @@ pub enum NoRound {
         /// Eligible now.
         eligible: usize,
     },
+    /// δ is not below 1 / (enrolled devices): a guarantee with such a δ allows one
+    /// device's data to be published outright.
+    DeltaTooLarge {
+        /// Configured δ.
+        delta: f64,
+        /// Enrolled devices.
+        devices: usize,
+    },
     /// One more round would take ε past `privacy.target-epsilon`.
     BudgetReached {
         /// ε spent so far.
@@ -67,10 +75,20 @@ pub enum NoRound {
 /// A Gaussian release composed into the accountant.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyRecord {
-    /// Sampling rate.
+    /// Sampling rate (1 for DP-FTRL: no sampling assumed).
     pub q: f64,
     /// Noise multiplier.
     pub z: f64,
+    /// DP-FTRL: the rounds per noise tree. Absent: a subsampled Gaussian release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_period: Option<u64>,
+}
+
+impl PrivacyRecord {
+    /// A subsampled Gaussian release.
+    pub fn sampled(q: f64, z: f64) -> Self {
+        Self { q, z, tree_period: None }
+    }
 }
 
 /// What a round is opened on, besides the policy's own choices.
@@ -164,17 +182,39 @@ impl<'a> RoundPolicy<'a> {
         Ok(Sampling { population, expected: self.config.cohort_size(population).max(1) })
     }
 
-    /// Refuse a round that would take ε past `privacy.target-epsilon`, given the events
-    /// composed so far.
-    pub fn within_budget(&self, events: &[PrivacyRecord], sampling: &Sampling) -> Result<Option<NoRound>> {
-        let Some(target) = self.config.privacy.target_epsilon else { return Ok(None) };
+    /// Refuse a round when δ is not below 1 / `enrolled` (with any noise configured), or
+    /// when it could take ε past `privacy.target-epsilon`, given the events composed so far
+    /// and the most contributions any device has made (`max_contributions`).
+    pub fn within_budget(
+        &self,
+        events: &[PrivacyRecord],
+        sampling: &Sampling,
+        enrolled: usize,
+        max_contributions: u64,
+    ) -> Result<Option<NoRound>> {
         let privacy = &self.config.privacy;
-        let z = privacy.central.as_ref().map_or(privacy.local_noise_multiplier, |c| c.noise_multiplier);
-        let epsilon = privacy_spent(privacy.accountant, events, privacy.delta)?.epsilon;
+        let noisy = privacy.central.is_some() || privacy.local_noise_multiplier > 0.0;
+        if noisy && enrolled > 0 && privacy.delta >= 1.0 / enrolled as f64 {
+            return Ok(Some(NoRound::DeltaTooLarge { delta: privacy.delta, devices: enrolled }));
+        }
+        let Some(target) = privacy.target_epsilon else { return Ok(None) };
+        let epsilon = privacy_spent(self.config, events, max_contributions)?.epsilon;
         let mut next = events.to_vec();
-        next.push(PrivacyRecord { q: sampling.rate(), z });
-        let next = privacy_spent(privacy.accountant, &next, privacy.delta)?.epsilon;
+        next.push(self.next_record(sampling));
+        let next = privacy_spent(self.config, &next, max_contributions + 1)?.epsilon;
         Ok((next > target).then_some(NoRound::BudgetReached { epsilon, next }))
+    }
+
+    /// What the next round will record if it publishes (as [`RoundPolicy::privacy_event`]).
+    fn next_record(&self, sampling: &Sampling) -> PrivacyRecord {
+        let privacy = &self.config.privacy;
+        match privacy.effective_central() {
+            Some(c) if c.mechanism == Mechanism::DpFtrl => {
+                PrivacyRecord { q: 1.0, z: c.noise_multiplier, tree_period: c.tree_period }
+            }
+            Some(c) => PrivacyRecord::sampled(sampling.rate(), c.noise_multiplier),
+            None => PrivacyRecord::sampled(sampling.rate(), privacy.local_noise_multiplier),
+        }
     }
 
     /// The cohort of round `round_id`: the indices of the `eligible` devices (in the
@@ -232,25 +272,103 @@ impl<'a> RoundPolicy<'a> {
         sampling: &Sampling,
         released: Option<&PrivacyEvent>,
     ) -> Option<PrivacyRecord> {
+        let tree_period = match self.config.privacy.effective_central() {
+            Some(c) if c.mechanism == Mechanism::DpFtrl => c.tree_period,
+            _ => None,
+        };
         match released {
-            Some(e) => Some(PrivacyRecord { q: e.sampling_rate, z: e.noise_multiplier }),
+            Some(e) => Some(PrivacyRecord { q: e.sampling_rate, z: e.noise_multiplier, tree_period }),
             None if plan.privacy.noise_multiplier > 0.0 => {
-                Some(PrivacyRecord { q: sampling.rate(), z: plan.privacy.noise_multiplier })
+                Some(PrivacyRecord::sampled(sampling.rate(), plan.privacy.noise_multiplier))
             }
             None => None,
         }
     }
 }
 
-/// ε spent by `events` at `delta` under `accountant` (each event one round of the
-/// subsampled Gaussian; composition commutes); nothing spent without events.
-pub fn privacy_spent(accountant: Accountant, events: &[PrivacyRecord], delta: f64) -> Result<PrivacySpent> {
-    if events.is_empty() {
-        return Ok(PrivacySpent { epsilon: 0.0, delta, accountant: "none".into(), rounds: 0 });
+/// The privacy report of a run: ε spent by `events` at `privacy.delta` under
+/// `privacy.accountant`, with the mechanism, what the guarantee assumes and the
+/// participation bound. `max_contributions` is the most contributions any device has made
+/// so far (DP-FTRL's ε grows with it; ignored otherwise).
+///
+/// Subsampled releases (DP-FedAvg, local noise) compose as Poisson-subsampled Gaussians.
+/// DP-FTRL releases are one Gaussian mechanism of squared sensitivity `k · depth(period)`
+/// over the whole run, `k` the contributions per device (so far, and at the configured
+/// bound for `epsilon_bound`). A run with both (a mechanism changed mid-run) adds the two
+/// ε, each at δ/2.
+pub fn privacy_spent(
+    config: &CoordinatorConfig,
+    events: &[PrivacyRecord],
+    max_contributions: u64,
+) -> Result<PrivacySpent> {
+    let privacy = &config.privacy;
+    let delta = privacy.delta;
+    let accountant = privacy.accountant;
+    let limits = privacy.participation;
+    let mechanism = match (privacy.mechanism(), privacy.local_noise_multiplier > 0.0) {
+        (Some(m), _) => m.name(),
+        (None, true) => "local-gaussian",
+        (None, false) => "none",
+    };
+    let assumption = match mechanism {
+        "dp-ftrl" => "participation-limits",
+        "none" => "none",
+        _ => "poisson-sampling",
+    };
+    let mut report = PrivacySpent {
+        epsilon: 0.0,
+        delta,
+        accountant: "none".into(),
+        rounds: events.len() as u64,
+        mechanism: mechanism.into(),
+        assumption: assumption.into(),
+        max_participations: limits.max_participations,
+        min_separation: limits.min_separation,
+        epsilon_bound: None,
+    };
+    let sampled: Vec<(f64, f64)> =
+        events.iter().filter(|e| e.tree_period.is_none()).map(|e| (e.q.clamp(0.0, 1.0), e.z)).collect();
+    let tree: Vec<&PrivacyRecord> = events.iter().filter(|e| e.tree_period.is_some()).collect();
+    let split = if !sampled.is_empty() && !tree.is_empty() { 2.0 } else { 1.0 };
+    if !sampled.is_empty() {
+        report.epsilon += accountant.epsilon_of_rounds(&sampled, delta / split)?;
     }
-    let rounds: Vec<(f64, f64)> = events.iter().map(|e| (e.q.clamp(0.0, 1.0), e.z)).collect();
-    let epsilon = accountant.epsilon_of_rounds(&rounds, delta)?;
-    Ok(PrivacySpent { epsilon, delta, accountant: accountant.manifest_name().into(), rounds: events.len() as u64 })
+    let ftrl_bound = match privacy.effective_central() {
+        Some(c) if c.mechanism == Mechanism::DpFtrl => {
+            Some((c.noise_multiplier, c.tree_period.unwrap_or(limits.min_separation).max(1)))
+        }
+        _ => None,
+    };
+    // The contributions DP-FTRL's accountant may count: at most one per tree, at most
+    // max-participations.
+    let cap = |k: u64| if limits.max_participations > 0 { k.min(limits.max_participations) } else { k };
+    if !tree.is_empty() {
+        // Conservative over releases made with other settings: the smallest z, the deepest tree.
+        let z = tree.iter().map(|e| e.z).fold(f64::INFINITY, f64::min);
+        let period = tree.iter().filter_map(|e| e.tree_period).max().unwrap_or(1);
+        let k = cap(max_contributions.min(tree.len() as u64)).max(1);
+        let s2 = k as f64 * f64::from(covey_privacy::tree::depth(period));
+        report.epsilon += accountant.epsilon_without_sampling(z, s2, delta / split)?;
+    }
+    if let Some((z, period)) = ftrl_bound {
+        // With max-rounds, a device can contribute to at most that many trees.
+        let max_rounds = config.rounds.max_rounds;
+        let trees = (max_rounds > 0).then(|| max_rounds.div_ceil(period));
+        let k = match (limits.max_participations, trees) {
+            (0, None) => None,
+            (0, Some(t)) => Some(t),
+            (m, Some(t)) => Some(m.min(t)),
+            (m, None) => Some(m),
+        };
+        if let Some(k) = k {
+            let s2 = k as f64 * f64::from(covey_privacy::tree::depth(period));
+            report.epsilon_bound = Some(accountant.epsilon_without_sampling(z, s2, delta)?);
+        }
+    }
+    if !events.is_empty() {
+        report.accountant = accountant.manifest_name().into();
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -309,7 +427,8 @@ mod tests {
         c.privacy.clip_norm = 0.75;
         let p = RoundPolicy::new(&c);
         let s = p.sampling(10).expect("sampling");
-        let mut strategy = covey_strategy::build(&c.strategy, None, SecureRng::from_seed([0; 32])).expect("strategy");
+        let mut strategy =
+            covey_strategy::build(&c.strategy, None, covey_strategy::Randomness::Seeded([0; 32])).expect("strategy");
         let plan = p.plan(&frame(5), &s, &mut *strategy);
         assert_eq!((plan.privacy.clip_norm, plan.training.seed, plan.examples_per_update()), (0.75, 100 ^ 5, 20 * 8));
         let task = plan.task([4; 16], [5; 32]);
@@ -321,22 +440,63 @@ mod tests {
     fn local_noise_is_accounted_at_the_sampling_rate_and_no_noise_spends_nothing() {
         let mut c = config();
         let s = Sampling { population: 20, expected: 4 };
-        let mut strategy = covey_strategy::build(&c.strategy, None, SecureRng::from_seed([0; 32])).expect("strategy");
+        let mut strategy =
+            covey_strategy::build(&c.strategy, None, covey_strategy::Randomness::Seeded([0; 32])).expect("strategy");
         let plan = RoundPolicy::new(&c).plan(&frame(1), &s, &mut *strategy);
         assert_eq!(RoundPolicy::new(&c).privacy_event(&plan, &s, None), None);
         c.privacy.clip_norm = 1.0;
         c.privacy.local_noise_multiplier = 1.5;
         let plan = RoundPolicy::new(&c).plan(&frame(1), &s, &mut *strategy);
         let event = RoundPolicy::new(&c).privacy_event(&plan, &s, None);
-        assert_eq!(event, Some(PrivacyRecord { q: 0.2, z: 1.5 }));
-        assert_eq!(privacy_spent(Accountant::Rdp, &[], 1e-5).expect("none").epsilon, 0.0);
-        let one = [PrivacyRecord { q: 0.2, z: 1.5 }];
-        let rdp = privacy_spent(Accountant::Rdp, &one, 1e-5).expect("spent");
-        let pld = privacy_spent(Accountant::Pld, &one, 1e-5).expect("spent");
+        assert_eq!(event, Some(PrivacyRecord::sampled(0.2, 1.5)));
+        let none = privacy_spent(&c, &[], 0).expect("none");
+        assert_eq!((none.epsilon, none.accountant.as_str()), (0.0, "none"));
+        assert_eq!((none.mechanism.as_str(), none.assumption.as_str()), ("local-gaussian", "poisson-sampling"));
+        let one = [PrivacyRecord::sampled(0.2, 1.5)];
+        let rdp = privacy_spent(&c, &one, 1).expect("spent");
+        c.privacy.accountant = covey_privacy::Accountant::Pld;
+        let pld = privacy_spent(&c, &one, 1).expect("spent");
         assert!(rdp.epsilon > pld.epsilon && pld.epsilon > 0.0, "{} vs {}", rdp.epsilon, pld.epsilon);
         assert_eq!(
             (rdp.accountant.as_str(), pld.accountant.as_str()),
             ("rdp-subsampled-gaussian", "pld-subsampled-gaussian")
         );
+    }
+
+    /// DP-FTRL: ε grows with the most contributions of any device (at most
+    /// max-participations), not with the rounds; its bound is the configured limit's ε.
+    #[test]
+    fn dp_ftrl_is_accounted_from_the_participation_bound_without_sampling() {
+        let mut c = config();
+        c.privacy.central = Some(covey_strategy::DpConfig::ftrl(2.0, 1.0, 8));
+        c.privacy.participation = crate::config::ParticipationLimits { min_separation: 8, max_participations: 3 };
+        let s = Sampling { population: 1000, expected: 10 };
+        let event = RoundPolicy::new(&c).next_record(&s);
+        assert_eq!(event, PrivacyRecord { q: 1.0, z: 2.0, tree_period: Some(8) });
+        let rounds = vec![event; 40];
+        let depth = f64::from(covey_privacy::tree::depth(8));
+        let at = |k: u64| c.privacy.accountant.epsilon_without_sampling(2.0, k as f64 * depth, 1e-5).expect("eps");
+        let one = privacy_spent(&c, &rounds, 1).expect("report");
+        assert_eq!(one.epsilon, at(1));
+        assert_eq!((one.mechanism.as_str(), one.assumption.as_str()), ("dp-ftrl", "participation-limits"));
+        assert_eq!((one.max_participations, one.min_separation), (3, 8));
+        assert_eq!(one.epsilon_bound, Some(at(3)));
+        // More contributions than the limit allows can not have happened; the report is capped.
+        assert_eq!(privacy_spent(&c, &rounds, 9).expect("report").epsilon, at(3));
+        // Without max-participations, max-rounds bounds the trees a device meets.
+        c.privacy.participation.max_participations = 0;
+        c.rounds.max_rounds = 20;
+        assert_eq!(privacy_spent(&c, &rounds, 1).expect("report").epsilon_bound, Some(at(3)));
+        // Budget: a target between ε(2) and ε(3) stops the round that could make it 3.
+        c.privacy.target_epsilon = Some(0.5 * (at(2) + at(3)));
+        let p = RoundPolicy::new(&c);
+        assert_eq!(p.within_budget(&rounds, &s, 1000, 1).expect("budget"), None);
+        assert!(matches!(p.within_budget(&rounds, &s, 1000, 2).expect("budget"), Some(NoRound::BudgetReached { .. })));
+        // δ must be below 1 / enrolled devices.
+        assert_eq!(p.within_budget(&rounds, &s, 99_999, 0).expect("budget"), None);
+        assert!(matches!(
+            p.within_budget(&rounds, &s, 100_000, 0).expect("budget"),
+            Some(NoRound::DeltaTooLarge { devices: 100_000, .. })
+        ));
     }
 }

@@ -593,7 +593,7 @@ pub(crate) mod tests {
             },
             adapter: (version > 1).then(|| Adapter { rounds: version - 1, b: art(&b_bytes, FACTORS_FORMAT) }),
             master_sha256: "00".repeat(32),
-            privacy: PrivacySpent { epsilon: 0.0, delta: 0.0, accountant: "none".into(), rounds: 0 },
+            privacy: PrivacySpent::nothing(),
             created_unix_ms: 1,
         };
         let (bytes, signature) = manifest.sign(key).expect("sign");

@@ -118,7 +118,7 @@ impl Mock {
             },
             adapter: None,
             master_sha256: "00".repeat(32),
-            privacy: PrivacySpent { epsilon: 0.0, delta: 0.0, accountant: "none".into(), rounds: 0 },
+            privacy: PrivacySpent::nothing(),
             created_unix_ms: 1,
         };
         let signer = if forge_manifest {

@@ -24,9 +24,6 @@ pub fn noise_multiplier_for(
     q: f64,
     steps: u64,
 ) -> Result<f64> {
-    if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
-        return Err(PrivacyError::param("target_epsilon", target_epsilon, "must be finite and > 0"));
-    }
     if steps == 0 {
         return Err(PrivacyError::param("steps", 0.0, "must be at least 1"));
     }
@@ -34,7 +31,39 @@ pub fn noise_multiplier_for(
         Accountant::Rdp => 1e-7,
         Accountant::Pld => 1e-4,
     };
-    let eps = |z: f64| accountant.epsilon(&[SampledGaussian { q, z, steps }], delta);
+    smallest_multiplier(target_epsilon, delta, precision, |z| {
+        accountant.epsilon(&[SampledGaussian { q, z, steps }], delta)
+    })
+}
+
+/// The smallest `z` (to a relative 1e-7) such that one Gaussian mechanism of squared
+/// sensitivity `sensitivity_squared` and multiplier `z`, without sampling (a DP-FTRL run:
+/// [`Accountant::epsilon_without_sampling`]), spends at most `target_epsilon` at `delta`.
+pub fn noise_multiplier_without_sampling(
+    accountant: Accountant,
+    target_epsilon: f64,
+    delta: f64,
+    sensitivity_squared: f64,
+) -> Result<f64> {
+    if !(sensitivity_squared.is_finite() && sensitivity_squared > 0.0) {
+        return Err(PrivacyError::param("sensitivity_squared", sensitivity_squared, "must be finite and > 0"));
+    }
+    smallest_multiplier(target_epsilon, delta, 1e-7, |z| {
+        accountant.epsilon_without_sampling(z, sensitivity_squared, delta)
+    })
+}
+
+/// Bisection on a non-increasing `eps(z)`: the smallest `z` (to a relative `precision`)
+/// with `eps(z) <= target_epsilon`.
+fn smallest_multiplier(
+    target_epsilon: f64,
+    delta: f64,
+    precision: f64,
+    eps: impl Fn(f64) -> Result<f64>,
+) -> Result<f64> {
+    if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
+        return Err(PrivacyError::param("target_epsilon", target_epsilon, "must be finite and > 0"));
+    }
     let mut hi = 1.0;
     while eps(hi)? > target_epsilon {
         hi *= 2.0;
@@ -84,6 +113,17 @@ mod tests {
         assert!(at(z_pld) <= target, "{}", at(z_pld));
         assert!(at(z_pld * 0.995) > target, "0.5 % less noise still meets the target");
         assert!(z_pld < z_rdp, "PLD needs less noise: {z_pld} vs {z_rdp}");
+    }
+
+    #[test]
+    fn dp_ftrl_calibration_round_trips_under_both_accountants() {
+        for accountant in Accountant::ALL {
+            let s2 = 4.0 * 5.0; // 4 participations, trees of 16 rounds (depth 5)
+            let z = noise_multiplier_without_sampling(accountant, 8.0, 1e-5, s2).expect("calibrate");
+            let at = |z| accountant.epsilon_without_sampling(z, s2, 1e-5).expect("eps");
+            assert!(at(z) <= 8.0 && at(z * 0.999) > 8.0, "{accountant}: z={z}");
+        }
+        assert!(noise_multiplier_without_sampling(Accountant::Rdp, 8.0, 1e-5, 0.0).is_err());
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub enum SeedSource {
     /// 32 fresh bytes from the operating system per node (production).
     Os,
     /// A seeded ChaCha20 stream (simulations with a fixed seed, tests).
-    Rng(SecureRng),
+    Rng(Box<SecureRng>),
 }
 
 impl SeedSource {
@@ -144,6 +144,18 @@ impl TreeNoise {
         Ok(Self { state, seeds })
     }
 
+    /// Go back to (or adopt) a state, validated as by [`TreeNoise::restore`], keeping this
+    /// tree's seed source: a round that failed after drawing its noise is undone this way.
+    pub fn rewind(&mut self, state: TreeState) -> Result<()> {
+        let period = self.state.period;
+        let checked = Self::restore(state, SeedSource::Os)?;
+        if checked.state.period != period {
+            return Err(PrivacyError::param("tree.period", checked.state.period as f64, "another tree's period"));
+        }
+        self.state = checked.state;
+        Ok(())
+    }
+
     /// The state to persist.
     pub fn state(&self) -> &TreeState {
         &self.state
@@ -186,7 +198,7 @@ impl CorrelatedNoise for TreeNoise {
         if tree == self.state.tree {
             // Nodes of the last prefix that leave: subtract their noise; the others stay.
             let next = decomposition(t);
-            for n in std::mem::take(&mut self.state.nodes) {
+            for n in self.state.nodes.iter().cloned() {
                 if next.contains(&(n.level, n.index)) {
                     kept.push(n);
                 } else {
@@ -228,7 +240,7 @@ mod tests {
     use crate::Accountant;
 
     fn seeded(period: u64) -> TreeNoise {
-        TreeNoise::new(period, SeedSource::Rng(SecureRng::from_seed([7; 32]))).expect("tree")
+        TreeNoise::new(period, SeedSource::Rng(Box::new(SecureRng::from_seed([7; 32])))).expect("tree")
     }
 
     #[test]

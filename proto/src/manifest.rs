@@ -34,7 +34,8 @@ pub struct ArtifactRef {
 /// Size of the pieces [`ArtifactRef::chunks`] hashes (1 MiB, the transport's chunk size).
 pub const DOWNLOAD_CHUNK_BYTES: u64 = crate::CHUNK_BYTES as u64;
 
-/// Privacy spent up to this version.
+/// The privacy report of this version: what was spent up to it, how, and on what
+/// assumptions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySpent {
@@ -42,14 +43,57 @@ pub struct PrivacySpent {
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
-    /// Accountant: `rdp-subsampled-gaussian` or `none`.
+    /// Accountant and what it composes: `rdp-subsampled-gaussian`,
+    /// `pld-subsampled-gaussian`, or `none`.
     pub accountant: String,
     /// Rounds composed.
     pub rounds: u64,
+    /// Mechanism: `dp-fedavg`, `dp-ftrl`, `local-gaussian`, or `none` (schema 3).
+    #[serde(default = "none")]
+    pub mechanism: String,
+    /// What the guarantee assumes: `poisson-sampling` (each device joins each round
+    /// independently with the recorded rate), `participation-limits` (the coordinator
+    /// enforces the bounds below; no sampling assumed), or `none` (schema 3).
+    #[serde(default = "none")]
+    pub assumption: String,
+    /// Contributions per device over the accounting period, at most (0: no limit).
+    #[serde(default)]
+    pub max_participations: u64,
+    /// Rounds between two contributions of a device, at least (0: no limit).
+    #[serde(default)]
+    pub min_separation: u64,
+    /// ε at `delta` once every device has made all the contributions the limits allow:
+    /// what the whole period can cost (DP-FTRL); absent when nothing bounds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_bound: Option<f64>,
 }
 
-/// Current format version of [`Manifest`].
-pub const MANIFEST_SCHEMA: u32 = 2;
+fn none() -> String {
+    "none".into()
+}
+
+impl PrivacySpent {
+    /// Nothing spent, no mechanism: a manifest without differential privacy.
+    pub fn nothing() -> Self {
+        Self {
+            epsilon: 0.0,
+            delta: 0.0,
+            accountant: none(),
+            rounds: 0,
+            mechanism: none(),
+            assumption: none(),
+            max_participations: 0,
+            min_separation: 0,
+            epsilon_bound: None,
+        }
+    }
+}
+
+/// Current format version of [`Manifest`]. 3 added the privacy report's mechanism,
+/// assumption and participation bound; schema 2 manifests are still read.
+pub const MANIFEST_SCHEMA: u32 = 3;
+/// The oldest [`Manifest`] format version this program reads.
+pub const MIN_MANIFEST_SCHEMA: u32 = 2;
 
 /// Special token ids of a model's tokenizer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,8 +271,11 @@ impl Manifest {
     /// cut no later than the version, an adapter absent exactly on the release's version.
     pub fn check(&self) -> Result<()> {
         let bad = |reason: String| Err(ProtoError::BadManifest(reason));
-        if self.schema != MANIFEST_SCHEMA {
-            return bad(format!("schema {} (this program reads {MANIFEST_SCHEMA})", self.schema));
+        if !(MIN_MANIFEST_SCHEMA..=MANIFEST_SCHEMA).contains(&self.schema) {
+            return bad(format!(
+                "schema {} (this program reads {MIN_MANIFEST_SCHEMA} to {MANIFEST_SCHEMA})",
+                self.schema
+            ));
         }
         for a in self.artifacts() {
             a.check()?;
@@ -297,6 +344,9 @@ mod tests {
                 delta: 1e-5,
                 accountant: "rdp-subsampled-gaussian".into(),
                 rounds: 1,
+                mechanism: "dp-fedavg".into(),
+                assumption: "poisson-sampling".into(),
+                ..PrivacySpent::nothing()
             },
             created_unix_ms: 1,
         }
@@ -329,6 +379,9 @@ mod tests {
         m.schema = 1;
         assert!(refused(m).contains("schema 1"));
         let mut m = manifest();
+        m.schema = MANIFEST_SCHEMA + 1;
+        assert!(refused(m).contains("reads 2 to 3"));
+        let mut m = manifest();
         m.adapter = None;
         assert!(refused(m).contains("no adapter"));
         let mut m = manifest();
@@ -344,6 +397,24 @@ mod tests {
         let mut m = manifest();
         m.release.model.size = 3 * DOWNLOAD_CHUNK_BYTES;
         assert!(refused(m).contains("0 piece hashes"));
+    }
+
+    /// A schema-2 manifest (before the privacy report's mechanism and assumption) still
+    /// verifies; its report says `none` for what it did not record.
+    #[test]
+    fn schema_2_manifests_are_still_read() {
+        let k = KeyPair::generate().expect("key");
+        let mut v = serde_json::to_value(manifest()).expect("json");
+        v["schema"] = 2.into();
+        let privacy = v["privacy"].as_object_mut().expect("privacy");
+        for field in ["mechanism", "assumption", "max_participations", "min_separation", "epsilon_bound"] {
+            privacy.remove(field);
+        }
+        let bytes = serde_json::to_vec(&v).expect("bytes");
+        let sig = k.sign(&signed_bytes(&bytes));
+        let m = Manifest::verify(&bytes, &sig, &k.public_key()).expect("schema 2 verifies");
+        assert_eq!((m.privacy.mechanism.as_str(), m.privacy.assumption.as_str()), ("none", "none"));
+        assert_eq!(m.privacy.epsilon_bound, None);
     }
 
     #[test]

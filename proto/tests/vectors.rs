@@ -143,7 +143,15 @@ fn vectors() -> Value {
         },
         adapter: Some(Adapter { rounds: 1, b: art(&hex::encode(keys::sha256(b"b")), 300, "safetensors-f32") }),
         master_sha256: hex::encode(keys::sha256(b"master")),
-        privacy: PrivacySpent { epsilon: 1.5, delta: 1e-5, accountant: "rdp-subsampled-gaussian".into(), rounds: 1 },
+        privacy: PrivacySpent {
+            epsilon: 1.5,
+            delta: 1e-5,
+            accountant: "pld-subsampled-gaussian".into(),
+            rounds: 1,
+            mechanism: "dp-fedavg".into(),
+            assumption: "poisson-sampling".into(),
+            ..PrivacySpent::nothing()
+        },
         created_unix_ms: ts,
     };
     let (manifest_bytes, manifest_signature) = manifest.sign(&coordinator).expect("manifest");

@@ -353,6 +353,7 @@ impl Experiment {
         coordinator.rounds.target_updates = r.clients_per_round;
         coordinator.rounds.min_updates = 1;
         coordinator.rounds.min_available = 1;
+        coordinator.rounds.max_rounds = r.rounds;
         coordinator.validate()?;
         Ok(())
     }

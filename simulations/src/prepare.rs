@@ -64,6 +64,11 @@ impl Prepared {
             ..covey_coordinator::CoordinatorConfig::default()
         };
         c.privacy.population = self.population();
+        if c.privacy.mechanism() == Some(covey_strategy::Mechanism::DpFtrl) {
+            // No sampling assumption: the cohort is drawn from the devices within their
+            // participation limits, and m = the target cohort.
+            c.privacy.population = 0;
+        }
         c.training.seed ^= exp.seed;
         if exp.rounds.centralised {
             let cohort = u32::try_from(exp.rounds.clients_per_round).unwrap_or(u32::MAX);
@@ -73,7 +78,7 @@ impl Prepared {
         c.rounds.over_selection = 0.0;
         // Poisson cohorts vary around `cohort`; a round publishes with whoever was sampled.
         c.rounds.min_updates = 1;
-        c.rounds.min_available = self.population();
+        c.rounds.min_available = if c.privacy.participation == Default::default() { self.population() } else { 1 };
         c.rounds.max_rounds = exp.rounds.rounds;
         // A simulation: cohorts from the experiment's seed (a coordinator of devices draws
         // them from the OS CSPRNG).
@@ -138,25 +143,49 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
     } else {
         partitioned
     };
+    let population = dataset.clients.len();
+    let noisy = exp.privacy.central.is_some() || exp.privacy.local_noise_multiplier > 0.0;
+    if (noisy || exp.calibrate.target_epsilon.is_some()) && exp.privacy.delta >= 1.0 / population as f64 {
+        return Err(SimError::config(
+            "privacy.delta",
+            format!(
+                "{} is not below 1 / {population} clients: such a guarantee allows one client's data to be published",
+                exp.privacy.delta
+            ),
+        ));
+    }
     if let Some(target) = exp.calibrate.target_epsilon {
-        let population = dataset.clients.len();
-        let q = exp.rounds.clients_per_round.min(population) as f64 / population as f64;
         let accountant = exp.privacy.accountant;
-        let z = covey_privacy::calibrate::noise_multiplier_for(
-            accountant,
-            target,
-            exp.privacy.delta,
-            q,
-            exp.rounds.rounds,
-        )?;
+        let delta = exp.privacy.delta;
+        let rounds = exp.rounds.rounds;
+        let z = match exp.privacy.effective_central() {
+            Some(c) if c.mechanism == covey_strategy::Mechanism::DpFtrl => {
+                let period = c.tree_period.unwrap_or(1).max(1);
+                let limit = exp.privacy.participation.max_participations;
+                let trees = rounds.div_ceil(period);
+                let k = if limit > 0 { limit.min(trees) } else { trees };
+                let s2 = k as f64 * f64::from(covey_privacy::tree::depth(period));
+                let z = covey_privacy::calibrate::noise_multiplier_without_sampling(accountant, target, delta, s2)?;
+                notes.push(format!(
+                    "DP-FTRL noise multiplier {z:.4} calibrated for ε = {target} at δ = {delta}: at most {k} \
+                     contributions per client, trees of {period} rounds ({accountant})"
+                ));
+                z
+            }
+            _ => {
+                let q = exp.rounds.clients_per_round.min(population) as f64 / population as f64;
+                let z = covey_privacy::calibrate::noise_multiplier_for(accountant, target, delta, q, rounds)?;
+                notes.push(format!(
+                    "noise multiplier {z:.4} calibrated for ε = {target} at δ = {delta} over {rounds} rounds at \
+                     q = {q:.4} ({accountant})"
+                ));
+                z
+            }
+        };
         match exp.privacy.central.as_mut() {
             Some(central) => central.noise_multiplier = z,
             None => exp.privacy.local_noise_multiplier = z,
         }
-        notes.push(format!(
-            "noise multiplier {z:.4} calibrated for ε = {target} at δ = {} over {} rounds at q = {q:.4} ({accountant})",
-            exp.privacy.delta, exp.rounds.rounds
-        ));
     }
     Ok(Prepared {
         experiment: exp,

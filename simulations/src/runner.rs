@@ -80,6 +80,8 @@ pub struct InProcess<'a> {
     a_hash: [u8; 32],
     a_bytes: usize,
     seen: Vec<bool>,
+    /// Per client: accepted updates, and the round of the latest (participation limits).
+    contributions: Vec<(u64, Option<u64>)>,
 }
 
 impl<'a> InProcess<'a> {
@@ -92,8 +94,8 @@ impl<'a> InProcess<'a> {
         let a_encoded = covey_tensors::encode(&a, None)?;
         let strategy = covey_strategy::build(
             &config.strategy,
-            config.privacy.central.as_ref(),
-            SecureRng::from_seed(seed_bytes(prepared.experiment.seed, "strategy", 0)),
+            config.privacy.effective_central().as_ref(),
+            covey_strategy::Randomness::Seeded(seed_bytes(prepared.experiment.seed, "strategy", 0)),
         )?;
         let (published, model_bytes) = prepare::publish(&master)?;
         Ok(Self {
@@ -107,6 +109,7 @@ impl<'a> InProcess<'a> {
             a_bytes: a_encoded.len(),
             a,
             seen: vec![false; prepared.population()],
+            contributions: vec![(0, None); prepared.population()],
             config,
         })
     }
@@ -121,20 +124,32 @@ impl<'a> InProcess<'a> {
         &self.master
     }
 
+    /// The privacy report so far (ε at the experiment's δ, mechanism, assumption, bound).
+    pub fn privacy(&self) -> Result<covey_proto::manifest::PrivacySpent> {
+        let most = self.contributions.iter().map(|c| c.0).max().unwrap_or(0);
+        Ok(privacy_spent(&self.config, &self.events, most)?)
+    }
+
     /// ε spent so far at the experiment's δ.
     pub fn epsilon(&self) -> Result<f64> {
-        Ok(privacy_spent(self.config.privacy.accountant, &self.events, self.config.privacy.delta)?.epsilon)
+        Ok(self.privacy()?.epsilon)
     }
 
     /// Run round `round`: the policy samples the cohort and plans the round, every
     /// sampled client trains its task as a device would, the strategy aggregates in
     /// cohort order, the step is merged, the release accounted and the model published.
     pub fn round(&mut self, round: u64, progress: &dyn Progress) -> Result<RoundOutcome> {
-        let population = self.prepared.population();
         let policy = RoundPolicy::new(&self.config);
-        let sampling =
-            policy.sampling(population).map_err(|no| SimError::Data(format!("round {round} cannot open: {no:?}")))?;
-        let members = policy.cohort(round, population, &sampling)?;
+        // Clients over their participation limits are not sampled (as the coordinator does).
+        let limits = self.config.privacy.participation;
+        let eligible: Vec<usize> = (0..self.prepared.population())
+            .filter(|&m| limits.allows(self.contributions[m].0, self.contributions[m].1, round))
+            .collect();
+        let sampling = policy
+            .sampling(eligible.len())
+            .map_err(|no| SimError::Data(format!("round {round} cannot open: {no:?}")))?;
+        let members: Vec<usize> =
+            policy.cohort(round, eligible.len(), &sampling)?.into_iter().map(|i| eligible[i]).collect();
         let frame = RoundFrame {
             round_id: round,
             base_version: round,
@@ -152,6 +167,11 @@ impl<'a> InProcess<'a> {
         for &m in &members {
             down += self.model_bytes + if self.seen[m] { 0 } else { self.a_bytes };
             self.seen[m] = true;
+        }
+        for (&m, o) in members.iter().zip(&outcomes) {
+            if o.is_some() {
+                self.contributions[m] = (self.contributions[m].0 + 1, Some(round));
+            }
         }
         let ok: Vec<Outcome> = outcomes.into_iter().flatten().collect();
         let failures = members.len() - ok.len();

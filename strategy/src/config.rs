@@ -2,19 +2,24 @@
 //! [`build`], which validates it and returns the strategy.
 //!
 //! ```
-//! use covey_privacy::SecureRng;
-//! use covey_strategy::{DpConfig, StrategyConfig, build};
+//! use covey_strategy::{DpConfig, Randomness, StrategyConfig, build};
 //!
 //! let strategy: StrategyConfig = serde_json::from_str(r#"{"kind": "fed-adam", "eta": 0.05}"#).expect("config");
 //! let dp: DpConfig = serde_json::from_str(
 //!     r#"{"noise_multiplier": 1.1, "clip": {"kind": "adaptive", "initial": 0.5}}"#,
 //! ).expect("dp");
-//! let s = build(&strategy, Some(&dp), SecureRng::from_os().expect("rng")).expect("valid");
+//! let s = build(&strategy, Some(&dp), Randomness::Os).expect("valid");
 //! assert_eq!(s.name(), "dp-adaptive(fed-adam)");
+//! let ftrl: DpConfig = serde_json::from_str(
+//!     r#"{"mechanism": "dp-ftrl", "noise_multiplier": 1.0, "clip": {"kind": "fixed", "norm": 1.0}, "tree_period": 8}"#,
+//! ).expect("dp");
+//! let s = build(&strategy, Some(&ftrl), Randomness::Os).expect("valid");
+//! assert_eq!(s.name(), "dp-ftrl(fed-adam)");
 //! ```
 
 use covey_privacy::SecureRng;
 use covey_privacy::adaptive::AdaptiveClipConfig;
+use covey_privacy::tree::SeedSource;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -173,14 +178,83 @@ impl StrategyConfig {
     }
 }
 
-/// Server-side differential privacy (DP-FedAvg) around a FedAvg-family strategy.
+/// Server-side differential privacy around a FedAvg-family strategy: DP-FedAvg (noise
+/// per round, privacy from Poisson sampling) or DP-FTRL (tree-aggregated noise, privacy
+/// from participation limits, no sampling assumption).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpConfig {
-    /// The round's total noise multiplier `z` (finite, > 0), as the accountant sees it.
+    /// The mechanism (default `dp-fedavg`).
+    #[serde(default)]
+    pub mechanism: Mechanism,
+    /// The round's total noise multiplier `z` (finite, > 0), as the accountant sees it
+    /// (DP-FTRL: of every tree node).
     pub noise_multiplier: f64,
-    /// How the clip norm is chosen.
+    /// How the clip norm is chosen (DP-FTRL: fixed only).
     pub clip: ClipConfig,
+    /// DP-FTRL's server momentum β in [0, 1) (default 0.9).
+    #[serde(default = "ftrl_momentum")]
+    pub momentum: f64,
+    /// DP-FTRL: rounds per noise tree (a fresh tree after each). The coordinator sets it
+    /// to `privacy.participation.min-separation` when absent, and refuses a longer one:
+    /// a device must contribute at most once per tree.
+    #[serde(default)]
+    pub tree_period: Option<u64>,
+}
+
+impl DpConfig {
+    /// DP-FedAvg with `noise_multiplier` and `clip`.
+    pub fn fed_avg(noise_multiplier: f64, clip: ClipConfig) -> Self {
+        Self { mechanism: Mechanism::DpFedAvg, noise_multiplier, clip, momentum: ftrl_momentum(), tree_period: None }
+    }
+
+    /// DP-FTRL with `noise_multiplier`, a fixed clip norm and a tree of `period` rounds.
+    pub fn ftrl(noise_multiplier: f64, clip_norm: f64, period: u64) -> Self {
+        Self {
+            mechanism: Mechanism::DpFtrl,
+            noise_multiplier,
+            clip: ClipConfig::Fixed { norm: clip_norm },
+            momentum: ftrl_momentum(),
+            tree_period: Some(period),
+        }
+    }
+}
+
+fn ftrl_momentum() -> f64 {
+    0.9
+}
+
+/// The central DP mechanism of [`DpConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mechanism {
+    /// DP-FedAvg ([`DpFedAvg`]): independent noise every round; the accountant assumes
+    /// Poisson sampling of the cohort.
+    #[default]
+    DpFedAvg,
+    /// DP-FTRL ([`crate::DpFtrl`]): tree-aggregated noise; the accountant uses the
+    /// coordinator's participation limits and assumes no sampling.
+    DpFtrl,
+}
+
+impl Mechanism {
+    /// The name in configuration files and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::DpFedAvg => "dp-fedavg",
+            Mechanism::DpFtrl => "dp-ftrl",
+        }
+    }
+}
+
+/// Where a private strategy's randomness comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Randomness {
+    /// The operating system's CSPRNG (production): DP-FedAvg's generator is keyed from it
+    /// and every DP-FTRL tree node takes 32 fresh bytes from it.
+    Os,
+    /// A fixed seed (simulations, tests, validation): reproducible, not private.
+    Seeded([u8; 32]),
 }
 
 /// The clipping of [`DpConfig`], tagged by `kind`.
@@ -220,7 +294,7 @@ fn default_count_noise() -> f64 {
 }
 
 /// Validate `config` (and `dp`) and build the strategy; with `dp`, the strategy is wrapped
-/// in [`DpFedAvg`], which draws its noise from `rng` (otherwise `rng` is dropped).
+/// in [`DpFedAvg`] or [`crate::DpFtrl`], which draw their noise from `randomness`.
 ///
 /// Differential privacy wraps only the FedAvg family (`fed-avg`, `fed-prox`, `fed-adam`,
 /// `fed-yogi`, `fed-adagrad`): the robust aggregators' sensitivity is not that of a
@@ -228,24 +302,24 @@ fn default_count_noise() -> f64 {
 pub fn build(
     config: &StrategyConfig,
     dp: Option<&DpConfig>,
-    rng: SecureRng,
+    randomness: Randomness,
 ) -> Result<Box<dyn Strategy>, StrategyError> {
     use StrategyConfig as C;
     let opt = |optimizer, params| FedOpt::new(optimizer, params);
     match *config {
-        C::FedAvg { server_learning_rate } => with_dp(FedAvg::new(server_learning_rate)?, dp, rng),
+        C::FedAvg { server_learning_rate } => with_dp(FedAvg::new(server_learning_rate)?, dp, randomness),
         C::FedProx { mu, server_learning_rate } => {
-            with_dp(FedProx::with_server_learning_rate(mu, server_learning_rate)?, dp, rng)
+            with_dp(FedProx::with_server_learning_rate(mu, server_learning_rate)?, dp, randomness)
         }
         C::FedAdam { eta, beta1, beta2, tau } => {
-            with_dp(opt(Optimizer::Adam, FedOptParams { eta, beta1, beta2, tau })?, dp, rng)
+            with_dp(opt(Optimizer::Adam, FedOptParams { eta, beta1, beta2, tau })?, dp, randomness)
         }
         C::FedYogi { eta, beta1, beta2, tau } => {
-            with_dp(opt(Optimizer::Yogi, FedOptParams { eta, beta1, beta2, tau })?, dp, rng)
+            with_dp(opt(Optimizer::Yogi, FedOptParams { eta, beta1, beta2, tau })?, dp, randomness)
         }
         C::FedAdagrad { eta, beta1, tau } => {
             let beta2 = Optimizer::Adagrad.defaults().beta2;
-            with_dp(opt(Optimizer::Adagrad, FedOptParams { eta, beta1, beta2, tau })?, dp, rng)
+            with_dp(opt(Optimizer::Adagrad, FedOptParams { eta, beta1, beta2, tau })?, dp, randomness)
         }
         C::TrimmedMean { beta } => without_dp(TrimmedMean::new(beta)?, config, dp),
         C::Median {} => without_dp(CoordinateMedian::new(), config, dp),
@@ -255,11 +329,28 @@ pub fn build(
 fn with_dp<S: ServerUpdate + 'static>(
     inner: S,
     dp: Option<&DpConfig>,
-    rng: SecureRng,
+    randomness: Randomness,
 ) -> Result<Box<dyn Strategy>, StrategyError> {
     let Some(dp) = dp else {
         return Ok(Box::new(inner));
     };
+    let rng = match randomness {
+        Randomness::Os => SecureRng::from_os()?,
+        Randomness::Seeded(seed) => SecureRng::from_seed(seed),
+    };
+    if dp.mechanism == Mechanism::DpFtrl {
+        let ClipConfig::Fixed { norm } = dp.clip else {
+            return Err(invalid("clip", 0.0, "DP-FTRL needs a fixed clip norm (adaptive clipping is DP-FedAvg's)"));
+        };
+        let Some(period) = dp.tree_period else {
+            return Err(invalid("tree_period", 0.0, "DP-FTRL needs a tree period (rounds per noise tree)"));
+        };
+        let seeds = match randomness {
+            Randomness::Os => SeedSource::Os,
+            Randomness::Seeded(_) => SeedSource::Rng(Box::new(rng)),
+        };
+        return Ok(Box::new(crate::DpFtrl::new(inner, dp.noise_multiplier, norm, dp.momentum, period, seeds)?));
+    }
     Ok(match dp.clip {
         ClipConfig::Fixed { norm } => Box::new(DpFedAvg::fixed(inner, dp.noise_multiplier, norm, rng)?),
         ClipConfig::Adaptive { initial, target_quantile, learning_rate, count_noise_std } => {
@@ -292,8 +383,8 @@ mod tests {
         serde_json::from_str(json)
     }
 
-    fn rng() -> SecureRng {
-        SecureRng::from_seed([3; 32])
+    fn rng() -> Randomness {
+        Randomness::Seeded([3; 32])
     }
 
     #[test]
@@ -365,7 +456,7 @@ mod tests {
 
     #[test]
     fn dp_sections_are_validated_and_wrap_only_the_fedavg_family() {
-        let fixed = DpConfig { noise_multiplier: 1.0, clip: ClipConfig::Fixed { norm: 1.0 } };
+        let fixed = DpConfig::fed_avg(1.0, ClipConfig::Fixed { norm: 1.0 });
         let s =
             build(&StrategyConfig::FedProx { mu: 0.1, server_learning_rate: 1.0 }, Some(&fixed), rng()).expect("dp");
         assert_eq!(s.name(), "dp-fixed(fed-prox)");
@@ -375,9 +466,11 @@ mod tests {
                 Err(StrategyError::InvalidConfig { field: "dp", .. })
             ));
         }
-        let adaptive = |z: f64, initial: f64, q: f64, lr: f64, sb: f64| DpConfig {
-            noise_multiplier: z,
-            clip: ClipConfig::Adaptive { initial, target_quantile: q, learning_rate: lr, count_noise_std: sb },
+        let adaptive = |z: f64, initial: f64, q: f64, lr: f64, sb: f64| {
+            DpConfig::fed_avg(
+                z,
+                ClipConfig::Adaptive { initial, target_quantile: q, learning_rate: lr, count_noise_std: sb },
+            )
         };
         let cases = [
             (adaptive(0.0, 1.0, 0.5, 0.2, 5.0), "noise_multiplier"),
@@ -385,7 +478,12 @@ mod tests {
             (adaptive(1.0, 1.0, 1.5, 0.2, 5.0), "clip.target_quantile"),
             (adaptive(1.0, 1.0, 0.5, 0.0, 5.0), "clip.learning_rate"),
             (adaptive(1.0, 1.0, 0.5, 0.2, 0.4), "clip.count_noise_std"),
-            (DpConfig { noise_multiplier: 1.0, clip: ClipConfig::Fixed { norm: f64::INFINITY } }, "clip.norm"),
+            (DpConfig::fed_avg(1.0, ClipConfig::Fixed { norm: f64::INFINITY }), "clip.norm"),
+            (DpConfig { tree_period: None, ..DpConfig::ftrl(1.0, 1.0, 8) }, "tree_period"),
+            (DpConfig { clip: adaptive(1.0, 1.0, 0.5, 0.2, 5.0).clip, ..DpConfig::ftrl(1.0, 1.0, 8) }, "clip"),
+            (DpConfig { momentum: 1.0, ..DpConfig::ftrl(1.0, 1.0, 8) }, "momentum"),
+            (DpConfig::ftrl(1.0, 1.0, 0), "tree_period"),
+            (DpConfig::ftrl(-1.0, 1.0, 8), "noise_multiplier"),
         ];
         for (dp, field) in cases {
             match build(&StrategyConfig::default(), Some(&dp), rng()) {
@@ -397,5 +495,13 @@ mod tests {
         let parsed: DpConfig =
             serde_json::from_str(r#"{"noise_multiplier":1.0,"clip":{"kind":"adaptive","initial":0.3}}"#).expect("dp");
         assert_eq!(parsed, adaptive(1.0, 0.3, 0.5, 0.2, 5.0));
+        let ftrl = build(&StrategyConfig::default(), Some(&DpConfig::ftrl(1.0, 1.0, 8)), rng()).expect("ftrl");
+        assert_eq!(ftrl.name(), "dp-ftrl(fed-avg)");
+        let err = serde_json::from_str::<DpConfig>(
+            r#"{"mechanism":"dp-sgd","noise_multiplier":1.0,"clip":{"kind":"fixed","norm":1.0}}"#,
+        )
+        .expect_err("mechanism")
+        .to_string();
+        assert!(err.contains("dp-sgd") && err.contains("dp-ftrl"), "{err}");
     }
 }

@@ -303,8 +303,8 @@ fn sign(t: &HostTensor) -> HostTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ClipConfig, DpConfig, StrategyConfig, build};
-    use crate::{CoordinateMedian, DpFedAvg, FedAvg, FedOpt, FedProx, TrimmedMean};
+    use crate::config::{ClipConfig, DpConfig, Randomness, StrategyConfig, build};
+    use crate::{CoordinateMedian, DpFedAvg, DpFtrl, FedAvg, FedOpt, FedProx, TrimmedMean};
     use covey_privacy::SecureRng;
     use covey_privacy::adaptive::AdaptiveClipConfig;
 
@@ -351,6 +351,15 @@ mod tests {
         check_strategy(&|| Box::new(DpFedAvg::adaptive(FedAvg::default(), 1e-9, cfg, rng()).expect("dp")), &DP_EXACT);
         check_strategy(&|| Box::new(DpFedAvg::adaptive(FedOpt::fed_yogi(), 1e-9, cfg, rng()).expect("dp")), &DP_SIGN);
         check_strategy(&|| Box::new(DpFedAvg::fixed(FedOpt::fed_adam(), 1e-9, 100.0, rng()).expect("dp")), &DP_SIGN);
+        let seeds = || covey_privacy::tree::SeedSource::Rng(Box::new(rng()));
+        check_strategy(
+            &|| Box::new(DpFtrl::new(FedAvg::default(), 1e-9, 100.0, 0.9, 8, seeds()).expect("ftrl")),
+            &DP_EXACT,
+        );
+        check_strategy(
+            &|| Box::new(DpFtrl::new(FedOpt::fed_adam(), 1e-9, 100.0, 0.5, 1, seeds()).expect("ftrl")),
+            &DP_SIGN,
+        );
     }
 
     #[test]
@@ -365,23 +374,27 @@ mod tests {
             (StrategyConfig::Median {}, ROBUST),
         ];
         let dps = [
-            DpConfig { noise_multiplier: 1e-9, clip: ClipConfig::Fixed { norm: 100.0 } },
-            DpConfig {
-                noise_multiplier: 1e-9,
-                clip: ClipConfig::Adaptive {
+            DpConfig::fed_avg(1e-9, ClipConfig::Fixed { norm: 100.0 }),
+            DpConfig::fed_avg(
+                1e-9,
+                ClipConfig::Adaptive {
                     initial: 100.0,
                     target_quantile: 0.5,
                     learning_rate: 0.2,
                     count_noise_std: 1e-6,
                 },
-            },
+            ),
+            DpConfig::ftrl(1e-9, 100.0, 4),
         ];
         for (config, expect) in configs {
-            check_strategy(&|| build(&config, None, rng()).expect("build"), &expect);
+            check_strategy(&|| build(&config, None, Randomness::Seeded([42; 32])).expect("build"), &expect);
             if expect.weighting == Weighting::ByExamples {
                 let dp_expect = Expectations { weighting: Weighting::Uniform, ..expect };
                 for dp in &dps {
-                    check_strategy(&|| build(&config, Some(dp), rng()).expect("build"), &dp_expect);
+                    check_strategy(
+                        &|| build(&config, Some(dp), Randomness::Seeded([42; 32])).expect("build"),
+                        &dp_expect,
+                    );
                 }
             }
         }

@@ -14,6 +14,8 @@
 //! * [`TrimmedMean`] and [`CoordinateMedian`]: unweighted robust aggregators ([`robust`]).
 //! * [`DpFedAvg`]: server-side DP-FedAvg with fixed or adaptive clipping, wrapping any
 //!   [`ServerUpdate`] (the FedAvg and server-optimiser family) ([`dp`]).
+//! * [`DpFtrl`]: server-side DP-FTRL with momentum (tree-aggregated noise, no sampling
+//!   assumption), wrapping the same family ([`ftrl`]).
 //! * [`StrategyConfig`], [`DpConfig`] and [`build`]: the serde configuration the
 //!   coordinator embeds in its TOML ([`config`]).
 //! * [`conformance::check_strategy`]: the property suite every strategy must pass.
@@ -45,15 +47,17 @@ pub mod config;
 pub mod conformance;
 pub mod dp;
 pub mod fedavg;
+pub mod ftrl;
 pub mod robust;
 pub mod server_opt;
 pub mod state;
 
 use covey_tensors::NamedTensors;
 
-pub use config::{ClipConfig, DpConfig, StrategyConfig, build};
+pub use config::{ClipConfig, DpConfig, Mechanism, Randomness, StrategyConfig, build};
 pub use dp::DpFedAvg;
 pub use fedavg::{FedAvg, FedProx};
+pub use ftrl::DpFtrl;
 pub use robust::{CoordinateMedian, TrimmedMean};
 pub use server_opt::{FedOpt, FedOptParams, Optimizer};
 pub use state::StrategyState;

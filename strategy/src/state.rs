@@ -12,7 +12,8 @@
 //!   ([`covey_tensors::encode`]) through `serialize_bytes`: raw bytes in binary formats,
 //!   an array of byte values in JSON (four times larger: prefer a binary format for
 //!   large adapters);
-//! * `inner`: the state of a wrapped strategy ([`crate::DpFedAvg`]).
+//! * `texts`: structured state as text (DP-FTRL's noise tree, as JSON);
+//! * `inner`: the state of a wrapped strategy ([`crate::DpFedAvg`], [`crate::DpFtrl`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,6 +35,9 @@ pub struct StrategyState {
     /// Named tensors.
     #[serde(with = "tensor_bytes")]
     pub tensors: NamedTensors,
+    /// Named texts (structured state such as DP-FTRL's noise tree, as JSON).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub texts: BTreeMap<String, String>,
     /// State of a wrapped strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner: Option<Box<StrategyState>>,
@@ -55,7 +59,13 @@ impl StrategyState {
 
     /// An empty state of the strategy named `strategy`.
     pub fn new(strategy: impl Into<String>) -> Self {
-        Self { strategy: strategy.into(), scalars: BTreeMap::new(), tensors: NamedTensors::new(), inner: None }
+        Self {
+            strategy: strategy.into(),
+            scalars: BTreeMap::new(),
+            tensors: NamedTensors::new(),
+            texts: BTreeMap::new(),
+            inner: None,
+        }
     }
 
     /// Check that this state was written by `name`.

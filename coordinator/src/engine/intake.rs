@@ -106,6 +106,16 @@ impl Coordinator {
         if assignment.used || assignment.declined.is_some() || header.nonce != assignment.nonce {
             return Err(self.reject(Rejection::Replay));
         }
+        let limits = self.config.privacy.participation;
+        if limits != Default::default() {
+            let p = self.store.participation(&device.id).await?;
+            if !limits.allows(p.map_or(0, |p| p.count), p.map(|p| p.last_round), round.id) {
+                return Err(self.reject(Rejection::ParticipationLimit {
+                    contributions: p.map_or(0, |p| p.count),
+                    last_round: p.map_or(0, |p| p.last_round),
+                }));
+            }
+        }
         let plan = self.plan_of(&round).await?;
         if header.base_manifest_hash != plan.frame.base_manifest_hash {
             return Err(self.reject(Rejection::WrongBaseVersion));

@@ -218,8 +218,8 @@ impl Coordinator {
         let b_values: usize = expected_b.values().map(|s| s.iter().product::<usize>()).sum();
         let mut strategy = covey_strategy::build(
             &config.strategy,
-            config.privacy.central.as_ref(),
-            covey_privacy::SecureRng::from_os()?,
+            config.privacy.effective_central().as_ref(),
+            covey_strategy::Randomness::Os,
         )?;
         if let Some(bytes) = store.get_state(KEY_STRATEGY).await? {
             let state: StrategyState = serde_json::from_slice(&bytes)

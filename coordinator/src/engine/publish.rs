@@ -87,12 +87,7 @@ pub(super) async fn import_initial_model(
     };
     let lora =
         LoraLayout { rank: config.lora.rank, alpha: config.lora.alpha, targets: config.lora.targets.clone(), a: a_ref };
-    let input = VersionInput {
-        version: 1,
-        parent: 0,
-        round_id: 0,
-        privacy: privacy_spent(config.privacy.accountant, &[], config.privacy.delta)?,
-    };
+    let input = VersionInput { version: 1, parent: 0, round_id: 0, privacy: privacy_spent(config, &[], 0)? };
     let publication = Publication::Release { master: &model.master, template };
     let (v, _) = build_version(artifacts, key, config, &lora, &input, publication)?;
     let state = [(KEY_A.into(), a_hash.to_vec()), (KEY_PRIVACY.into(), b"[]".to_vec())];
@@ -172,7 +167,7 @@ impl Coordinator {
             version,
             parent: round.base_version,
             round_id: round.id,
-            privacy: privacy_spent(self.config.privacy.accountant, &events, self.config.privacy.delta)?,
+            privacy: self.privacy_report(&events).await?,
         };
         let (v, new_artifacts) =
             build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
@@ -217,12 +212,8 @@ impl Coordinator {
         let merged = weights::merge_step(&master, &a, &b, &self.config.lora)?;
         let events = self.privacy_events().await?;
         let new = self.store.versions().await?.first().map_or(1, |v| v.version + 1);
-        let input = VersionInput {
-            version: new,
-            parent: version,
-            round_id: 0,
-            privacy: privacy_spent(self.config.privacy.accountant, &events, self.config.privacy.delta)?,
-        };
+        let input =
+            VersionInput { version: new, parent: version, round_id: 0, privacy: self.privacy_report(&events).await? };
         let publication = Publication::Release { master: &merged, template: parent.release.clone() };
         let (v, added) = build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
         self.store.publish(0, &v, &[]).await?;
@@ -333,10 +324,24 @@ impl Coordinator {
         Ok(Vec::new())
     }
 
+    /// The most contributions any device has made (DP-FTRL's accountant counts them).
+    pub(super) async fn max_contributions(&self) -> Result<u64> {
+        Ok(self.store.participations().await?.values().map(|p| p.count).max().unwrap_or(0))
+    }
+
+    /// The privacy report for `events` as of now ([`privacy_spent`]).
+    pub(super) async fn privacy_report(&self, events: &[PrivacyRecord]) -> Result<PrivacySpent> {
+        privacy_spent(&self.config, events, self.max_contributions().await?)
+    }
+
+    /// The privacy report so far (ε at the configured δ, mechanism, assumption, bound).
+    pub async fn privacy(&self) -> Result<PrivacySpent> {
+        self.privacy_report(&self.privacy_events().await?).await
+    }
+
     /// ε spent so far at the configured δ.
     pub async fn epsilon(&self) -> Result<f64> {
-        Ok(privacy_spent(self.config.privacy.accountant, &self.privacy_events().await?, self.config.privacy.delta)?
-            .epsilon)
+        Ok(self.privacy().await?.epsilon)
     }
 }
 

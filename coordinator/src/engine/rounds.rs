@@ -70,8 +70,21 @@ impl Coordinator {
     pub async fn open_round(&self) -> Result<Opening> {
         let now = self.now_ms();
         let window = self.config.rounds.eligibility_window.as_millis() as u64;
-        let eligible: Vec<DeviceRecord> =
-            self.store.devices().await?.into_iter().filter(|d| !d.revoked && d.last_seen_ms + window >= now).collect();
+        let id = self.store.rounds(1).await?.first().map_or(1, |r| r.id + 1);
+        let devices = self.store.devices().await?;
+        let enrolled = devices.iter().filter(|d| !d.revoked).count();
+        // Participation limits: a device over them is not sampled (and its upload is refused).
+        let participations = self.store.participations().await?;
+        let limits = self.config.privacy.participation;
+        let max_contributions = participations.values().map(|p| p.count).max().unwrap_or(0);
+        let eligible: Vec<DeviceRecord> = devices
+            .into_iter()
+            .filter(|d| !d.revoked && d.last_seen_ms + window >= now)
+            .filter(|d| {
+                let p = participations.get(&d.id);
+                limits.allows(p.map_or(0, |p| p.count), p.map(|p| p.last_round), id)
+            })
+            .collect();
         let policy = RoundPolicy::new(&self.config);
         let sampling = match policy.sampling(eligible.len()) {
             Ok(s) => s,
@@ -87,10 +100,17 @@ impl Coordinator {
                 return Ok(Opening::NotOpened(no));
             }
         };
-        if let Some(no) = policy.within_budget(&self.privacy_events().await?, &sampling)? {
+        if let Some(no) = policy.within_budget(&self.privacy_events().await?, &sampling, enrolled, max_contributions)? {
+            if let NoRound::DeltaTooLarge { delta, devices } = no {
+                error!(
+                    delta,
+                    devices,
+                    "privacy.delta is not below 1 / (enrolled devices): no round opens; lower delta below {}",
+                    1.0 / devices as f64
+                );
+            }
             return Ok(Opening::NotOpened(no));
         }
-        let id = self.store.rounds(1).await?.first().map_or(1, |r| r.id + 1);
         let cohort: Vec<&DeviceRecord> =
             policy.cohort(id, eligible.len(), &sampling)?.into_iter().map(|i| &eligible[i]).collect();
         let mut assignments = Vec::with_capacity(cohort.len());

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    Assignment, DeviceRecord, EnrollOutcome, RevokeOutcome, RoundRecord, RoundState, Store, TokenRecord, UpdateRecord,
-    VersionRecord, decode_current, decode_u64,
+    Assignment, DeviceRecord, EnrollOutcome, Participation, RevokeOutcome, RoundRecord, RoundState, Store, TokenRecord,
+    UpdateRecord, VersionRecord, decode_current, decode_u64,
 };
 use crate::error::{CoordinatorError, Rejection, Result};
 
@@ -198,6 +198,20 @@ impl Store for MemoryStore {
 
     async fn device_update_count(&self, device_id: &[u8; 32]) -> Result<u64> {
         Ok(self.lock().updates.iter().filter(|x| &x.device_id == device_id).count() as u64)
+    }
+
+    async fn participations(&self) -> Result<BTreeMap<[u8; 32], Participation>> {
+        let mut out: BTreeMap<[u8; 32], Participation> = BTreeMap::new();
+        for x in &self.lock().updates {
+            let p = out.entry(x.device_id).or_insert(Participation { count: 0, last_round: 0 });
+            p.count += 1;
+            p.last_round = p.last_round.max(x.round_id);
+        }
+        Ok(out)
+    }
+
+    async fn participation(&self, device_id: &[u8; 32]) -> Result<Option<Participation>> {
+        Ok(self.participations().await?.get(device_id).copied())
     }
 
     async fn publish(&self, round_id: u64, v: &VersionRecord, state: &[(String, Vec<u8>)]) -> Result<bool> {

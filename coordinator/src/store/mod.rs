@@ -9,6 +9,8 @@
 mod memory;
 mod sqlite;
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 
 use crate::error::{CoordinatorError, Result};
@@ -126,6 +128,15 @@ pub struct Assignment {
     pub used: bool,
     /// Why the device declined the task, when it did (it will send no update).
     pub declined: Option<String>,
+}
+
+/// How much one device has contributed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Participation {
+    /// Accepted updates, over all rounds.
+    pub count: u64,
+    /// The latest round with an accepted update.
+    pub last_round: u64,
 }
 
 /// A stored, verified update; the payload lives in the artifact store under its hash.
@@ -266,6 +277,11 @@ pub trait Store: Send + Sync {
     async fn declined_count(&self, round_id: u64) -> Result<u64>;
     /// Updates accepted from a device, over all rounds.
     async fn device_update_count(&self, device_id: &[u8; 32]) -> Result<u64>;
+    /// Per device that has contributed: its accepted updates and the latest round of one
+    /// (the participation limits' and DP-FTRL's accountant's input).
+    async fn participations(&self) -> Result<BTreeMap<[u8; 32], Participation>>;
+    /// One device's [`Participation`] (`None`: it has not contributed).
+    async fn participation(&self, device_id: &[u8; 32]) -> Result<Option<Participation>>;
     /// Publish, in one transaction: insert the version, close the round (0: the initial
     /// version, no round), store `state` entries, and make the version current when the
     /// current version is still its parent (an operator's promote or rollback meanwhile is
@@ -457,6 +473,11 @@ pub(crate) mod conformance {
         assert_eq!(stored[0], UpdateRecord { id, ..update(1, 1) });
         assert_eq!(s.active_round().await.expect("active").expect("some").state, RoundState::Collecting);
         assert_eq!(s.device_update_count(&[1; 32]).await.expect("count"), 1);
+        let p = s.participations().await.expect("participations");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[&[1; 32]], Participation { count: 1, last_round: 1 });
+        assert_eq!(s.participation(&[1; 32]).await.expect("one"), Some(Participation { count: 1, last_round: 1 }));
+        assert_eq!(s.participation(&[2; 32]).await.expect("one"), None);
 
         assert!(
             matches!(s.publish(1, &version(2), &[]).await, Err(CoordinatorError::Refused(_))),

@@ -1,6 +1,7 @@
 //! The embedded default store: one SQLite file (sqlx, WAL, `synchronous = FULL`),
 //! migrated in place when an older release wrote it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -8,8 +9,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    Assignment, DeviceRecord, EnrollOutcome, RevokeOutcome, RoundRecord, RoundState, Store, TokenRecord, UpdateRecord,
-    VersionRecord, decode_current, decode_u64,
+    Assignment, DeviceRecord, EnrollOutcome, Participation, RevokeOutcome, RoundRecord, RoundState, Store, TokenRecord,
+    UpdateRecord, VersionRecord, decode_current, decode_u64,
 };
 use crate::error::{CoordinatorError, Rejection, Result};
 
@@ -481,6 +482,25 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(u(n))
+    }
+
+    async fn participations(&self) -> Result<BTreeMap<[u8; 32], Participation>> {
+        let rows: Vec<(Vec<u8>, i64, i64)> =
+            sqlx::query_as("SELECT device_id, COUNT(*), MAX(round_id) FROM updates GROUP BY device_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(id, n, last)| Ok((id32(id, "device id")?, Participation { count: u(n), last_round: u(last) })))
+            .collect()
+    }
+
+    async fn participation(&self, device_id: &[u8; 32]) -> Result<Option<Participation>> {
+        let (n, last): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MAX(round_id) FROM updates WHERE device_id = ?")
+                .bind(&device_id[..])
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(last.map(|last| Participation { count: u(n), last_round: u(last) }))
     }
 
     async fn publish(&self, round_id: u64, v: &VersionRecord, state: &[(String, Vec<u8>)]) -> Result<bool> {

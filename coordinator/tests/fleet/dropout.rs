@@ -106,7 +106,7 @@ async fn central_dp_is_accounted_in_the_published_manifest() {
     let mut config = support::config(root.path());
     config.privacy.delta = 1e-5;
     config.privacy.central =
-        Some(covey_strategy::DpConfig { noise_multiplier: 1.0, clip: covey_strategy::ClipConfig::Fixed { norm: 0.5 } });
+        Some(covey_strategy::DpConfig::fed_avg(1.0, covey_strategy::ClipConfig::Fixed { norm: 0.5 }));
     let (engine, store, public, devices) = engine(config).await;
     let driver = tokio::spawn(engine.clone().run_rounds());
     for d in &devices {

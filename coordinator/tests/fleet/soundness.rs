@@ -12,8 +12,8 @@ use covey_coordinator::engine::{Coordinator, Opening, PollOutcome, SignedTask, S
 use covey_coordinator::metrics::Metrics;
 use covey_coordinator::round::NoRound;
 use covey_coordinator::store::{
-    Assignment, DeviceRecord, EnrollOutcome, MemoryStore, RevokeOutcome, RoundRecord, RoundState, SqliteStore, Store,
-    TokenRecord, UpdateRecord, VersionRecord,
+    Assignment, DeviceRecord, EnrollOutcome, MemoryStore, Participation, RevokeOutcome, RoundRecord, RoundState,
+    SqliteStore, Store, TokenRecord, UpdateRecord, VersionRecord,
 };
 use covey_coordinator::{CoordinatorConfig, CoordinatorError, Rejection, Result};
 use covey_proto::keys::KeyPair;
@@ -148,7 +148,7 @@ async fn a_missing_ledger_is_corruption_and_target_epsilon_stops_rounds() {
     let root = tempfile::tempdir().expect("tmp");
     let mut config = support::config(root.path());
     config.privacy.central =
-        Some(covey_strategy::DpConfig { noise_multiplier: 1.0, clip: covey_strategy::ClipConfig::Fixed { norm: 0.5 } });
+        Some(covey_strategy::DpConfig::fed_avg(1.0, covey_strategy::ClipConfig::Fixed { norm: 0.5 }));
     // A target between the ε of one and of two rounds at q = 1, z = 1.
     let (one_round, _) = covey_privacy::rdp::epsilon(1.0, 1.0, 1, 1e-5).expect("eps");
     let (two_rounds, _) = covey_privacy::rdp::epsilon(1.0, 1.0, 2, 1e-5).expect("eps");
@@ -328,6 +328,12 @@ impl Store for Flaky {
     }
     async fn device_update_count(&self, device_id: &[u8; 32]) -> Result<u64> {
         self.inner.device_update_count(device_id).await
+    }
+    async fn participations(&self) -> Result<std::collections::BTreeMap<[u8; 32], Participation>> {
+        self.inner.participations().await
+    }
+    async fn participation(&self, device_id: &[u8; 32]) -> Result<Option<Participation>> {
+        self.inner.participation(device_id).await
     }
     async fn publish(&self, round_id: u64, v: &VersionRecord, state: &[(String, Vec<u8>)]) -> Result<bool> {
         self.inner.publish(round_id, v, state).await
