@@ -292,6 +292,7 @@ impl Admin for AdminService {
             )),
             None => None,
         };
+        let privacy = self.engine.privacy().await.map_err(internal)?;
         Ok(Response::new(pb::StatusResponse {
             current_version: store.current_version().await.map_err(internal)?,
             latest_version: store.versions().await.map_err(internal)?.first().map_or(0, |v| v.version),
@@ -299,9 +300,18 @@ impl Admin for AdminService {
             revoked_devices: devices.iter().filter(|d| d.revoked).count() as u64,
             open_round,
             published_rounds: rounds.iter().filter(|r| r.state == crate::store::RoundState::Published).count() as u64,
-            epsilon: self.engine.epsilon().await.map_err(internal)?,
-            delta: self.engine.config().privacy.delta,
+            epsilon: privacy.epsilon,
+            delta: privacy.delta,
             coordinator_public_key: hex::encode(self.engine.public_key()),
+            privacy: Some(pb::PrivacyReport {
+                accountant: privacy.accountant,
+                mechanism: privacy.mechanism,
+                assumption: privacy.assumption,
+                max_participations: privacy.max_participations,
+                min_separation: privacy.min_separation,
+                epsilon_bound: privacy.epsilon_bound,
+                max_contributions: self.engine.max_contributions().await.map_err(internal)?,
+            }),
         }))
     }
 

@@ -267,19 +267,39 @@ async fn serve(config: &std::path::Path) -> Result<()> {
 async fn status(a: &AdminArgs) -> Result<()> {
     let (mut c, t) = admin(a).await?;
     let s = c.status(authed(pb::StatusRequest {}, &t)?).await.map_err(status_error)?.into_inner();
+    let p = s.privacy.clone().unwrap_or_default();
     let json = serde_json::json!({
         "current_version": s.current_version, "latest_version": s.latest_version,
         "active_devices": s.active_devices, "revoked_devices": s.revoked_devices,
         "published_rounds": s.published_rounds, "epsilon": s.epsilon, "delta": s.delta,
         "open_round": s.open_round.as_ref().map(|r| r.round_id),
         "coordinator_public_key": s.coordinator_public_key,
+        "privacy": {
+            "accountant": p.accountant, "mechanism": p.mechanism, "assumption": p.assumption,
+            "max_participations": p.max_participations, "min_separation": p.min_separation,
+            "epsilon_bound": p.epsilon_bound, "max_contributions": p.max_contributions,
+        },
     });
     print(a.json, &json, || {
         println!("current version   {}", s.current_version);
         println!("latest version    {}", s.latest_version);
         println!("devices           {} active, {} revoked", s.active_devices, s.revoked_devices);
         println!("published rounds  {}", s.published_rounds);
-        println!("privacy spent     ε = {:.4} at δ = {:e}", s.epsilon, s.delta);
+        println!(
+            "privacy spent     ε = {:.4} at δ = {:e} ({}, {} accountant)",
+            s.epsilon, s.delta, p.mechanism, p.accountant
+        );
+        let limit = |n: u64| if n == 0 { "none".to_string() } else { n.to_string() };
+        println!(
+            "assumes           {}; at most {} contributions per device, {} rounds apart (most so far: {})",
+            p.assumption,
+            limit(p.max_participations),
+            limit(p.min_separation),
+            p.max_contributions
+        );
+        if let Some(bound) = p.epsilon_bound {
+            println!("privacy bound     ε ≤ {bound:.4} at δ = {:e} once every device is at its limits", s.delta);
+        }
         match &s.open_round {
             Some(r) => {
                 println!("open round        {} ({}, {} of {} updates)", r.round_id, r.state, r.updates, r.cohort_size)

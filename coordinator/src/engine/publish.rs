@@ -325,7 +325,7 @@ impl Coordinator {
     }
 
     /// The most contributions any device has made (DP-FTRL's accountant counts them).
-    pub(super) async fn max_contributions(&self) -> Result<u64> {
+    pub async fn max_contributions(&self) -> Result<u64> {
         Ok(self.store.participations().await?.values().map(|p| p.count).max().unwrap_or(0))
     }
 

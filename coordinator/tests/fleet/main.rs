@@ -4,6 +4,7 @@
 //! (SIGKILL durability, TLS with the admin command) are in `cli/coordinator/tests`.
 
 mod dropout;
+mod privacy;
 mod releases;
 mod security;
 mod soundness;
