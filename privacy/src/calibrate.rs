@@ -31,6 +31,9 @@ pub fn noise_multiplier_for(
         Accountant::Rdp => 1e-7,
         Accountant::Pld => 1e-4,
     };
+    // The rate a run's rounds are composed at (PLD rounds it up a little): the
+    // calibrated noise then meets the target as the run reports it.
+    let q = accountant.composition_rate(q);
     smallest_multiplier(target_epsilon, delta, precision, |z| {
         accountant.epsilon(&[SampledGaussian { q, z, steps }], delta)
     })
@@ -109,7 +112,8 @@ mod tests {
         let (target, delta, q, steps) = (8.0, 1e-5, 0.05, 200u64);
         let z_pld = noise_multiplier_for(Accountant::Pld, target, delta, q, steps).expect("pld");
         let z_rdp = noise_multiplier(target, delta, q, steps).expect("rdp");
-        let at = |z| Accountant::Pld.epsilon(&[SampledGaussian { q, z, steps }], delta).expect("eps");
+        // As a run reports it: its rounds composed at the PLD composition rate.
+        let at = |z| Accountant::Pld.epsilon_of_rounds(&vec![(q, z); steps as usize], delta).expect("eps");
         assert!(at(z_pld) <= target, "{}", at(z_pld));
         assert!(at(z_pld * 0.995) > target, "0.5 % less noise still meets the target");
         assert!(z_pld < z_rdp, "PLD needs less noise: {z_pld} vs {z_rdp}");

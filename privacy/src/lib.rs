@@ -18,6 +18,8 @@
 //! * [`tree`]: DP-FTRL's tree-aggregated Gaussian noise (restart variant), regenerated
 //!   from per-node seeds, behind the [`tree::CorrelatedNoise`] trait; its sensitivity
 //!   under participation limits, for [`Accountant::epsilon_without_sampling`].
+//! * [`audit`]: the empirical lower bound on ε from one training run with canaries
+//!   (Steinke, Nasr and Jagielski 2023).
 //! * [`calibrate`]: the smallest noise multiplier for a target (ε, δ).
 //! * [`zcdp`]: zCDP of the plain Gaussian and its (ε, δ) conversion.
 //! * [`adaptive`]: quantile-tracking adaptive clipping and its noise split.
@@ -42,6 +44,7 @@
 
 pub mod accountant;
 pub mod adaptive;
+pub mod audit;
 pub mod calibrate;
 pub mod clip;
 pub mod error;

@@ -16,6 +16,7 @@
 //! the cohort's `B` factors, never by the population. A fixed seed gives the same
 //! metrics: cohorts, batches, noise and aggregation order depend only on it.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -82,6 +83,10 @@ pub struct InProcess<'a> {
     seen: Vec<bool>,
     /// Per client: accepted updates, and the round of the latest (participation limits).
     contributions: Vec<(u64, Option<u64>)>,
+    /// Clients whose update is given, not trained (the audit's canaries), by client id.
+    crafted: BTreeMap<String, NamedTensors>,
+    /// The step the last round applied to the adapter (what the version releases).
+    last_step: Option<NamedTensors>,
 }
 
 impl<'a> InProcess<'a> {
@@ -110,6 +115,8 @@ impl<'a> InProcess<'a> {
             a,
             seen: vec![false; prepared.population()],
             contributions: vec![(0, None); prepared.population()],
+            crafted: BTreeMap::new(),
+            last_step: None,
             config,
         })
     }
@@ -130,6 +137,18 @@ impl<'a> InProcess<'a> {
         Ok(privacy_spent(&self.config, &self.events, most)?)
     }
 
+    /// Give client `id` the update `b` (its `B` factors, before the device's clip and
+    /// noise) instead of training it: the audit's canary clients.
+    pub fn craft(&mut self, id: &str, b: NamedTensors) {
+        self.crafted.insert(id.to_owned(), b);
+    }
+
+    /// The `B` step the last round applied (`None` before round 1 or after a round
+    /// without an update).
+    pub fn last_step(&self) -> Option<&NamedTensors> {
+        self.last_step.as_ref()
+    }
+
     /// ε spent so far at the experiment's δ.
     pub fn epsilon(&self) -> Result<f64> {
         Ok(self.privacy()?.epsilon)
@@ -145,6 +164,19 @@ impl<'a> InProcess<'a> {
         let eligible: Vec<usize> = (0..self.prepared.population())
             .filter(|&m| limits.allows(self.contributions[m].0, self.contributions[m].1, round))
             .collect();
+        if eligible.is_empty() && limits != Default::default() {
+            // As a coordinator waits: no client may contribute again; the model stays.
+            tracing::warn!(round, "every client is at its participation limits: the round trains nothing");
+            self.last_step = None;
+            return Ok(RoundOutcome {
+                members: Vec::new(),
+                tasks: Vec::new(),
+                clients: 0,
+                train_loss: f64::NAN,
+                bytes_up: 0,
+                bytes_down: 0,
+            });
+        }
         let sampling = policy
             .sampling(eligible.len())
             .map_err(|no| SimError::Data(format!("round {round} cannot open: {no:?}")))?;
@@ -161,7 +193,20 @@ impl<'a> InProcess<'a> {
         let plan = policy.plan(&frame, &sampling, &mut *self.strategy);
         let tasks: Vec<Task> = members.iter().map(|&m| plan.task(task_id(m), [0; 32])).collect();
         let job = RoundJob { prepared: self.prepared, published: &self.published, a: &self.a, round };
-        let outcomes = train_cohort(&job, &members, &tasks, progress)?;
+        let trained: Vec<usize> = (0..members.len())
+            .filter(|&i| !self.crafted.contains_key(&self.prepared.dataset.clients[members[i]].id))
+            .collect();
+        let trained_members: Vec<usize> = trained.iter().map(|&i| members[i]).collect();
+        let trained_tasks: Vec<Task> = trained.iter().map(|&i| tasks[i].clone()).collect();
+        let mut trained_outcomes = train_cohort(&job, &trained_members, &trained_tasks, progress)?.into_iter();
+        let mut outcomes = Vec::with_capacity(members.len());
+        for (i, &m) in members.iter().enumerate() {
+            let client = &self.prepared.dataset.clients[m];
+            match self.crafted.get(&client.id) {
+                Some(b) => outcomes.push(Some(given_update(&job, client, &tasks[i], b.clone())?)),
+                None => outcomes.push(trained_outcomes.next().flatten()),
+            }
+        }
 
         let mut down = 0usize;
         for &m in &members {
@@ -187,10 +232,14 @@ impl<'a> InProcess<'a> {
         match self.strategy.aggregate(&sampling.context(round), &mut updates, failures)? {
             Some(aggregate) => {
                 self.master = weights::merge_step(&self.master, &self.a, &aggregate.step, &self.config.lora)?;
+                self.last_step = Some(aggregate.step.clone());
                 self.events.extend(policy.privacy_event(&plan, &sampling, aggregate.privacy.as_ref()));
                 (self.published, self.model_bytes) = prepare::publish(&self.master)?;
             }
-            None => tracing::warn!(round, "the strategy produced no update: the model is unchanged"),
+            None => {
+                self.last_step = None;
+                tracing::warn!(round, "the strategy produced no update: the model is unchanged");
+            }
         }
         let bytes_down = down / members.len().max(1);
         Ok(RoundOutcome { members, tasks, clients, train_loss, bytes_up, bytes_down })
@@ -295,6 +344,22 @@ fn train_cohort(
         let outcome = train_task(job, &prepared.dataset.clients[m], &tasks[i]);
         progress.client_done(job.round, done.fetch_add(1, Ordering::Relaxed) + 1, members.len());
         outcome
+    })
+}
+
+/// A client whose update is given (`b`, before the device's privacy step), as the audit's
+/// canaries: clipped and noised as the task says, like a trained one.
+fn given_update(job: &RoundJob<'_>, client: &ClientData, task: &Task, b: NamedTensors) -> Result<Outcome> {
+    let mut rng = SecureRng::from_seed(seed_bytes(job.prepared.experiment.seed, &client.id, job.round));
+    let private = PrivateUpdate::with_rng(b, task.privacy, &mut rng)?;
+    let within_clip = private.within_clip();
+    let delta = private.tensors().clone();
+    let bytes_up = covey_tensors::encode(&delta, None)?.len() + UPDATE_OVERHEAD_BYTES;
+    let examples = (task.training.steps * task.training.batch_size) as u64;
+    Ok(Outcome {
+        update: ClientUpdate { client: client.id.clone(), num_examples: examples, delta, within_clip },
+        loss_last: 0.0,
+        bytes_up,
     })
 }
 

@@ -192,7 +192,9 @@ pub struct DpConfig {
     pub noise_multiplier: f64,
     /// How the clip norm is chosen (DP-FTRL: fixed only).
     pub clip: ClipConfig,
-    /// DP-FTRL's server momentum β in [0, 1) (default 0.9).
+    /// DP-FTRL's server momentum β in [0, 1) (default 0: the step is the noisy mean, on
+    /// the scale DP-FedAvg's server learning rate was tuned for; with β, a server
+    /// learning rate near `1 − β` keeps the scale — DP-FTRLM of Kairouz et al.).
     #[serde(default = "ftrl_momentum")]
     pub momentum: f64,
     /// DP-FTRL: rounds per noise tree (a fresh tree after each). The coordinator sets it
@@ -221,7 +223,7 @@ impl DpConfig {
 }
 
 fn ftrl_momentum() -> f64 {
-    0.9
+    0.0
 }
 
 /// The central DP mechanism of [`DpConfig`].

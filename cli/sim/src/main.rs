@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use covey_sim::config::{Experiment, Mode};
 use covey_sim::progress::{Progress, Silent};
 use covey_sim::report::{self, Report, RoundMetrics};
-use covey_sim::{loopback, output, prepare, quickstart, runner};
+use covey_sim::{audit, loopback, output, prepare, quickstart, runner};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod fleet;
@@ -114,6 +114,33 @@ enum Command {
         #[arg(long, default_value = "runs/sim/compare")]
         out: PathBuf,
     },
+    /// Audit an experiment's privacy empirically with one training run (Steinke, Nasr and
+    /// Jagielski 2023): plant canary clients (each included with probability 1/2), train in
+    /// process with the experiment's mechanism, and print the audited lower bound on ε
+    /// beside the claimed ε; writes audit.json.
+    Audit {
+        /// Experiment file (run in process whatever its mode).
+        config: PathBuf,
+        /// Canary clients (each included with probability 1/2).
+        #[arg(long, default_value_t = 200)]
+        canaries: usize,
+        /// Canary kind: `update` (a random update direction at the clip norm: the worst
+        /// case) or `sequence` (a random string the device trains on).
+        #[arg(long, default_value = "update")]
+        kind: String,
+        /// Bytes of each canary string (sequence canaries).
+        #[arg(long, default_value_t = 32)]
+        canary_bytes: usize,
+        /// Train without noise (the audit must find the leak).
+        #[arg(long)]
+        no_noise: bool,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<u64>,
+        /// Report folder (default runs/audit/NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the clients an experiment would use: counts and sizes, as JSON.
     Data {
         /// Experiment file.
@@ -178,6 +205,32 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Fleet { config, out } => fleet::run(&config, &out),
+        Command::Audit { config, canaries, kind, canary_bytes, no_noise, rounds, out } => {
+            let kind = match kind.as_str() {
+                "update" => audit::CanaryKind::Update,
+                "sequence" => audit::CanaryKind::Sequence,
+                other => bail!("--kind {other}: expected `update` or `sequence`"),
+            };
+            let mut exp = Experiment::load(&config)?;
+            if let Some(rounds) = rounds {
+                exp.rounds.rounds = rounds;
+            }
+            if no_noise {
+                audit::without_noise(&mut exp);
+            }
+            let cfg = audit::AuditConfig { kind, canaries, canary_bytes, no_noise, ..audit::AuditConfig::default() };
+            println!("{}: preparing the audit ({canaries} {kind:?} canaries)", exp.name);
+            let mut prepared = prepare::prepare(&exp).with_context(|| format!("experiment {}", exp.name))?;
+            for note in &prepared.notes {
+                println!("  {note}");
+            }
+            let a = audit::run(&mut prepared, &cfg, progress)?;
+            let dir = out.unwrap_or_else(|| PathBuf::from("runs/audit").join(&exp.name));
+            audit::write(&a, &dir)?;
+            println!("{}", audit::table(&a));
+            println!("audit written to {}", dir.join("audit.json").display());
+            Ok(())
+        }
         Command::Data { config } => {
             let exp = Experiment::load(&config)?;
             let prepared = prepare::prepare(&exp)?;
