@@ -242,8 +242,9 @@ pub struct RoundsConfig {
     pub over_selection: f64,
     /// Updates needed to publish at the deadline; fewer fail the round. Default 2.
     pub min_updates: usize,
-    /// Eligible devices needed before a round opens (Flower's `min_available_clients`);
-    /// at least `min-updates`. Default 2.
+    /// Devices online (enrolled, not revoked, seen within the eligibility window) needed
+    /// before a round opens (Flower's `min_available_clients`); devices resting under
+    /// their participation limits count here, though they are not sampled. Default 2.
     pub min_available: usize,
     /// How long a round collects. Default `10m`.
     #[serde(with = "humantime_serde")]

@@ -169,9 +169,18 @@ impl<'a> RoundPolicy<'a> {
     /// How a round samples from `eligible` devices: N = max(`privacy.population`,
     /// eligible) and q·N = the configured cohort; refused below `min-available` (or
     /// `min-updates`), and when the declared population is below the eligible devices.
+    /// Eligible: online (enrolled, not revoked, seen within the eligibility window) and
+    /// within the participation limits.
     pub fn sampling(&self, eligible: usize) -> std::result::Result<Sampling, NoRound> {
+        self.sampling_among(eligible, eligible)
+    }
+
+    /// [`RoundPolicy::sampling`] when the participation limits leave `eligible` of the
+    /// `online` devices: `min-available` counts the devices online (a fleet is up), the
+    /// rest counts the eligible.
+    pub fn sampling_among(&self, online: usize, eligible: usize) -> std::result::Result<Sampling, NoRound> {
         let rounds = &self.config.rounds;
-        if eligible < rounds.min_available.max(rounds.min_updates) {
+        if online < rounds.min_available || eligible < rounds.min_updates.max(1) {
             return Err(NoRound::NotEnoughDevices { eligible });
         }
         let configured = self.config.privacy.population;

@@ -78,7 +78,8 @@ impl Prepared {
         c.rounds.over_selection = 0.0;
         // Poisson cohorts vary around `cohort`; a round publishes with whoever was sampled.
         c.rounds.min_updates = 1;
-        c.rounds.min_available = if c.privacy.participation == Default::default() { self.population() } else { 1 };
+        // Every client online before round 1 (the loopback agents start one by one).
+        c.rounds.min_available = self.population();
         c.rounds.max_rounds = exp.rounds.rounds;
         // A simulation: cohorts from the experiment's seed (a coordinator of devices draws
         // them from the OS CSPRNG).

@@ -178,7 +178,7 @@ impl<'a> InProcess<'a> {
             });
         }
         let sampling = policy
-            .sampling(eligible.len())
+            .sampling_among(self.prepared.population(), eligible.len())
             .map_err(|no| SimError::Data(format!("round {round} cannot open: {no:?}")))?;
         let members: Vec<usize> =
             policy.cohort(round, eligible.len(), &sampling)?.into_iter().map(|i| eligible[i]).collect();

@@ -293,7 +293,7 @@ fn quickstart_command(out: &Path, progress: &dyn Progress) -> Result<()> {
         exp.model.base.as_deref().unwrap_or(Path::new("-")).display()
     );
     println!(
-        "  {} rounds, {} clients per round, central DP-FedAvg, int8 publishing",
+        "  {} rounds, {} clients per round, central DP-FTRL at ε = 8 (at most 2 contributions per device), int8 publishing",
         exp.rounds.rounds, exp.rounds.clients_per_round
     );
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;

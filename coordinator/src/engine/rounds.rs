@@ -77,16 +77,18 @@ impl Coordinator {
         let participations = self.store.participations().await?;
         let limits = self.config.privacy.participation;
         let max_contributions = participations.values().map(|p| p.count).max().unwrap_or(0);
-        let eligible: Vec<DeviceRecord> = devices
+        let online: Vec<DeviceRecord> =
+            devices.into_iter().filter(|d| !d.revoked && d.last_seen_ms + window >= now).collect();
+        let online_count = online.len();
+        let eligible: Vec<DeviceRecord> = online
             .into_iter()
-            .filter(|d| !d.revoked && d.last_seen_ms + window >= now)
             .filter(|d| {
                 let p = participations.get(&d.id);
                 limits.allows(p.map_or(0, |p| p.count), p.map(|p| p.last_round), id)
             })
             .collect();
         let policy = RoundPolicy::new(&self.config);
-        let sampling = match policy.sampling(eligible.len()) {
+        let sampling = match policy.sampling_among(online_count, eligible.len()) {
             Ok(s) => s,
             Err(no) => {
                 if let NoRound::PopulationTooSmall { population, eligible } = no {
