@@ -42,7 +42,7 @@ fn check(m: u64, r: u64, v: u64, delta: f64) -> Result<()> {
 /// `q_ε = e^ε/(1+e^ε)` and `α = max_i P[v − i ≤ Binomial(r, q_ε) < v] / i`.
 pub fn p_value(m: u64, r: u64, v: u64, epsilon: f64, delta: f64) -> Result<f64> {
     check(m, r, v, delta)?;
-    if !(epsilon >= 0.0) {
+    if epsilon.is_nan() || epsilon < 0.0 {
         return Err(PrivacyError::param("epsilon", epsilon, "must be >= 0"));
     }
     let q = 1.0 / (1.0 + (-epsilon).exp());

@@ -116,7 +116,8 @@ local-noise-multiplier = 1.0
         2,
         4,
     );
-    let err = prepare::prepare(&exp).err().expect("δ = 0.2 with 8 clients").to_string();
+    let Err(err) = prepare::prepare(&exp) else { panic!("δ = 0.2 with 8 clients was accepted") };
+    let err = err.to_string();
     assert!(err.contains("privacy.delta") && err.contains("1 / 8"), "{err}");
     exp.privacy.delta = 1e-3;
     prepare::prepare(&exp).expect("δ below 1/8");

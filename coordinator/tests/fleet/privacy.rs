@@ -104,7 +104,7 @@ async fn dp_ftrl_rounds_respect_the_limits_and_report_their_bound() {
     }
     assert!(published >= 3, "only {published} rounds published");
     let most = contributed.values().map(Vec::len).max().expect("someone contributed") as u64;
-    assert!(most >= 1 && most <= 2);
+    assert!((1..=2).contains(&most));
 
     let depth = f64::from(covey_privacy::tree::depth(2));
     let eps = |k: u64| Accountant::Rdp.epsilon_without_sampling(1.5, k as f64 * depth, 1e-5).expect("eps");
