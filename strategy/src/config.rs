@@ -154,6 +154,37 @@ pub enum StrategyConfig {
     },
     /// [`CoordinateMedian`].
     Median {},
+    /// [`crate::Krum`]: the one update closest to its `n − f − 2` nearest others.
+    Krum {
+        /// Fraction of the round's updates assumed Byzantine, in [0, 0.5) (default 0.1).
+        #[serde(default = "byzantine_fraction")]
+        byzantine_fraction: f64,
+    },
+    /// Multi-Krum: the mean of the `n − f` best-scored updates.
+    MultiKrum {
+        /// Fraction of the round's updates assumed Byzantine, in [0, 0.5) (default 0.1).
+        #[serde(default = "byzantine_fraction")]
+        byzantine_fraction: f64,
+    },
+    /// [`crate::GeometricMedian`] (RFA).
+    GeometricMedian {
+        /// Weiszfeld iterations at most (default 10).
+        #[serde(default = "geometric_median_iterations")]
+        max_iterations: usize,
+        /// Smoothing ν > 0 (default 1e-6).
+        #[serde(default = "geometric_median_smoothing")]
+        smoothing: f64,
+    },
+}
+
+fn byzantine_fraction() -> f64 {
+    0.1
+}
+fn geometric_median_iterations() -> usize {
+    crate::byzantine::GEOMETRIC_MEDIAN_ITERATIONS
+}
+fn geometric_median_smoothing() -> f64 {
+    1e-6
 }
 
 impl Default for StrategyConfig {
@@ -174,6 +205,9 @@ impl StrategyConfig {
             Self::FedAdagrad { .. } => "fed-adagrad",
             Self::TrimmedMean { .. } => "trimmed-mean",
             Self::Median {} => "median",
+            Self::Krum { .. } => "krum",
+            Self::MultiKrum { .. } => "multi-krum",
+            Self::GeometricMedian { .. } => "geometric-median",
         }
     }
 }
@@ -299,8 +333,8 @@ fn default_count_noise() -> f64 {
 /// in [`DpFedAvg`] or [`crate::DpFtrl`], which draw their noise from `randomness`.
 ///
 /// Differential privacy wraps only the FedAvg family (`fed-avg`, `fed-prox`, `fed-adam`,
-/// `fed-yogi`, `fed-adagrad`): the robust aggregators' sensitivity is not that of a
-/// clipped mean.
+/// `fed-yogi`, `fed-adagrad`): the robust aggregators' (trimmed mean, median, Krum,
+/// multi-Krum, geometric median) sensitivity is not that of a clipped mean.
 pub fn build(
     config: &StrategyConfig,
     dp: Option<&DpConfig>,
@@ -325,6 +359,11 @@ pub fn build(
         }
         C::TrimmedMean { beta } => without_dp(TrimmedMean::new(beta)?, config, dp),
         C::Median {} => without_dp(CoordinateMedian::new(), config, dp),
+        C::Krum { byzantine_fraction } => without_dp(crate::Krum::new(byzantine_fraction)?, config, dp),
+        C::MultiKrum { byzantine_fraction } => without_dp(crate::Krum::multi(byzantine_fraction)?, config, dp),
+        C::GeometricMedian { max_iterations, smoothing } => {
+            without_dp(crate::GeometricMedian::new(max_iterations, smoothing)?, config, dp)
+        }
     }
 }
 
@@ -402,6 +441,12 @@ mod tests {
             (r#"{"kind":"fed-adagrad"}"#, StrategyConfig::FedAdagrad { eta: 0.1, beta1: 0.0, tau: 1e-9 }),
             (r#"{"kind":"trimmed-mean","beta":0.1}"#, StrategyConfig::TrimmedMean { beta: 0.1 }),
             (r#"{"kind":"median"}"#, StrategyConfig::Median {}),
+            (r#"{"kind":"krum"}"#, StrategyConfig::Krum { byzantine_fraction: 0.1 }),
+            (
+                r#"{"kind":"multi-krum","byzantine_fraction":0.2}"#,
+                StrategyConfig::MultiKrum { byzantine_fraction: 0.2 },
+            ),
+            (r#"{"kind":"geometric-median"}"#, StrategyConfig::GeometricMedian { max_iterations: 10, smoothing: 1e-6 }),
         ];
         for (json, want) in cases {
             let got = parse(json).expect(json);
@@ -462,7 +507,13 @@ mod tests {
         let s =
             build(&StrategyConfig::FedProx { mu: 0.1, server_learning_rate: 1.0 }, Some(&fixed), rng()).expect("dp");
         assert_eq!(s.name(), "dp-fixed(fed-prox)");
-        for config in [StrategyConfig::Median {}, StrategyConfig::TrimmedMean { beta: 0.1 }] {
+        for config in [
+            StrategyConfig::Median {},
+            StrategyConfig::TrimmedMean { beta: 0.1 },
+            StrategyConfig::Krum { byzantine_fraction: 0.1 },
+            StrategyConfig::MultiKrum { byzantine_fraction: 0.1 },
+            StrategyConfig::GeometricMedian { max_iterations: 10, smoothing: 1e-6 },
+        ] {
             assert!(matches!(
                 build(&config, Some(&fixed), rng()),
                 Err(StrategyError::InvalidConfig { field: "dp", .. })

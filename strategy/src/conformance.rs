@@ -342,6 +342,10 @@ mod tests {
         check_strategy(&|| Box::new(TrimmedMean::new(0.0).expect("beta")), &ROBUST);
         check_strategy(&|| Box::new(TrimmedMean::new(0.34).expect("beta")), &ROBUST);
         check_strategy(&|| Box::new(CoordinateMedian::new()), &ROBUST);
+        check_strategy(&|| Box::new(crate::Krum::new(0.0).expect("krum")), &ROBUST);
+        check_strategy(&|| Box::new(crate::Krum::new(0.34).expect("krum")), &ROBUST);
+        check_strategy(&|| Box::new(crate::Krum::multi(0.34).expect("multi")), &ROBUST);
+        check_strategy(&|| Box::new(crate::GeometricMedian::default()), &ROBUST);
     }
 
     #[test]
@@ -372,6 +376,9 @@ mod tests {
             (StrategyConfig::FedAdagrad { eta: 0.1, beta1: 0.0, tau: 1e-9 }, SIGN),
             (StrategyConfig::TrimmedMean { beta: 0.2 }, ROBUST),
             (StrategyConfig::Median {}, ROBUST),
+            (StrategyConfig::Krum { byzantine_fraction: 0.1 }, ROBUST),
+            (StrategyConfig::MultiKrum { byzantine_fraction: 0.2 }, ROBUST),
+            (StrategyConfig::GeometricMedian { max_iterations: 5, smoothing: 1e-6 }, ROBUST),
         ];
         let dps = [
             DpConfig::fed_avg(1e-9, ClipConfig::Fixed { norm: 100.0 }),

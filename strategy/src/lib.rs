@@ -12,6 +12,8 @@
 //! * [`FedOpt`]: FedAdam, FedYogi and FedAdagrad server optimisers of Reddi et al.
 //!   (ICLR 2021) on the weighted mean delta ([`server_opt`]).
 //! * [`TrimmedMean`] and [`CoordinateMedian`]: unweighted robust aggregators ([`robust`]).
+//! * [`Krum`] (and multi-Krum) and [`GeometricMedian`] (RFA): robust aggregators over
+//!   whole updates ([`byzantine`]).
 //! * [`DpFedAvg`]: server-side DP-FedAvg with fixed or adaptive clipping, wrapping any
 //!   [`ServerUpdate`] (the FedAvg and server-optimiser family) ([`dp`]).
 //! * [`DpFtrl`]: server-side DP-FTRL with momentum (tree-aggregated noise, no sampling
@@ -42,6 +44,7 @@
 //! assert!(agg.privacy.is_none());
 //! ```
 
+pub mod byzantine;
 mod common;
 pub mod config;
 pub mod conformance;
@@ -54,6 +57,7 @@ pub mod state;
 
 use covey_tensors::NamedTensors;
 
+pub use byzantine::{GeometricMedian, Krum};
 pub use config::{ClipConfig, DpConfig, Mechanism, Randomness, StrategyConfig, build};
 pub use dp::DpFedAvg;
 pub use fedavg::{FedAvg, FedProx};
