@@ -295,6 +295,18 @@ impl<'a> RoundPolicy<'a> {
     }
 }
 
+/// The largest L2 norm of an update the coordinator accepts for `plan`, whose `B` has
+/// `values` coordinates (`None`: no clip norm, no bound): the clip norm times
+/// `limits.norm-slack`, plus room for the task's local noise of std z·C per value.
+pub fn update_norm_bound(config: &CoordinatorConfig, plan: &RoundPlan, values: usize) -> Option<f64> {
+    let (clip_norm, z) = (plan.privacy.clip_norm, plan.privacy.noise_multiplier);
+    (clip_norm > 0.0).then(|| {
+        // Local noise of std z·C per value has norm about z·C·√d; allow a wide margin.
+        let noise = z * (values as f64).sqrt() + 5.0 * z;
+        clip_norm * (config.limits.norm_slack + noise) * (1.0 + 1e-6)
+    })
+}
+
 /// The privacy report of a run: ε spent by `events` at `privacy.delta` under
 /// `privacy.accountant`, with the mechanism, what the guarantee assumes and the
 /// participation bound. `max_contributions` is the most contributions any device has made

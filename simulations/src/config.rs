@@ -241,6 +241,9 @@ pub struct Experiment {
     /// text, stacked on the final global model, and is scored on its held-out text with
     /// the base, the global and the personal model. Default none.
     pub personalisation: Option<covey_model::personal::PersonalConfig>,
+    /// Byzantine clients: a fraction of the clients send hostile updates
+    /// ([`crate::attack`]). Default none.
+    pub attack: Option<crate::attack::AttackConfig>,
 }
 
 impl Default for Experiment {
@@ -265,6 +268,7 @@ impl Default for Experiment {
             strategy: StrategyConfig::default(),
             report: ReportSection::default(),
             personalisation: None,
+            attack: None,
         }
     }
 }
@@ -296,6 +300,15 @@ impl Experiment {
 
     /// Check every value that does not need the data.
     pub fn validate(&self) -> Result<()> {
+        if let Some(a) = &self.attack {
+            a.validate()?;
+            if self.mode != Mode::InProcess {
+                return Err(SimError::config(
+                    "attack",
+                    "Byzantine clients run in process only (mode = \"in-process\")",
+                ));
+            }
+        }
         if self.name.is_empty() || self.name.contains(['/', '\\']) {
             return Err(SimError::config("name", format!("`{}` must be a non-empty file name", self.name)));
         }

@@ -9,6 +9,7 @@
 //! agent's training code (`covey_model::train_local_adapter` with the agent's local
 //! spec and privacy step) and the coordinator's strategies aggregate them.
 
+pub mod attack;
 pub mod audit;
 pub mod config;
 pub mod dataset;

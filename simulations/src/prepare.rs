@@ -44,6 +44,9 @@ pub struct Prepared {
     pub eval_clients: Vec<String>,
     /// Lines describing what was prepared, for the report.
     pub notes: Vec<String>,
+    /// The Byzantine clients (`[attack]`), by index; a backdoor attacker's training text
+    /// is already poisoned.
+    pub attackers: std::collections::BTreeSet<usize>,
 }
 
 impl Prepared {
@@ -188,6 +191,27 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
             None => exp.privacy.local_noise_multiplier = z,
         }
     }
+    let mut dataset = dataset;
+    let attackers = match &exp.attack {
+        Some(a) => {
+            let attackers = a.attackers(dataset.clients.len(), exp.seed);
+            if a.kind == crate::attack::AttackKind::Backdoor {
+                for &i in &attackers {
+                    let c = &mut dataset.clients[i];
+                    c.train = a.poison(&c.train);
+                }
+            }
+            notes.push(format!(
+                "{} of {} clients attack ({:?}, scale {})",
+                attackers.len(),
+                dataset.clients.len(),
+                a.kind,
+                a.scale
+            ));
+            attackers
+        }
+        None => Default::default(),
+    };
     Ok(Prepared {
         experiment: exp,
         config,
@@ -199,6 +223,7 @@ pub fn prepare(exp: &Experiment) -> Result<Prepared> {
         eval_texts,
         eval_clients,
         notes,
+        attackers,
     })
 }
 
@@ -346,6 +371,7 @@ pub fn report(prepared: &Prepared, mode: Mode, rounds: Vec<RoundMetrics>, notes:
         summary,
         notes: prepared.notes.iter().cloned().chain(notes).collect(),
         personalisation: None,
+        attack: None,
     })
 }
 

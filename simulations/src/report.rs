@@ -145,6 +145,9 @@ pub struct Report {
     /// Per-device base, global and personal figures, when the experiment personalises.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub personalisation: Option<crate::personal::PersonalReport>,
+    /// What the Byzantine clients did, when the experiment has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<crate::attack::AttackSummary>,
 }
 
 /// (De)serialises an `f64` as a JSON number, or `null` when it is not finite (read back as NaN).
@@ -438,6 +441,7 @@ pub(crate) mod tests {
             summary,
             notes: vec!["a note".to_owned()],
             personalisation: None,
+            attack: None,
         }
     }
 

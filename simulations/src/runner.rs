@@ -85,6 +85,9 @@ pub struct InProcess<'a> {
     contributions: Vec<(u64, Option<u64>)>,
     /// Clients whose update is given, not trained (the audit's canaries), by client id.
     crafted: BTreeMap<String, NamedTensors>,
+    /// Byzantine updates that reached the strategy, and updates the intake refused.
+    attack_delivered: u64,
+    refused: u64,
     /// The step the last round applied to the adapter (what the version releases).
     last_step: Option<NamedTensors>,
 }
@@ -116,6 +119,8 @@ impl<'a> InProcess<'a> {
             seen: vec![false; prepared.population()],
             contributions: vec![(0, None); prepared.population()],
             crafted: BTreeMap::new(),
+            attack_delivered: 0,
+            refused: 0,
             last_step: None,
             config,
         })
@@ -141,6 +146,11 @@ impl<'a> InProcess<'a> {
     /// noise) instead of training it: the audit's canary clients.
     pub fn craft(&mut self, id: &str, b: NamedTensors) {
         self.crafted.insert(id.to_owned(), b);
+    }
+
+    /// Byzantine updates that reached the strategy, and updates the intake refused, so far.
+    pub fn attack_counts(&self) -> (u64, u64) {
+        (self.attack_delivered, self.refused)
     }
 
     /// The `B` step the last round applied (`None` before round 1 or after a round
@@ -205,6 +215,37 @@ impl<'a> InProcess<'a> {
             match self.crafted.get(&client.id) {
                 Some(b) => outcomes.push(Some(given_update(&job, client, &tasks[i], b.clone())?)),
                 None => outcomes.push(trained_outcomes.next().flatten()),
+            }
+        }
+
+        // Byzantine clients corrupt their update; the intake refuses what the coordinator
+        // would (non-finite values, a norm above the round's bound).
+        let values: usize = covey_coordinator::weights::expected_b_shapes(&self.master, &self.config.lora)
+            .values()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        let bound = covey_coordinator::round::update_norm_bound(&self.config, &plan, values);
+        if let Some(attack) = &self.prepared.experiment.attack {
+            let mut rng = SecureRng::from_seed(seed_bytes(self.prepared.experiment.seed, "attack", round));
+            for (o, &m) in outcomes.iter_mut().zip(&members) {
+                if let Some(o) = o.as_mut()
+                    && self.prepared.attackers.contains(&m)
+                {
+                    o.update.delta = attack.corrupt(&o.update.delta, bound, &mut rng);
+                }
+            }
+        }
+        for (o, &m) in outcomes.iter_mut().zip(&members) {
+            let refuse = o.as_ref().is_some_and(|o| {
+                let finite = o.update.delta.values().all(|t| t.is_finite());
+                let norm = covey_tensors::global_norm(&o.update.delta);
+                !finite || bound.is_some_and(|b| norm > b)
+            });
+            if refuse {
+                *o = None;
+                self.refused += 1;
+            } else if o.is_some() && self.prepared.attackers.contains(&m) {
+                self.attack_delivered += 1;
             }
         }
 
@@ -314,6 +355,23 @@ pub fn run(prepared: &Prepared, progress: &dyn Progress) -> Result<Report> {
         let personal = crate::personal::personalise(prepared, cfg, &devices, &base_scores, sim.published())?;
         tracing::debug!("{}", crate::personal::table(&personal));
         report.personalisation = Some(personal);
+    }
+    if let Some(attack) = &exp.attack {
+        let backdoor_success = match attack.kind {
+            crate::attack::AttackKind::Backdoor => {
+                let text = prepare::sample(prepared, sim.published(), &attack.trigger, attack.target.len())?;
+                Some(crate::attack::match_share(&text, &attack.target))
+            }
+            _ => None,
+        };
+        let (delivered, refused) = sim.attack_counts();
+        report.attack = Some(crate::attack::AttackSummary {
+            kind: attack.kind,
+            attackers: prepared.attackers.len(),
+            delivered,
+            refused,
+            backdoor_success,
+        });
     }
     Ok(report)
 }

@@ -227,12 +227,8 @@ impl Coordinator {
         if let Some(extra) = tensors.keys().find(|n| !self.expected_b.contains_key(*n)) {
             return Err(Rejection::WrongTensors(format!("unexpected tensor `{extra}`")));
         }
-        let (clip_norm, z) = (plan.privacy.clip_norm, plan.privacy.noise_multiplier);
-        if clip_norm > 0.0 {
-            // Local noise of std z·C per value has norm about z·C·√d; allow a wide margin.
-            let values = self.b_values * rank / self.config.lora.rank;
-            let noise = z * (values as f64).sqrt() + 5.0 * z;
-            let bound = clip_norm * (self.config.limits.norm_slack + noise) * (1.0 + 1e-6);
+        let values = self.b_values * rank / self.config.lora.rank;
+        if let Some(bound) = crate::round::update_norm_bound(&self.config, plan, values) {
             let norm = covey_tensors::global_norm(&tensors);
             if norm > bound {
                 return Err(Rejection::NormTooLarge { norm, bound });
