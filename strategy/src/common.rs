@@ -119,6 +119,39 @@ impl Accumulator {
     }
 }
 
+/// The fixed denominator `m = expected_clients` of a private mean, which must be > 0.
+pub(crate) fn private_denominator(ctx: &crate::RoundContext) -> Result<usize, StrategyError> {
+    match ctx.expected_clients {
+        0 => Err(StrategyError::InvalidContext {
+            field: "expected_clients",
+            value: 0,
+            reason: "a private mean divides by the expected number of clients, which must be > 0",
+        }),
+        m => Ok(m),
+    }
+}
+
+/// Every update clipped to global L2 norm `c` and summed with uniform weights (the
+/// sensitivity of the sum is `c`); also how many were within `c` (a client's own report
+/// if present, else the norm the server sees), for adaptive clipping.
+pub(crate) fn clipped_sum(
+    updates: &mut dyn Iterator<Item = ClientUpdate>,
+    c: f64,
+) -> Result<(Accumulator, usize), StrategyError> {
+    let mut acc = Accumulator::default();
+    let mut unclipped = 0usize;
+    for u in updates {
+        let norm = covey_tensors::global_norm(&u.delta);
+        // Non-finite norms fail in `add`, before anything is summed.
+        let scale = if norm > c { c / norm } else { 1.0 };
+        acc.add(&u, 1.0, scale)?;
+        if u.within_clip.unwrap_or(norm <= c) {
+            unclipped += 1;
+        }
+    }
+    Ok((acc, unclipped))
+}
+
 /// `tensors` scaled by `factor` (computed in f64).
 pub(crate) fn scaled(mut tensors: NamedTensors, factor: f64) -> NamedTensors {
     if factor != 1.0 {

@@ -37,9 +37,8 @@
 use covey_privacy::SecureRng;
 use covey_privacy::adaptive::{AdaptiveClipConfig, AdaptiveClipper, update_noise_multiplier};
 use covey_privacy::noise::snapping_grid;
-use covey_tensors::global_norm;
 
-use crate::common::Accumulator;
+use crate::common::{clipped_sum, private_denominator};
 use crate::config::{check_positive, check_quantile};
 use crate::{
     Aggregate, ClientUpdate, PrivacyEvent, RoundConfig, RoundContext, ServerUpdate, Strategy, StrategyError,
@@ -149,14 +148,7 @@ impl<S: ServerUpdate> Strategy for DpFedAvg<S> {
         updates: &mut dyn Iterator<Item = ClientUpdate>,
         _failures: usize,
     ) -> Result<Option<Aggregate>, StrategyError> {
-        let m = ctx.expected_clients;
-        if m == 0 {
-            return Err(StrategyError::InvalidContext {
-                field: "expected_clients",
-                value: m,
-                reason: "DP-FedAvg divides by the expected number of clients, which must be > 0",
-            });
-        }
+        let m = private_denominator(ctx)?;
         if ctx.population < m {
             return Err(StrategyError::InvalidContext {
                 field: "population",
@@ -165,17 +157,7 @@ impl<S: ServerUpdate> Strategy for DpFedAvg<S> {
             });
         }
         let c = self.clip_norm();
-        let mut acc = Accumulator::default();
-        let mut unclipped = 0usize;
-        for u in updates {
-            let norm = global_norm(&u.delta);
-            // Non-finite norms fail in `add`, before anything is summed.
-            let scale = if norm > c { c / norm } else { 1.0 };
-            acc.add(&u, 1.0, scale)?;
-            if u.within_clip.unwrap_or(norm <= c) {
-                unclipped += 1;
-            }
-        }
+        let (mut acc, unclipped) = clipped_sum(updates, c)?;
         if acc.count == 0 {
             return Ok(None);
         }

@@ -28,9 +28,9 @@
 
 use covey_privacy::noise::snapping_grid;
 use covey_privacy::tree::{CorrelatedNoise, SeedSource, TreeNoise, TreeState};
-use covey_tensors::{HostTensor, NamedTensors, global_norm};
+use covey_tensors::{HostTensor, NamedTensors};
 
-use crate::common::Accumulator;
+use crate::common::{clipped_sum, private_denominator};
 use crate::config::check_positive;
 use crate::{
     Aggregate, ClientUpdate, PrivacyEvent, RoundConfig, RoundContext, ServerUpdate, Strategy, StrategyError,
@@ -102,21 +102,9 @@ impl<S: ServerUpdate> Strategy for DpFtrl<S> {
         updates: &mut dyn Iterator<Item = ClientUpdate>,
         _failures: usize,
     ) -> Result<Option<Aggregate>, StrategyError> {
-        let m = ctx.expected_clients;
-        if m == 0 {
-            return Err(StrategyError::InvalidContext {
-                field: "expected_clients",
-                value: m,
-                reason: "DP-FTRL divides by the expected number of clients, which must be > 0",
-            });
-        }
+        let m = private_denominator(ctx)?;
         let c = self.clip_norm;
-        let mut acc = Accumulator::default();
-        for u in updates {
-            let norm = global_norm(&u.delta);
-            let scale = if norm > c { c / norm } else { 1.0 };
-            acc.add(&u, 1.0, scale)?;
-        }
+        let (mut acc, _) = clipped_sum(updates, c)?;
         if acc.count == 0 {
             return Ok(None);
         }
