@@ -96,6 +96,11 @@ impl SqliteStore {
             }
         }
         Self::nullable_train_loss(&pool).await?;
+        // The participation limits count a device's updates at every round opening and
+        // upload; after the rebuild above, so that it indexes the table in use.
+        sqlx::query("CREATE INDEX IF NOT EXISTS updates_by_device ON updates (device_id, round_id)")
+            .execute(&pool)
+            .await?;
         let integrity: String = sqlx::query_scalar("PRAGMA quick_check").fetch_one(&pool).await?;
         if integrity != "ok" {
             return Err(CoordinatorError::Corrupt(format!("{}: quick_check: {integrity}", path.display())));
@@ -669,6 +674,18 @@ mod tests {
         let unreported = UpdateRecord { round_id: 2, train_loss: None, ..update(2, 1) };
         s.insert_update(&unreported, &[8; 32]).await.expect("accepted");
         assert_eq!(s.updates(2).await.expect("updates")[0].train_loss, None, "a loss can go unreported");
+        // The rebuilt table is indexed for the participation limits' per-device counts.
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as("EXPLAIN QUERY PLAN SELECT COUNT(*), MAX(round_id) FROM updates WHERE device_id = ?")
+                .bind(&[1u8; 32][..])
+                .fetch_all(&s.pool)
+                .await
+                .expect("plan");
+        assert!(plan.iter().any(|(_, _, _, d)| d.contains("updates_by_device")), "{plan:?}");
+        assert_eq!(
+            s.participation(&[1; 32]).await.expect("participation"),
+            Some(crate::store::Participation { count: 2, last_round: 2 })
+        );
         drop(s);
         SqliteStore::open(&path).await.expect("a migrated database opens again");
     }
