@@ -103,6 +103,16 @@ enum Command {
         /// Override the number of rounds.
         #[arg(long)]
         rounds: Option<u64>,
+        /// Override the `[strategy]` section, as TOML (e.g. 'kind = "multi-krum"').
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Override the `[attack]` section, as TOML (e.g. 'fraction = 0.1
+        /// kind = "sign-flip"'), or `none` to remove it.
+        #[arg(long)]
+        attack: Option<String>,
+        /// Override the experiment's name (and so its report folder).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Run several experiments (or read finished report folders) and compare them:
     /// comparison.csv, comparison.txt, compare.svg.
@@ -173,8 +183,19 @@ fn main() -> Result<()> {
     let progress: &dyn Progress = if cli.quiet { &Silent } else { &terminal };
     match cli.command {
         Command::Quickstart { out } => quickstart_command(&out, progress),
-        Command::Run { config, out, seed, rounds } => {
+        Command::Run { config, out, seed, rounds, strategy, attack, name } => {
             let mut exp = Experiment::load(&config)?;
+            if let Some(text) = strategy {
+                exp.strategy = toml::from_str(&text).with_context(|| format!("--strategy {text:?}"))?;
+            }
+            match attack.as_deref() {
+                None => {}
+                Some("none") => exp.attack = None,
+                Some(text) => exp.attack = Some(toml::from_str(text).with_context(|| format!("--attack {text:?}"))?),
+            }
+            if let Some(name) = name {
+                exp.name = name;
+            }
             if let Some(seed) = seed {
                 exp.seed = seed;
             }

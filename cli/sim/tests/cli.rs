@@ -68,3 +68,19 @@ fn bad_input_is_a_clear_error() {
     assert!(!o.status.success());
     assert!(text(&o).contains("repository root"), "{}", text(&o));
 }
+
+#[test]
+fn section_overrides_are_parsed_and_bad_ones_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../simulations/experiments/byzantine.toml");
+    let exp = exp.to_str().expect("utf-8");
+    let o = covey_sim(&["run", exp, "--strategy", "kind = \"nope\""], dir.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--strategy") && text(&o).contains("nope"), "{}", text(&o));
+    let o = covey_sim(&["run", exp, "--attack", "fraction = 0.1\nkind = \"gaslight\""], dir.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--attack") && text(&o).contains("gaslight"), "{}", text(&o));
+    let o = covey_sim(&["run", exp, "--attack", "fraction = 1.5\nkind = \"random\""], dir.path());
+    assert!(!o.status.success());
+    assert!(text(&o).contains("attack.fraction"), "{}", text(&o));
+}
