@@ -123,14 +123,7 @@ impl Strategy for Krum {
         Ok(Some(finish(&mut self.rounds, &updates, step)))
     }
 
-    fn state(&self) -> Result<StrategyState, StrategyError> {
-        Ok(StrategyState::rounds_only(self.name(), self.rounds))
-    }
-
-    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
-        self.rounds = state.restore_rounds(&self.name())?;
-        Ok(())
-    }
+    crate::state::rounds_only_state!();
 }
 
 /// The geometric median of the updates (unweighted), by smoothed Weiszfeld iterations
@@ -211,14 +204,7 @@ impl Strategy for GeometricMedian {
         Ok(Some(finish(&mut self.rounds, &updates, step)))
     }
 
-    fn state(&self) -> Result<StrategyState, StrategyError> {
-        Ok(StrategyState::rounds_only(self.name(), self.rounds))
-    }
-
-    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
-        self.rounds = state.restore_rounds(&self.name())?;
-        Ok(())
-    }
+    crate::state::rounds_only_state!();
 }
 
 #[cfg(test)]

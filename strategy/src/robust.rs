@@ -96,14 +96,7 @@ impl Strategy for TrimmedMean {
         })
     }
 
-    fn state(&self) -> Result<StrategyState, StrategyError> {
-        Ok(StrategyState::rounds_only(self.name(), self.rounds))
-    }
-
-    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
-        self.rounds = state.restore_rounds(&self.name())?;
-        Ok(())
-    }
+    crate::state::rounds_only_state!();
 }
 
 /// Coordinate-wise median (unweighted; the mean of the two middle values for an even
@@ -141,14 +134,7 @@ impl Strategy for CoordinateMedian {
         })
     }
 
-    fn state(&self) -> Result<StrategyState, StrategyError> {
-        Ok(StrategyState::rounds_only(self.name(), self.rounds))
-    }
-
-    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
-        self.rounds = state.restore_rounds(&self.name())?;
-        Ok(())
-    }
+    crate::state::rounds_only_state!();
 }
 
 #[cfg(test)]

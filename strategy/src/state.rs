@@ -23,6 +23,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::StrategyError;
 
+/// `state` and `restore` of a strategy whose only state is its round counter
+/// (`self.rounds`), for its `impl Strategy` block.
+macro_rules! rounds_only_state {
+    () => {
+        fn state(&self) -> Result<StrategyState, StrategyError> {
+            Ok(StrategyState::rounds_only(self.name(), self.rounds))
+        }
+
+        fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
+            self.rounds = state.restore_rounds(&self.name())?;
+            Ok(())
+        }
+    };
+}
+pub(crate) use rounds_only_state;
+
 /// The persistent state of a strategy. See the [module documentation](self) for the format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
