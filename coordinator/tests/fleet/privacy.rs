@@ -183,3 +183,54 @@ fn limits_the_accountant_cannot_honour_are_refused_with_their_field() {
     c.privacy.central.as_mut().expect("central").noise_multiplier = -1.0;
     assert!(c.validate().expect_err("negative").to_string().contains("noise_multiplier"));
 }
+
+/// The noise tree lives in the strategy state: a coordinator started again on the same
+/// state continues the tree where the round before left it (the same live node seeds),
+/// and the report is unchanged by the restart.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_coordinator_continues_the_noise_tree() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut config = ftrl_config(root.path());
+    config.privacy.participation = ParticipationLimits { min_separation: 4, max_participations: 2 };
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let artifacts = Artifacts::memory();
+    let key = KeyPair::generate().expect("key");
+    let pkcs8 = key.pkcs8().to_vec();
+    let tree_of = |bytes: Vec<u8>| -> covey_privacy::tree::TreeState {
+        let state: covey_strategy::StrategyState = serde_json::from_slice(&bytes).expect("strategy state");
+        serde_json::from_str(&state.texts["tree"]).expect("tree")
+    };
+    let devices: Vec<Device> = (0..6).map(|_| Device::new()).collect();
+    let run_round = |engine: Arc<Coordinator>| {
+        let devices = &devices;
+        async move {
+            let round = engine.open_round().await.expect("open").round().expect("a round");
+            for d in devices {
+                if let Some(t) = poll_once(&engine, d).await {
+                    upload(&engine, d, &t, round.id as u32).await.expect("accepted");
+                }
+            }
+            engine.drive(round.clone()).await.expect("drive");
+            round.id
+        }
+    };
+    let first = open(config.clone(), store.clone(), &artifacts, &pkcs8).await;
+    for d in &devices {
+        first.enroll(&d.key.public_key(), support::TOKEN, "d").await.expect("enroll");
+    }
+    let r1 = run_round(first.clone()).await;
+    let before = tree_of(store.get_state("strategy").await.expect("state").expect("stored"));
+    assert_eq!((before.last, before.nodes.len()), (r1, 1));
+    let report = first.privacy().await.expect("report");
+    drop(first);
+
+    let second = open(config, store.clone(), &artifacts, &pkcs8).await;
+    assert_eq!(second.privacy().await.expect("report"), report, "the restart changes no ε");
+    let r2 = run_round(second.clone()).await;
+    assert_eq!(r2, r1 + 1);
+    let after = tree_of(store.get_state("strategy").await.expect("state").expect("stored"));
+    // Round 2 = [1, 2]: the level-1 node, fresh; the leaf of round 1 left the prefix.
+    assert_eq!((after.tree, after.last), (0, 2));
+    assert_eq!(after.nodes.iter().map(|n| (n.level, n.index)).collect::<Vec<_>>(), [(1, 1)]);
+    assert_ne!(after.nodes[0].seed, before.nodes[0].seed);
+}
