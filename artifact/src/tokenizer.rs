@@ -29,9 +29,14 @@ impl Tokenizer {
 
     /// A Hugging Face tokenizer from the bytes of a `tokenizer.json` (`what` names their
     /// origin in errors).
+    ///
+    /// The `tokenizers` crate panics on some malformed files (found by the `tokenizer` fuzz
+    /// target: a truncated decoder section); the panic is caught and reported as an error.
     pub fn from_json_bytes(bytes: &[u8], what: &str) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| ArtifactError::Tokenizer { path: what.into(), reason: e.to_string() })?;
+        let bad = |reason: String| ArtifactError::Tokenizer { path: what.into(), reason };
+        let tok = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|panic| bad(format!("malformed (the tokenizers crate panicked: {})", panic_message(&panic))))?
+            .map_err(|e| bad(e.to_string()))?;
         Ok(Self::HuggingFace(Box::new(tok)))
     }
 
@@ -108,6 +113,15 @@ impl Tokenizer {
             }
         }
     }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "no message".into())
 }
 
 #[cfg(test)]
