@@ -297,11 +297,21 @@ pub struct TrainingSection {
     pub learning_rate: f32,
     /// Seed of local batch sampling. Default 0.
     pub seed: u64,
+    /// How devices encode their updates: `f32` (default), `int8` or `int4` (stochastic
+    /// rounding, unbiased; about 3.8× and 7× fewer bytes up).
+    pub update_encoding: covey_tensors::compress::UpdateEncoding,
 }
 
 impl Default for TrainingSection {
     fn default() -> Self {
-        Self { steps: 20, batch_size: 8, seq_len: 128, learning_rate: 3e-3, seed: 0 }
+        Self {
+            steps: 20,
+            batch_size: 8,
+            seq_len: 128,
+            learning_rate: 3e-3,
+            seed: 0,
+            update_encoding: covey_tensors::compress::UpdateEncoding::F32,
+        }
     }
 }
 

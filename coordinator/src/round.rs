@@ -264,6 +264,7 @@ impl<'a> RoundPolicy<'a> {
                 learning_rate: f64::from(c.training.learning_rate),
                 proximal_mu: wire(asked.proximal_mu),
                 seed: c.training.seed ^ frame.round_id,
+                update_encoding: c.training.update_encoding,
             },
             privacy: PrivacySpec {
                 clip_norm: asked.clip_norm.unwrap_or(c.privacy.clip_norm),

@@ -116,7 +116,15 @@ mod tests {
     #[test]
     fn smollm2_needs_what_its_benchmark_measured() {
         assert_eq!(parameters(&smollm2()), 134_515_008);
-        let t = TrainingSpec { steps: 8, batch_size: 4, seq_len: 128, learning_rate: 3e-3, proximal_mu: 0.0, seed: 0 };
+        let t = TrainingSpec {
+            steps: 8,
+            batch_size: 4,
+            seq_len: 128,
+            learning_rate: 3e-3,
+            proximal_mu: 0.0,
+            seed: 0,
+            update_encoding: Default::default(),
+        };
         let qv = [LoraTarget::Q, LoraTarget::V];
         let est = task_memory_bytes(&smollm2(), 135_491_528, &t, 8, &qv) as f64 / 1e9;
         assert!((0.32..0.45).contains(&est), "{est} GB against 0.32 GB measured");
@@ -126,7 +134,15 @@ mod tests {
 
     #[test]
     fn the_rank_a_device_asks_for_follows_from_its_memory() {
-        let t = TrainingSpec { steps: 8, batch_size: 4, seq_len: 128, learning_rate: 3e-3, proximal_mu: 0.0, seed: 0 };
+        let t = TrainingSpec {
+            steps: 8,
+            batch_size: 4,
+            seq_len: 128,
+            learning_rate: 3e-3,
+            proximal_mu: 0.0,
+            seed: 0,
+            update_encoding: Default::default(),
+        };
         let all = LoraTarget::ALL;
         let (c, release) = (smollm2(), 135_491_528);
         let need = |r| task_memory_bytes(&c, release, &t, r, &all);

@@ -56,6 +56,7 @@ pub(crate) fn sample_task() -> pb::Task {
             learning_rate: 0.01,
             proximal_mu: 0.0,
             seed: 9,
+            update_encoding: 0,
         }),
         privacy: Some(pb::PrivacySpec { clip_norm: 1.0, noise_multiplier: 0.0 }),
         deadline_unix_ms: 0,

@@ -13,6 +13,7 @@ use covey_privacy::clip::{ClipNorm, clip};
 use covey_privacy::noise::{NoiseMultiplier, SecureRng, privatize};
 use covey_proto::keys;
 use covey_proto::signing::UpdateHeader;
+use covey_tensors::compress::encode_update;
 use covey_tensors::{HostTensor, NamedTensors, TensorError, global_norm};
 
 use crate::error::{AgentError, Result};
@@ -116,7 +117,8 @@ impl PrivateUpdate {
     }
 }
 
-/// A private update encoded as safetensors (F32, PEFT `lora_B` names), with the signed
+/// A private update encoded as safetensors (PEFT `lora_B` names; f32, or int8 / int4 codes
+/// as the task says: covey-tensors `compress`), with the signed
 /// header that binds it to its task. What the uploader takes.
 #[derive(Clone)]
 pub struct SignedUpdate {
@@ -157,7 +159,11 @@ impl SignedUpdate {
             });
         }
         let local_noise = task.privacy.noise_multiplier > 0.0;
-        let payload = covey_tensors::encode(update.tensors(), None)
+        // int8 / int4 codes by stochastic rounding, keyed from the OS: post-processing of
+        // the private update, and the decoded norm never exceeds the clipped one.
+        let mut rounding = [0u8; 32];
+        SecureRng::from_os()?.fill_bytes(&mut rounding);
+        let payload = encode_update(update.tensors(), task.training.update_encoding, rounding, task.privacy.clip_norm)
             .map_err(|source| AgentError::Tensor { what: "update payload", source })?;
         if task.max_payload_bytes > 0 && payload.len() as u64 > task.max_payload_bytes {
             return Err(AgentError::PayloadTooLarge {

@@ -144,6 +144,7 @@ impl Mock {
                 learning_rate: 0.01,
                 proximal_mu: 0.0,
                 seed: 1,
+                update_encoding: 0,
             },
             privacy,
             state: Mutex::new(State {

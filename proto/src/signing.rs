@@ -219,6 +219,8 @@ pub struct TaskBinding {
     pub proximal_mu: f32,
     /// Batch-sampling seed.
     pub seed: u64,
+    /// Update encoding (wire number; 0 is f32).
+    pub update_encoding: u32,
     /// Clip norm C.
     pub clip_norm: f64,
     /// Local noise multiplier z.
@@ -253,6 +255,7 @@ impl TaskBinding {
             learning_rate: training.learning_rate,
             proximal_mu: training.proximal_mu,
             seed: training.seed,
+            update_encoding: training.update_encoding,
             clip_norm: privacy.clip_norm,
             noise_multiplier: privacy.noise_multiplier,
             deadline_ms: t.deadline_unix_ms,
@@ -294,6 +297,17 @@ impl TaskBinding {
         b.extend_from_slice(&self.noise_multiplier.to_bits().to_be_bytes());
         b.extend_from_slice(&self.deadline_ms.to_be_bytes());
         b.extend_from_slice(&self.max_payload_bytes.to_be_bytes());
+        // Appended only when not f32, so the bytes of f32 tasks are those of earlier
+        // versions, and a device that does not know the field fails to verify a compressed
+        // task instead of uploading f32. The wire number is at most 255 by construction of
+        // the encodings; a larger one is refused.
+        if self.update_encoding != 0 {
+            let code = u8::try_from(self.update_encoding).map_err(|_| ProtoError::Field {
+                field: "training.update_encoding",
+                reason: format!("{} is not an encoding", self.update_encoding),
+            })?;
+            b.push(code);
+        }
         Ok(b)
     }
 }

@@ -4,6 +4,7 @@
 //! trains from it. Every value is at wire precision (the wire carries `u32` and `f32`
 //! for the LoRA and training fields), so a task and its message mean exactly the same.
 
+use covey_tensors::compress::UpdateEncoding;
 use covey_tensors::lora::LoraTarget;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,9 @@ pub struct TrainingSpec {
     pub proximal_mu: f64,
     /// Seed of batch sampling (the round's; each device mixes in its id).
     pub seed: u64,
+    /// How the device encodes its update for the upload (f32, int8, int4).
+    #[serde(default)]
+    pub update_encoding: UpdateEncoding,
 }
 
 impl TrainingSpec {
@@ -137,6 +141,7 @@ impl Task {
             learning_rate: self.training.learning_rate as f32,
             proximal_mu: self.training.proximal_mu as f32,
             seed: self.training.seed,
+            update_encoding: self.training.update_encoding.wire(),
             clip_norm: self.privacy.clip_norm,
             noise_multiplier: self.privacy.noise_multiplier,
             deadline_ms: self.deadline_unix_ms,
@@ -167,6 +172,7 @@ impl Task {
                 learning_rate: b.learning_rate,
                 proximal_mu: b.proximal_mu,
                 seed: b.seed,
+                update_encoding: b.update_encoding,
             }),
             privacy: Some(pb::PrivacySpec { clip_norm: b.clip_norm, noise_multiplier: b.noise_multiplier }),
             deadline_unix_ms: b.deadline_ms,
@@ -246,6 +252,10 @@ impl TryFrom<&pb::Task> for Task {
                 learning_rate: f64::from(training.learning_rate),
                 proximal_mu: f64::from(training.proximal_mu),
                 seed: training.seed,
+                update_encoding: UpdateEncoding::from_wire(training.update_encoding).ok_or_else(|| {
+                    let e = training.update_encoding;
+                    field("training.update_encoding", format!("{e} is not 0 (f32), 1 (int8) or 2 (int4)"))
+                })?,
             },
             privacy,
             deadline_unix_ms: t.deadline_unix_ms,
@@ -289,6 +299,7 @@ mod tests {
                 learning_rate: f64::from(0.003f32),
                 proximal_mu: f64::from(0.01f32),
                 seed: 99,
+                update_encoding: UpdateEncoding::Int4,
             },
             privacy: PrivacySpec { clip_norm: 0.5, noise_multiplier: 0.0 },
             deadline_unix_ms: 1_000,

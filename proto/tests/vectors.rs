@@ -97,6 +97,7 @@ fn vectors() -> Value {
         learning_rate: 0.003,
         proximal_mu: 0.0,
         seed: 3,
+        update_encoding: 0,
         clip_norm: 1.0,
         noise_multiplier: 0.5,
         deadline_ms: ts + 600_000,

@@ -261,7 +261,13 @@ impl Default for Experiment {
                 targets: vec!["q_proj".into(), "v_proj".into()],
                 seed: 0,
             },
-            training: TrainingSection { steps: 10, batch_size: 8, seq_len: 64, learning_rate: 1e-2, seed: 0 },
+            training: TrainingSection {
+                steps: 10,
+                batch_size: 8,
+                seq_len: 64,
+                learning_rate: 1e-2,
+                ..Default::default()
+            },
             rounds: RoundsSection::default(),
             privacy: PrivacySection::default(),
             calibrate: CalibrateSection::default(),

@@ -232,6 +232,21 @@ impl<'a> InProcess<'a> {
                     && self.prepared.attackers.contains(&m)
                 {
                     o.update.delta = attack.corrupt(&o.update.delta, bound, &mut rng);
+                    // The forged update travels in the round's encoding too. Only non-finite
+                    // values fail to encode; those stay as they are and are refused below.
+                    let mut rounding = [0u8; 32];
+                    rng.fill_bytes(&mut rounding);
+                    let encoding = plan.training.update_encoding;
+                    if let Ok((d, _)) = covey_tensors::compress::encode_update(
+                        &o.update.delta,
+                        encoding,
+                        rounding,
+                        plan.privacy.clip_norm,
+                    )
+                    .and_then(|p| covey_tensors::compress::decode_update(&p))
+                    {
+                        o.update.delta = d;
+                    }
                 }
             }
         }
@@ -411,14 +426,29 @@ fn given_update(job: &RoundJob<'_>, client: &ClientData, task: &Task, b: NamedTe
     let mut rng = SecureRng::from_seed(seed_bytes(job.prepared.experiment.seed, &client.id, job.round));
     let private = PrivateUpdate::with_rng(b, task.privacy, &mut rng)?;
     let within_clip = private.within_clip();
-    let delta = private.tensors().clone();
-    let bytes_up = covey_tensors::encode(&delta, None)?.len() + UPDATE_OVERHEAD_BYTES;
+    let (delta, bytes_up) = as_uploaded(&private, task, &mut rng)?;
     let examples = (task.training.steps * task.training.batch_size) as u64;
     Ok(Outcome {
         update: ClientUpdate { client: client.id.clone(), num_examples: examples, delta, within_clip },
         loss_last: 0.0,
         bytes_up,
     })
+}
+
+/// The update as the coordinator decodes it, and the bytes sent: the private update
+/// encoded as the task says (f32, or int8 / int4 by stochastic rounding keyed from the
+/// client's generator), then decoded.
+fn as_uploaded(private: &PrivateUpdate, task: &Task, rng: &mut SecureRng) -> Result<(NamedTensors, usize)> {
+    let mut rounding = [0u8; 32];
+    rng.fill_bytes(&mut rounding);
+    let payload = covey_tensors::compress::encode_update(
+        private.tensors(),
+        task.training.update_encoding,
+        rounding,
+        task.privacy.clip_norm,
+    )?;
+    let (delta, _) = covey_tensors::compress::decode_update(&payload)?;
+    Ok((delta, payload.len() + UPDATE_OVERHEAD_BYTES))
 }
 
 /// One virtual client's round, as a device agent runs it: train `task` on the client's
@@ -464,8 +494,7 @@ pub fn train_task(job: &RoundJob<'_>, client: &ClientData, task: &Task) -> Resul
     let mut rng = SecureRng::from_seed(seed_bytes(exp.seed, &client.id, round));
     let private = PrivateUpdate::with_rng(result.b, task.privacy, &mut rng)?;
     let within_clip = private.within_clip();
-    let delta = private.tensors().clone();
-    let bytes_up = covey_tensors::encode(&delta, None)?.len() + UPDATE_OVERHEAD_BYTES;
+    let (delta, bytes_up) = as_uploaded(&private, task, &mut rng)?;
     Ok(Some(Outcome {
         update: ClientUpdate { client: client.id.clone(), num_examples: result.examples, delta, within_clip },
         loss_last: result.loss_last,

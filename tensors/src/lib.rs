@@ -5,6 +5,7 @@
 //!   PEFT names, `[out, in]` layout for weights).
 //! * [`encode`] / [`decode`]: safetensors bytes (F32 written; F32, F16, BF16 read).
 //! * [`quant`]: int8 symmetric per-output-channel quantization of a whole model.
+//! * [`compress`]: int8 / int4 update payloads by stochastic rounding (unbiased).
 //! * [`lora`]: folding PEFT `lora_A` / `lora_B` factors into base weights.
 //!
 //! ```
@@ -16,6 +17,7 @@
 //! assert_eq!(back, t);
 //! ```
 
+pub mod compress;
 pub mod lora;
 pub mod quant;
 

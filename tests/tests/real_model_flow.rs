@@ -367,6 +367,7 @@ async fn the_rank_a_device_asks_for_follows_from_its_memory_budget() {
         learning_rate: f64::from(c.training.learning_rate),
         proximal_mu: 0.0,
         seed: 0,
+        update_encoding: Default::default(),
     };
     let targets: Vec<covey_model::LoraTarget> =
         c.lora.targets.iter().map(|t| covey_model::LoraTarget::parse(t).expect("target")).collect();

@@ -171,6 +171,7 @@ impl Coordinator {
         drop(payload);
         let existed = self.uploads.size(&h.payload_sha256).is_ok();
         let payload_sha256 = pending.commit()?;
+        crate::crashpoint::reach("upload-blob-committed");
         let local_noise = permit.plan.privacy.noise_multiplier > 0.0;
         let record = UpdateRecord {
             id: 0,
@@ -189,7 +190,10 @@ impl Coordinator {
             self.uploads.remove(&payload_sha256)?;
         }
         let id = match stored {
-            Ok(id) => id,
+            Ok(id) => {
+                crate::crashpoint::reach("upload-stored");
+                id
+            }
             Err(CoordinatorError::Rejected(r)) => return Err(self.reject(r)),
             Err(e) => return Err(e),
         };
@@ -203,7 +207,14 @@ impl Coordinator {
     /// Shapes, finiteness and norm of a payload (the decoded tensors are not kept: the
     /// aggregation decodes the stored payload again, after re-verifying it).
     fn check_payload(&self, payload: &[u8], plan: &RoundPlan) -> std::result::Result<(), Rejection> {
-        let (tensors, _) = covey_tensors::decode(payload).map_err(|e| Rejection::BadPayload(e.to_string()))?;
+        let (tensors, encoding) =
+            covey_tensors::compress::decode_update(payload).map_err(|e| Rejection::BadPayload(e.to_string()))?;
+        if encoding != plan.training.update_encoding {
+            return Err(Rejection::BadPayload(format!(
+                "the update is encoded as {encoding}, the task asked for {}",
+                plan.training.update_encoding
+            )));
+        }
         // One rank for every tensor, one of the ranks devices may train (HetLoRA).
         let rank = tensors.values().next().and_then(|t| t.shape.get(1).copied()).unwrap_or(0);
         let allowed = self.config.lora.allowed_ranks();

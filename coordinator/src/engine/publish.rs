@@ -173,8 +173,10 @@ impl Coordinator {
             build_version(&self.artifacts, &self.key, &self.config, &parent.lora, &input, publication)?;
         let state = json(&strategy.state()?, "strategy state")?;
         let events = json(&events, "privacy events")?;
+        crate::crashpoint::reach("publish-artifacts-written");
         let current =
             self.store.publish(round.id, &v, &[(KEY_STRATEGY.into(), state), (KEY_PRIVACY.into(), events)]).await?;
+        crate::crashpoint::reach("publish-committed");
         // Served from now on, not before: an aggregate whose publish was refused never is.
         self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(new_artifacts);
         if current {
@@ -442,7 +444,8 @@ impl Iterator for StoredUpdates<'_> {
                 self.dropped += 1;
                 continue;
             }
-            let decoded = covey_tensors::decode(&payload).map(|(delta, _)| match self.rank {
+            // f32, int8 or int4 (checked against the task at intake; decoding is deterministic).
+            let decoded = covey_tensors::compress::decode_update(&payload).map(|(delta, _)| match self.rank {
                 Some(rank) => zero_pad(&delta, rank),
                 None => Some(delta),
             });

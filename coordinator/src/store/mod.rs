@@ -367,6 +367,7 @@ pub(crate) mod conformance {
                     learning_rate: f64::from(0.01f32),
                     proximal_mu: 0.0,
                     seed: 7 ^ id,
+                    update_encoding: Default::default(),
                 },
                 privacy: covey_proto::task::PrivacySpec { clip_norm: 0.1 + 0.2, noise_multiplier: 0.0 },
             }),

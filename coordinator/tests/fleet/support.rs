@@ -186,7 +186,11 @@ impl Device {
 
     /// Header, signature and payload of an update for `task`.
     pub fn update(&self, task: &pb::Task, delta: &NamedTensors) -> (UpdateHeader, [u8; 64], Vec<u8>) {
-        let payload = covey_tensors::encode(delta, None).expect("encode");
+        self.update_with_payload(task, covey_tensors::encode(delta, None).expect("encode"))
+    }
+
+    /// Header and signature for `task` over a payload given as bytes.
+    pub fn update_with_payload(&self, task: &pb::Task, payload: Vec<u8>) -> (UpdateHeader, [u8; 64], Vec<u8>) {
         let privacy = task.privacy.expect("privacy");
         let header = UpdateHeader {
             device_id: self.id(),
