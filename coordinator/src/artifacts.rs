@@ -169,6 +169,49 @@ impl Artifacts {
         }
     }
 
+    /// The hashes of every blob stored in this namespace (not in sub-namespaces).
+    pub fn list(&self) -> Result<Vec<[u8; 32]>> {
+        match self {
+            Self::Dir(dir) => {
+                let mut out = Vec::new();
+                for entry in std::fs::read_dir(dir).map_err(|e| CoordinatorError::io(dir, e))? {
+                    let entry = entry.map_err(|e| CoordinatorError::io(dir, e))?;
+                    let name = entry.file_name();
+                    let hash =
+                        name.to_str().and_then(|n| hex::decode(n).ok()).and_then(|b| <[u8; 32]>::try_from(b).ok());
+                    if let Some(h) = hash
+                        && entry.file_type().is_ok_and(|t| t.is_file())
+                    {
+                        out.push(h);
+                    }
+                }
+                Ok(out)
+            }
+            Self::Memory(m, ns) => Ok(lock(m).keys().filter(|(n, _)| n == ns).map(|(_, h)| *h).collect()),
+        }
+    }
+
+    /// Delete the temporary files of blobs whose writer died before committing them (a
+    /// crash mid-upload or mid-publish); returns how many. Only safe while no writer runs:
+    /// the coordinator calls it once, at start-up.
+    pub fn remove_pending(&self) -> Result<usize> {
+        let Self::Dir(dir) = self else { return Ok(0) };
+        let mut removed = 0;
+        for entry in std::fs::read_dir(dir).map_err(|e| CoordinatorError::io(dir, e))? {
+            let entry = entry.map_err(|e| CoordinatorError::io(dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".pending-") && name.ends_with(".tmp") {
+                std::fs::remove_file(entry.path()).map_err(|e| CoordinatorError::io(&entry.path(), e))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            covey_fs::sync_dir(dir).map_err(|e| CoordinatorError::io(dir, e))?;
+        }
+        Ok(removed)
+    }
+
     /// Remove a blob (absent is fine).
     pub fn remove(&self, hash: &[u8; 32]) -> Result<()> {
         match self {

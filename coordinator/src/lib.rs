@@ -20,6 +20,7 @@
 
 pub mod artifacts;
 pub mod config;
+pub mod crashpoint;
 pub mod engine;
 pub mod error;
 pub mod metrics;

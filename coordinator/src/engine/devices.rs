@@ -52,6 +52,7 @@ impl Coordinator {
         };
         let refused = match self.store.enroll(&record, &token_hash, self.now_ms()).await? {
             EnrollOutcome::Enrolled => {
+                crate::crashpoint::reach("enroll-stored");
                 info!(device = %hex::encode(&id[..8]), label, "enrolled");
                 self.metrics.active_devices.inc();
                 self.wake.notify_one();

@@ -22,6 +22,7 @@
 
 mod devices;
 mod intake;
+pub mod integrity;
 mod publish;
 mod rounds;
 
@@ -202,6 +203,7 @@ impl Coordinator {
             v.and_then(|b| b.try_into().ok()).ok_or_else(|| CoordinatorError::Corrupt(format!("{what} hash missing")))
         };
         let a_hash = hash_state(store.get_state(KEY_A).await?, KEY_A)?;
+        integrity::check_and_repair(&config, &*store, &artifacts, &uploads, a_hash).await?;
         let current = store.current_version().await?;
         let master = publish::load_master(&*store, &artifacts, current).await?;
         // The A factors devices train against were fixed on first start: a changed [lora]

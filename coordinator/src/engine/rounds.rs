@@ -138,6 +138,7 @@ impl Coordinator {
         let plan = policy.plan(&frame, &sampling, &mut **self.strategy.lock().await);
         let round = new_round(&self.config.rounds, &frame, &sampling, cohort.len(), now, plan);
         self.store.insert_round(&round, &assignments).await?;
+        crate::crashpoint::reach("round-opened");
         if round.state == RoundState::Failed {
             self.metrics.rounds.get_or_create(&OutcomeLabel { outcome: "failed".into() }).inc();
             warn!(round = id, cohort = round.cohort_size, "round failed at once: {}", round.failure);
@@ -198,6 +199,7 @@ impl Coordinator {
             }
         }
         let started = std::time::Instant::now();
+        crate::crashpoint::reach("aggregation-started");
         match self.aggregate_and_publish(&round).await {
             Ok(Some(v)) => {
                 self.metrics.rounds.get_or_create(&OutcomeLabel { outcome: "published".into() }).inc();

@@ -3,7 +3,9 @@
 //! security, soundness, drop-outs. The tests that run the `covey-coordinator` binary
 //! (SIGKILL durability, TLS with the admin command) are in `cli/coordinator/tests`.
 
+mod compressed;
 mod dropout;
+mod integrity;
 mod privacy;
 mod releases;
 mod security;

@@ -2,6 +2,7 @@
 //! loses no acknowledged update; mutual TLS, with the operator's admin command.
 
 mod binary;
+mod crash;
 mod durability;
 // The coordinator library's test support (tiny model, configuration, raw device client).
 #[path = "../../../../coordinator/tests/fleet/support.rs"]
