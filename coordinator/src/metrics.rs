@@ -41,6 +41,8 @@ pub struct Metrics {
     pub bytes_received: Counter,
     /// Artifact bytes sent.
     pub bytes_sent: Counter,
+    /// Downloads resumed from an offset (after a dropped connection).
+    pub downloads_resumed: Counter,
     /// Seconds from opening to closing a round.
     pub round_seconds: Histogram,
     /// Seconds spent aggregating and publishing.
@@ -72,6 +74,12 @@ impl Default for Metrics {
         registry.register("update_bytes_received", "Payload bytes of accepted updates", bytes_received.clone());
         let bytes_sent = Counter::default();
         registry.register("artifact_bytes_sent", "Artifact bytes streamed to devices", bytes_sent.clone());
+        let downloads_resumed = Counter::default();
+        registry.register(
+            "artifact_downloads_resumed",
+            "Artifact downloads resumed from an offset after an interruption",
+            downloads_resumed.clone(),
+        );
         let round_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 16));
         registry.register("round_duration_seconds", "Seconds from opening to closing a round", round_seconds.clone());
         let aggregate_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 16));
@@ -94,6 +102,7 @@ impl Default for Metrics {
             requests_refused,
             bytes_received,
             bytes_sent,
+            downloads_resumed,
             round_seconds,
             aggregate_seconds,
             active_devices,

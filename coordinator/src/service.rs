@@ -163,6 +163,9 @@ impl Fleet for FleetService {
             return Err(Status::out_of_range(format!("offset {} is past the artifact's {total} bytes", r.offset)));
         }
         self.engine.metrics().bytes_sent.inc_by(total - r.offset);
+        if r.offset > 0 {
+            self.engine.metrics().downloads_resumed.inc();
+        }
         Ok(Response::new(stream_artifact(artifacts, hash, r.offset, total)))
     }
 

@@ -103,7 +103,11 @@ impl CoordinatorClient {
             .map_err(transport)?
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
+            // Pings while a call is in flight find a dead (half-open) connection within
+            // about two request timeouts (at most 50 s), and the channel reconnects; idle
+            // connections are not pinged (a phone's radio stays asleep).
+            .http2_keep_alive_interval(cfg.request_timeout.min(Duration::from_secs(30)))
+            .keep_alive_timeout(cfg.request_timeout.min(Duration::from_secs(20)))
             .keep_alive_while_idle(false);
         let tls = &cfg.tls;
         if url.starts_with("https://") {

@@ -10,6 +10,9 @@ use std::time::Duration;
 use covey_agent::{AgentConfig, RunSummary};
 use covey_coordinator::CoordinatorConfig;
 
+/// The fault-injecting TCP proxy of the network-fault tests.
+pub mod proxy;
+
 /// The enrolment token of every test coordinator.
 pub const TOKEN: &str = "end-to-end-token";
 
