@@ -93,10 +93,10 @@ pub fn gguf(data: &[u8]) {
 
 /// A Hugging Face `tokenizer.json`, then an encode and decode with it.
 pub fn tokenizer(data: &[u8]) {
-    if let Ok(t) = covey_artifact::tokenizer::Tokenizer::from_json_bytes(data, "fuzz") {
-        if let Ok(ids) = t.encode("To be, or not to be: that is the question.") {
-            let _ = t.decode(&ids);
-        }
+    if let Ok(t) = covey_artifact::tokenizer::Tokenizer::from_json_bytes(data, "fuzz")
+        && let Ok(ids) = t.encode("To be, or not to be: that is the question.")
+    {
+        let _ = t.decode(&ids);
     }
 }
 

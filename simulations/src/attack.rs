@@ -43,6 +43,20 @@ pub enum AttackKind {
     Backdoor,
 }
 
+impl AttackKind {
+    /// The name used in experiment files and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scaled => "scaled",
+            Self::Boosted => "boosted",
+            Self::SignFlip => "sign-flip",
+            Self::Random => "random",
+            Self::Nan => "nan",
+            Self::Backdoor => "backdoor",
+        }
+    }
+}
+
 /// `[attack]`: Byzantine clients of an experiment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

@@ -26,5 +26,6 @@ pub mod progress;
 pub mod quickstart;
 pub mod report;
 pub mod runner;
+pub mod sweep;
 
 pub use error::{Result, SimError};

@@ -309,7 +309,7 @@ mod tests {
         let mut t = NamedTensors::new();
         for (name, rows) in [("q.lora_B", 960), ("v.lora_B", 33)] {
             let data: Vec<f32> = (0..rows * 4).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-            t.insert(name.into(), HostTensor::new(vec![rows, 4], data).unwrap());
+            t.insert(name.into(), HostTensor::new(vec![rows, 4], data).expect("test value"));
         }
         t
     }
@@ -321,12 +321,13 @@ mod tests {
             let trials = 4000u32;
             let mut mean: NamedTensors = b
                 .iter()
-                .map(|(n, t)| (n.clone(), HostTensor::new(t.shape.clone(), vec![0.0; t.len()]).unwrap()))
+                .map(|(n, t)| (n.clone(), HostTensor::new(t.shape.clone(), vec![0.0; t.len()]).expect("test value")))
                 .collect();
             for trial in 0..trials {
                 let mut seed = [2; 32];
                 seed[..4].copy_from_slice(&trial.to_le_bytes());
-                let (d, e) = decode_update(&encode_update(&b, encoding, seed, f64::INFINITY).unwrap()).unwrap();
+                let (d, e) = decode_update(&encode_update(&b, encoding, seed, f64::INFINITY).expect("test value"))
+                    .expect("test value");
                 assert_eq!(e, encoding);
                 for (name, t) in &d {
                     let orig = &b[name];
@@ -336,7 +337,7 @@ mod tests {
                         let step = group.iter().fold(0f32, |m, v| m.max(v.abs())) / encoding.levels() as f32;
                         assert!((x - y).abs() <= step * 1.0001, "{encoding}: {x} decoded as {y}, step {step}");
                     }
-                    let m = mean.get_mut(name).unwrap();
+                    let m = mean.get_mut(name).expect("test value");
                     m.data.iter_mut().zip(&t.data).for_each(|(a, v)| *a += v / trials as f32);
                 }
             }
@@ -353,13 +354,13 @@ mod tests {
 
     #[test]
     fn the_decoded_norm_never_exceeds_the_sent_norm_and_bytes_shrink() {
-        let plain = crate::encode(&update(0), None).unwrap().len();
+        let plain = crate::encode(&update(0), None).expect("test value").len();
         for seed in 0..50 {
             let b = update(seed);
             for encoding in [UpdateEncoding::Int8, UpdateEncoding::Int4] {
                 let cap = global_norm(&b) * [0.0, 0.99, 1.0, 1.01][seed as usize % 4];
-                let bytes = encode_update(&b, encoding, [seed as u8; 32], cap).unwrap();
-                let (d, _) = decode_update(&bytes).unwrap();
+                let bytes = encode_update(&b, encoding, [seed as u8; 32], cap).expect("test value");
+                let (d, _) = decode_update(&bytes).expect("test value");
                 assert!(global_norm(&d) <= global_norm(&b).max(cap), "{encoding}: norm grew past the cap");
                 let ratio = plain as f64 / bytes.len() as f64;
                 let at_least = if encoding == UpdateEncoding::Int8 { 2.5 } else { 4.0 };
@@ -371,14 +372,15 @@ mod tests {
     #[test]
     fn f32_payloads_pass_through_and_encodings_round_trip_on_the_wire() {
         let b = update(3);
-        let (d, e) = decode_update(&encode_update(&b, UpdateEncoding::F32, [0; 32], 0.0).unwrap()).unwrap();
+        let (d, e) = decode_update(&encode_update(&b, UpdateEncoding::F32, [0; 32], 0.0).expect("test value"))
+            .expect("test value");
         assert_eq!((d, e), (b, UpdateEncoding::F32));
         for e in UpdateEncoding::ALL {
             assert_eq!(UpdateEncoding::from_wire(e.wire()), Some(e));
             assert_eq!(e.name().parse::<UpdateEncoding>(), Ok(e));
         }
         assert_eq!(UpdateEncoding::from_wire(9), None);
-        assert!("int2".parse::<UpdateEncoding>().unwrap_err().contains("int2"));
+        assert!("int2".parse::<UpdateEncoding>().expect_err("refused").contains("int2"));
     }
 
     fn tamper(
@@ -386,35 +388,37 @@ mod tests {
         f: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>),
     ) -> String {
         let b = update(4);
-        let bytes = encode_update(&b, encoding, [0; 32], 0.0).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let mut metadata = header.metadata().clone().unwrap();
+        let bytes = encode_update(&b, encoding, [0; 32], 0.0).expect("test value");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("test value");
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("test value");
+        let mut metadata = header.metadata().clone().expect("test value");
         let mut parts: Vec<_> =
             st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
         f(&mut parts, &mut metadata);
         let views: Vec<_> = parts
             .iter()
-            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .map(|(n, d, s, b)| {
+                (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("test value"))
+            })
             .collect();
-        let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
-        decode_update(&bytes).unwrap_err().to_string()
+        let bytes = safetensors::serialize(views, Some(metadata)).expect("test value");
+        decode_update(&bytes).expect_err("refused").to_string()
     }
 
     #[test]
     fn hostile_compressed_payloads_are_refused_with_the_reason() {
         let e = tamper(UpdateEncoding::Int8, |p, _| {
-            let codes = p.iter_mut().find(|t| t.0 == "q.lora_B").unwrap();
+            let codes = p.iter_mut().find(|t| t.0 == "q.lora_B").expect("test value");
             codes.3[5] = 0x80; // -128
         });
         assert!(e.contains("outside ±127"), "{e}");
         let e = tamper(UpdateEncoding::Int4, |p, _| {
-            let codes = p.iter_mut().find(|t| t.0 == "v.lora_B").unwrap();
+            let codes = p.iter_mut().find(|t| t.0 == "v.lora_B").expect("test value");
             codes.3[0] = 0x08; // -8
         });
         assert!(e.contains("outside ±7"), "{e}");
         let e = tamper(UpdateEncoding::Int8, |p, _| {
-            let s = p.iter_mut().find(|t| t.0 == "q.lora_B::scale").unwrap();
+            let s = p.iter_mut().find(|t| t.0 == "q.lora_B::scale").expect("test value");
             s.3[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
         });
         assert!(e.contains("scale NaN"), "{e}");

@@ -91,7 +91,7 @@ fn main() {
             "update-data",
             pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(payload.clone())) }.encode_to_vec(),
         ),
-        (5, "heartbeat", pb::HeartbeatRequest { auth: Some(auth.clone()), ..Default::default() }.encode_to_vec()),
+        (5, "heartbeat", pb::HeartbeatRequest { auth: Some(auth.clone()) }.encode_to_vec()),
         (
             7,
             "task",
@@ -121,7 +121,6 @@ fn main() {
                     deadline_unix_ms: 1_700_000_600_000,
                     max_payload_bytes: 1 << 20,
                     signature: vec![8; 64],
-                    ..Default::default()
                 })),
             }
             .encode_to_vec(),

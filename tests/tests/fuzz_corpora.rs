@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 #[path = "../../fuzz/src/lib.rs"]
 mod targets;
 
-const TARGETS: [(&str, fn(&[u8])); 8] = [
+/// A fuzz target's body.
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 8] = [
     ("fleet_messages", targets::fleet_messages),
     ("update_header", targets::update_header),
     ("update_payload", targets::update_payload),

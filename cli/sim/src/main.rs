@@ -14,10 +14,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use covey_sim::attack::AttackKind;
 use covey_sim::config::{Experiment, Mode};
 use covey_sim::progress::{Progress, Silent};
 use covey_sim::report::{self, Report, RoundMetrics};
-use covey_sim::{audit, loopback, output, prepare, quickstart, runner};
+use covey_sim::{audit, loopback, output, prepare, quickstart, runner, sweep};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod fleet;
@@ -113,6 +114,9 @@ enum Command {
         /// Override the experiment's name (and so its report folder).
         #[arg(long)]
         name: Option<String>,
+        /// Override how devices encode their updates (f32, int8, int4).
+        #[arg(long)]
+        encoding: Option<String>,
     },
     /// Run several experiments (or read finished report folders) and compare them:
     /// comparison.csv, comparison.txt, compare.svg.
@@ -151,6 +155,32 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The Byzantine matrix: run an experiment in process for each aggregation strategy,
+    /// attack-free and under each attack at each fraction of attackers; writes each run's
+    /// report folder, then sweep.csv and sweep.md (held-out perplexity, backdoor success).
+    Sweep {
+        /// Experiment file (e.g. simulations/experiments/byzantine.toml).
+        config: PathBuf,
+        /// Strategies by kind, comma-separated (fed-avg, trimmed-mean, median, krum,
+        /// multi-krum, geometric-median; robust ones set for 20 % attackers); default all.
+        #[arg(long, value_delimiter = ',')]
+        strategies: Vec<String>,
+        /// Attacks, comma-separated (scaled, boosted, sign-flip, random, nan, backdoor).
+        #[arg(long, value_delimiter = ',', default_value = "scaled,sign-flip,nan,random,backdoor")]
+        attacks: Vec<String>,
+        /// Fractions of attacking clients, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.1,0.2")]
+        fractions: Vec<f64>,
+        /// Update encoding of every run (f32, int8, int4; default the experiment's).
+        #[arg(long)]
+        encoding: Option<String>,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<u64>,
+        /// Sweep folder.
+        #[arg(long, default_value = "runs/sweep")]
+        out: PathBuf,
+    },
     /// Print the clients an experiment would use: counts and sizes, as JSON.
     Data {
         /// Experiment file.
@@ -183,8 +213,11 @@ fn main() -> Result<()> {
     let progress: &dyn Progress = if cli.quiet { &Silent } else { &terminal };
     match cli.command {
         Command::Quickstart { out } => quickstart_command(&out, progress),
-        Command::Run { config, out, seed, rounds, strategy, attack, name } => {
+        Command::Run { config, out, seed, rounds, strategy, attack, name, encoding } => {
             let mut exp = Experiment::load(&config)?;
+            if let Some(e) = encoding {
+                exp.training.update_encoding = e.parse().map_err(|e: String| anyhow::anyhow!("--encoding: {e}"))?;
+            }
             if let Some(text) = strategy {
                 exp.strategy = toml::from_str(&text).with_context(|| format!("--strategy {text:?}"))?;
             }
@@ -226,6 +259,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Fleet { config, out } => fleet::run(&config, &out),
+        Command::Sweep { config, strategies, attacks, fractions, encoding, rounds, out } => {
+            sweep_command(&config, &strategies, &attacks, &fractions, encoding.as_deref(), rounds, &out, progress)
+        }
         Command::Audit { config, canaries, kind, canary_bytes, no_noise, rounds, out } => {
             let kind = match kind.as_str() {
                 "update" => audit::CanaryKind::Update,
@@ -293,6 +329,70 @@ fn run_experiment(exp: &Experiment, progress: &dyn Progress) -> Result<Report> {
         print!("{}", covey_sim::personal::table(personal));
     }
     Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sweep_command(
+    config: &Path,
+    strategies: &[String],
+    attacks: &[String],
+    fractions: &[f64],
+    encoding: Option<&str>,
+    rounds: Option<u64>,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut base = Experiment::load(config)?;
+    if let Some(e) = encoding {
+        base.training.update_encoding = e.parse().map_err(|e: String| anyhow::anyhow!("--encoding: {e}"))?;
+    }
+    if let Some(r) = rounds {
+        base.rounds.rounds = r;
+    }
+    let all = sweep::default_strategies();
+    let chosen: Vec<_> = if strategies.is_empty() {
+        all
+    } else {
+        let mut chosen = Vec::new();
+        for kind in strategies {
+            let found = all.iter().find(|(_, s)| s.kind() == kind).with_context(|| {
+                let kinds: Vec<_> = all.iter().map(|(_, s)| s.kind()).collect();
+                format!("--strategies: `{kind}` is not one of {kinds:?}")
+            })?;
+            chosen.push(found.clone());
+        }
+        chosen
+    };
+    let kinds = [
+        AttackKind::Scaled,
+        AttackKind::Boosted,
+        AttackKind::SignFlip,
+        AttackKind::Random,
+        AttackKind::Nan,
+        AttackKind::Backdoor,
+    ];
+    let mut parsed = Vec::new();
+    for a in attacks {
+        parsed.push(*kinds.iter().find(|k| k.name() == a).with_context(|| {
+            format!("--attacks: `{a}` is not one of scaled, boosted, sign-flip, random, nan, backdoor")
+        })?);
+    }
+    if let Some(f) = fractions.iter().find(|f| !(0.0..0.5).contains(*f)) {
+        bail!("--fractions: {f} is not in [0, 0.5)");
+    }
+    let cells = sweep::cells(&base, &chosen, &parsed, fractions);
+    let mut rows = Vec::new();
+    for (i, cell) in cells.iter().enumerate() {
+        println!("sweep {}/{}: {}", i + 1, cells.len(), cell.experiment.name);
+        let mut exp = cell.experiment.clone();
+        exp.report.dir = Some(out.join(&exp.name));
+        let report = run_experiment(&exp, progress)?;
+        rows.push(sweep::Row::of(cell, &report));
+        sweep::write(out, &rows)?;
+    }
+    println!("{}", sweep::table(&rows));
+    println!("sweep written to {} (sweep.csv, sweep.md)", out.display());
+    Ok(())
 }
 
 /// The process's peak resident set size in KiB (`VmHWM`; Linux only).

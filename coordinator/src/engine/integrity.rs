@@ -47,14 +47,14 @@ pub async fn check_and_repair(
     let mut named = HashSet::from([a_hash]);
     for v in store.versions().await? {
         let files: Vec<[u8; 32]> = std::iter::once(v.master_sha256).chain(super::manifest_artifacts(&v)?).collect();
-        if v.version == current {
-            if let Some(h) = files.iter().find(|h| artifacts.size(h).is_err()) {
-                return Err(CoordinatorError::Corrupt(format!(
-                    "the current version {current} names the file {} that the artifact directory lacks: restore \
-                     the directory from a backup",
-                    hex::encode(h)
-                )));
-            }
+        if v.version == current
+            && let Some(h) = files.iter().find(|h| artifacts.size(h).is_err())
+        {
+            return Err(CoordinatorError::Corrupt(format!(
+                "the current version {current} names the file {} that the artifact directory lacks: restore the \
+                 directory from a backup",
+                hex::encode(h)
+            )));
         }
         named.extend(files);
     }

@@ -235,9 +235,12 @@ async fn sigkill_at_seeded_points_loses_no_acknowledged_update() {
     sigkill(final_check);
     let store = SqliteStore::open(&state.join("state.sqlite")).await.expect("open state");
     let rounds = store.rounds(10_000).await.expect("rounds");
-    let ledger = ledger.lock().expect("ledger");
+    let (acked, failed) = {
+        let l = ledger.lock().expect("ledger");
+        (l.acked.clone(), l.failed)
+    };
     let mut lost = Vec::new();
-    for &(round, device) in &ledger.acked {
+    for &(round, device) in &acked {
         let stored = store.updates(round).await.expect("updates");
         if !stored.iter().any(|u| u.device_id == device) {
             lost.push((round, hex::encode(&device[..4])));
@@ -285,11 +288,11 @@ async fn sigkill_at_seeded_points_loses_no_acknowledged_update() {
         "crash suite: {reached_count} of {} crash points reached and survived, {} updates acknowledged, {} lost, \
          {} rounds published in {:.0} s ({} requests failed while the coordinator was down)",
         reached.len(),
-        ledger.acked.len(),
+        acked.len(),
         lost.len(),
         published.len(),
         started.elapsed().as_secs_f64(),
-        ledger.failed
+        failed
     );
     assert!(lost.is_empty(), "acknowledged updates lost: {lost:?}");
     assert!(reached_count * 4 >= reached.len() * 3, "most crash points must be reached: {reached:?}");
