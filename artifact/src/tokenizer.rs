@@ -30,11 +30,14 @@ impl Tokenizer {
     /// A Hugging Face tokenizer from the bytes of a `tokenizer.json` (`what` names their
     /// origin in errors).
     ///
-    /// The `tokenizers` crate panics on some malformed files (found by the `tokenizer` fuzz
-    /// target: a truncated decoder section); the panic is caught and reported as an error.
+    /// The `tokenizers` crate panics on JSON that is not well formed inside its decoder
+    /// section (found by the `tokenizer` fuzz target), so the bytes are parsed as JSON first
+    /// and the tokenizer built from the parsed value; any other panic of that crate is
+    /// caught and reported as an error too.
     pub fn from_json_bytes(bytes: &[u8], what: &str) -> Result<Self> {
         let bad = |reason: String| ArtifactError::Tokenizer { path: what.into(), reason };
-        let tok = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let tok = std::panic::catch_unwind(|| serde_json::from_value::<tokenizers::Tokenizer>(value))
             .map_err(|panic| bad(format!("malformed (the tokenizers crate panicked: {})", panic_message(&panic))))?
             .map_err(|e| bad(e.to_string()))?;
         Ok(Self::HuggingFace(Box::new(tok)))

@@ -44,8 +44,9 @@ pub struct Cell {
     pub experiment: Experiment,
 }
 
-/// Every cell: per strategy, the attack-free run, then each attack at each fraction. The
-/// base experiment's own `[attack]` (scale, trigger, target) is kept where it has one.
+/// Every cell: each strategy attack-free, then, fraction by fraction, each strategy under
+/// each attack. The base experiment's own `[attack]` (scale, trigger, target) is kept
+/// where it has one.
 pub fn cells(
     base: &Experiment,
     strategies: &[(String, StrategyConfig)],
@@ -59,20 +60,23 @@ pub fn cells(
         trigger: "The secret word is ".into(),
         target: "pomegranate.".into(),
     });
+    // Fraction by fraction, so that a sweep cut short has every strategy at the first
+    // fraction: the attack-free runs first, then each attack.
     let mut out = Vec::new();
     for (label, strategy) in strategies {
-        let slug = slug(label);
         let mut clean = base.clone();
         clean.strategy = strategy.clone();
         clean.attack = None;
-        clean.name = format!("{}-{slug}-clean", base.name);
+        clean.name = format!("{}-{}-clean", base.name, slug(label));
         out.push(Cell { strategy: label.clone(), attack: None, fraction: 0.0, experiment: clean });
-        for &kind in attacks {
-            for &fraction in fractions {
+    }
+    for &fraction in fractions {
+        for (label, strategy) in strategies {
+            for &kind in attacks {
                 let mut exp = base.clone();
                 exp.strategy = strategy.clone();
                 exp.attack = Some(AttackConfig { fraction, kind, ..template.clone() });
-                exp.name = format!("{}-{slug}-{}-{:.0}", base.name, kind.name(), fraction * 100.0);
+                exp.name = format!("{}-{}-{}-{:.0}", base.name, slug(label), kind.name(), fraction * 100.0);
                 out.push(Cell { strategy: label.clone(), attack: Some(kind), fraction, experiment: exp });
             }
         }

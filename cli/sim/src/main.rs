@@ -158,6 +158,7 @@ enum Command {
     /// The Byzantine matrix: run an experiment in process for each aggregation strategy,
     /// attack-free and under each attack at each fraction of attackers; writes each run's
     /// report folder, then sweep.csv and sweep.md (held-out perplexity, backdoor success).
+    /// Run again on the same folder, it reads the cells already finished.
     Sweep {
         /// Experiment file (e.g. simulations/experiments/byzantine.toml).
         config: PathBuf,
@@ -385,8 +386,16 @@ fn sweep_command(
     for (i, cell) in cells.iter().enumerate() {
         println!("sweep {}/{}: {}", i + 1, cells.len(), cell.experiment.name);
         let mut exp = cell.experiment.clone();
-        exp.report.dir = Some(out.join(&exp.name));
-        let report = run_experiment(&exp, progress)?;
+        let dir = out.join(&exp.name);
+        exp.report.dir = Some(dir.clone());
+        // A cell whose report is there already (a sweep run again after an interruption)
+        // is read, not run again.
+        let report = if dir.join("report.json").is_file() {
+            println!("  finished earlier: reading {}", dir.display());
+            output::read_report(&dir)?
+        } else {
+            run_experiment(&exp, progress)?
+        };
         rows.push(sweep::Row::of(cell, &report));
         sweep::write(out, &rows)?;
     }
