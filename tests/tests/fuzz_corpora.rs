@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 #[path = "../../fuzz/src/lib.rs"]
 mod targets;
 
+mod common;
+use common::SplitMix64;
+
 /// A fuzz target's body.
 type Target = fn(&[u8]);
 
@@ -32,25 +35,9 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     files.into_iter().map(|p| (p.clone(), std::fs::read(&p).expect("corpus file"))).collect()
 }
 
-/// SplitMix64: a small, seeded source for the mutations.
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// One of libFuzzer's simpler mutations: flip, set an interesting byte, insert, erase,
 /// truncate, or copy a span over another.
-fn mutate(input: &[u8], rng: &mut Mix) -> Vec<u8> {
+fn mutate(input: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
     let mut v = input.to_vec();
     for _ in 0..1 + rng.below(4) {
         let n = v.len();
@@ -97,7 +84,7 @@ fn every_corpus_input_and_its_mutations_are_handled_without_a_panic() {
                 panic!("{target}: {} panics: {panic:?}", path.display());
             }
         }
-        let mut rng = Mix(0xC0FE);
+        let mut rng = SplitMix64(0xC0FE);
         for i in 0..MUTATIONS {
             let (_, seed) = &inputs[i % inputs.len()];
             let input = mutate(seed, &mut rng);

@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::SplitMix64;
+
 /// What faults to inject; probabilities are per connection.
 #[derive(Debug, Clone)]
 pub struct Faults {
@@ -93,7 +95,7 @@ impl FaultProxy {
         let faults = Arc::new(Mutex::new(faults));
         let (s, f) = (stats.clone(), faults.clone());
         let task = tokio::spawn(async move {
-            let mut rng = Mix(seed);
+            let mut rng = SplitMix64(seed);
             loop {
                 let Ok((client, _)) = listener.accept().await else { return };
                 let n = s.connections.fetch_add(1, Ordering::SeqCst);
@@ -121,25 +123,6 @@ impl Drop for FaultProxy {
     }
 }
 
-/// SplitMix64.
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo { lo } else { lo + self.next() % (hi - lo + 1) }
-    }
-}
-
 /// How a connection ends early.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Cut {
@@ -163,7 +146,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn draw(f: &Faults, n: u64, rng: &mut Mix) -> Self {
+    fn draw(f: &Faults, n: u64, rng: &mut SplitMix64) -> Self {
         let delay = Duration::from_micros(rng.range(0, f.max_delay.as_micros() as u64));
         let forced = n.checked_sub(f.forced_from).and_then(|i| f.forced.get(i as usize));
         let (cut, after) = if let Some(&cut) = forced {
