@@ -84,3 +84,38 @@ fn section_overrides_are_parsed_and_bad_ones_named() {
     assert!(!o.status.success());
     assert!(text(&o).contains("attack.fraction"), "{}", text(&o));
 }
+
+#[test]
+fn a_sweep_writes_its_matrix_resumes_and_names_bad_arguments() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let exp = write_experiment(dir.path(), "tiny", "kind = \"fed-avg\"");
+    let exp = exp.to_str().expect("utf-8");
+    let args =
+        ["--quiet", "sweep", exp, "--strategies", "fed-avg,median", "--attacks", "sign-flip", "--fractions", "0.2"];
+    let args_out: Vec<&str> = args.iter().copied().chain(["--out", "sweep"]).collect();
+    let o = covey_sim(&args_out, dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = std::fs::read_to_string(dir.path().join("sweep/sweep.csv")).expect("sweep.csv");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "two strategies, attack-free and under one attack: {csv}");
+    assert!(rows.iter().any(|r| r.starts_with("median,sign-flip,0.2,f32,")), "{csv}");
+    let table = std::fs::read_to_string(dir.path().join("sweep/sweep.md")).expect("sweep.md");
+    assert!(table.contains("| strategy | attack-free | sign-flip 20 % |"), "{table}");
+    // Run again: every cell is read back, none trained again, the same matrix.
+    let o = covey_sim(&args_out, dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches("finished earlier").count(), 4, "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(dir.path().join("sweep/sweep.csv")).expect("sweep.csv"), csv);
+
+    for (flag, value, named) in [
+        ("--strategies", "fed-avg,nope", "nope"),
+        ("--attacks", "gaslight", "gaslight"),
+        ("--fractions", "0.7", "0.7"),
+        ("--encoding", "int3", "int3"),
+    ] {
+        let o = covey_sim(&["sweep", exp, flag, value, "--out", "bad"], dir.path());
+        assert!(!o.status.success(), "{flag} {value}");
+        assert!(text(&o).contains(flag) && text(&o).contains(named), "{}", text(&o));
+        assert!(!dir.path().join("bad/sweep.csv").exists(), "nothing run for bad arguments");
+    }
+}
