@@ -53,12 +53,15 @@ pub fn update_header(data: &[u8]) {
     let _ = covey_proto::signing::UpdateHeader::parse(data);
 }
 
-/// An update payload (safetensors of the `B` factors), decoded as the coordinator's intake
-/// does, then its norm and finiteness.
+/// An update payload (safetensors of the `B` factors: f32, or int8 / int4 codes with
+/// scales), decoded as the coordinator's intake does, then its norm and finiteness.
 pub fn update_payload(data: &[u8]) {
-    if let Ok((tensors, _)) = covey_tensors::decode(data) {
+    if let Ok((tensors, _)) = covey_tensors::compress::decode_update(data) {
         let _ = covey_tensors::global_norm(&tensors);
         let _ = tensors.values().all(|t| t.is_finite());
+    }
+    if let Ok((tensors, _)) = covey_tensors::decode(data) {
+        let _ = covey_tensors::global_norm(&tensors);
     }
 }
 

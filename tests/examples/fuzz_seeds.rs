@@ -8,6 +8,7 @@ use std::path::Path;
 use covey_gguf::{GgmlType, GgufWriter, Value};
 use covey_proto::pb;
 use covey_proto::signing::UpdateHeader;
+use covey_tensors::compress::{UpdateEncoding, encode_update};
 use covey_tensors::quant::{Scheme, encode_quantized};
 use covey_tensors::{HostTensor, NamedTensors};
 use prost::Message;
@@ -49,6 +50,10 @@ fn main() {
     write("update_payload", "b-factors", &payload);
     let meta = HashMap::from([("round".to_string(), "3".to_string())]);
     write("update_payload", "with-metadata", &covey_tensors::encode(&b, Some(meta)).expect("payload"));
+    for encoding in [UpdateEncoding::Int8, UpdateEncoding::Int4] {
+        let bytes = encode_update(&b, encoding, [9; 32], 1.0).expect("compressed payload");
+        write("update_payload", encoding.name(), &bytes);
+    }
 
     // Release weights: f32, int8 and int4.
     let mut w = NamedTensors::new();
