@@ -211,6 +211,17 @@ pub enum AgentError {
     },
 }
 
+impl From<covey_settings::SettingsError> for AgentError {
+    fn from(e: covey_settings::SettingsError) -> Self {
+        use covey_settings::SettingsError as S;
+        match e {
+            S::Invalid { field, reason } => Self::Config { field, reason },
+            S::Toml { path, source } => Self::Toml { path, source },
+            S::Io { path, source } => Self::Io { path, source },
+        }
+    }
+}
+
 impl AgentError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use covey_model::personal::{LOCAL_PREFIX, LocalAdapter, PersonalConfig, PersonalMethod};
+use covey_model::personal::{LOCAL_PREFIX, LocalAdapter, PersonalConfig, PersonalMethod, PersonalTraining};
 use covey_model::{LlamaConfig, NamedTensors};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -108,6 +108,21 @@ pub fn key_from(file: Option<&Path>, state_dir: &Path, data_dir: &Path) -> Resul
         return PersonalKey::from_hex(&hex).map(Some);
     }
     file.map(|f| PersonalKey::from_file(f, state_dir, data_dir)).transpose()
+}
+
+/// The sealed local adapter's store `cfg` names, when this device personalises: the key
+/// from `COVEY_PERSONAL_KEY` if the host app set it, else from `personal-key-file`.
+pub fn open_store(cfg: &crate::config::AgentConfig) -> Result<Option<PersonalStore>> {
+    if cfg.personalisation.is_none() {
+        return Ok(None);
+    }
+    let key = key_from(cfg.personal_key_file.as_deref(), &cfg.state_dir, &cfg.data_dir)?.ok_or_else(|| {
+        AgentError::Config {
+            field: "personalisation",
+            reason: "needs a key (personal-key-file or COVEY_PERSONAL_KEY)".into(),
+        }
+    })?;
+    Ok(Some(PersonalStore::new(&cfg.state_dir, key)))
 }
 
 /// What the sealed file says of its adapter, authenticated with it.

@@ -121,7 +121,7 @@ pub async fn run_with_shutdown(
     let url = cfg.coordinator.clone().unwrap_or_else(|| identity.coordinator_url.clone());
     let coordinator = CoordinatorClient::connect(&url, &cfg)?;
     tracing::info!(device = %identity.device_id_hex(), coordinator = %url, "agent started");
-    let personal = cfg.personal_store()?.map(std::sync::Arc::new);
+    let personal = crate::personal::open_store(&cfg)?.map(std::sync::Arc::new);
     let agent = Agent {
         personal,
         models: ModelCache::new(&cfg.state_dir),

@@ -791,7 +791,7 @@ async fn the_local_adapter_personalises_and_never_leaves_the_device() {
     let (cfg, uploads) = three_rounds(personal_dir.path(), true).await;
     assert!(!plain_dir.path().join("state").join(covey_agent::personal::SEALED_FILE).exists());
 
-    let store = cfg.personal_store().expect("store").expect("personalises");
+    let store = covey_agent::personal::open_store(&cfg).expect("store").expect("personalises");
     let (meta, local) = store.load().expect("readable").expect("a local adapter was fitted");
     assert_eq!(meta.version, 1);
     assert_eq!(meta.train_tokens, 3 * 4 * 2 * 16, "Ditto continued the adapter over three fits");

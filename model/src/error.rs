@@ -184,6 +184,19 @@ fn hint(needed: &Option<usize>) -> String {
     }
 }
 
+impl From<covey_settings::SettingsError> for ModelError {
+    fn from(e: covey_settings::SettingsError) -> Self {
+        use covey_settings::SettingsError as S;
+        match e {
+            S::Invalid { field, reason } => Self::InvalidConfig { path: None, field, reason },
+            S::Toml { path, source } => {
+                Self::InvalidConfig { path: Some(path), field: "toml", reason: source.to_string() }
+            }
+            S::Io { path, source } => Self::Io { path, source },
+        }
+    }
+}
+
 impl ModelError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -63,37 +63,8 @@ pub struct LocalTrainSpec {
     pub example_dp: Option<ExampleDp>,
 }
 
-/// Example-level DP-SGD within a local round (Abadi et al. 2016): every training
-/// sequence's gradient (over all `B` together) is clipped to L2 norm `clip`, and each
-/// optimizer step adds `N(0, (noise_multiplier · clip)²)` to the sum of its clipped
-/// gradients before dividing by the number of sequences. It protects each sequence of the
-/// device's text within the adapter the device uploads; the coordinator's central DP
-/// protects the device as a whole. Windows are drawn with replacement from the token
-/// stream, not by Poisson sampling, so no amplification-by-sampling ε is claimed here.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ExampleDp {
-    /// L2 bound of one example's gradient.
-    pub clip: f64,
-    /// Noise standard deviation over `clip` (0: clipping only).
-    pub noise_multiplier: f64,
-}
-
-impl ExampleDp {
-    /// Check that both values are possible.
-    pub fn validate(&self) -> Result<()> {
-        if !(self.clip.is_finite() && self.clip > 0.0) {
-            return Err(ModelError::config("example_dp.clip", format!("{} is not a positive number", self.clip)));
-        }
-        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
-            return Err(ModelError::config(
-                "example_dp.noise_multiplier",
-                format!("{} is not a number >= 0", self.noise_multiplier),
-            ));
-        }
-        Ok(())
-    }
-}
+/// Example-level DP-SGD within a local round: its settings, from `covey-settings`.
+pub use covey_settings::ExampleDp;
 
 /// Where example-level DP-SGD's noise comes from: the caller's generator (the agent and
 /// `covey-sim` pass covey-privacy's CSPRNG-keyed, snapped Gaussian; this crate draws no
@@ -133,7 +104,7 @@ impl LocalTrainSpec {
             return Err(ModelError::config("proximal_mu", format!("{} is not a number >= 0", self.proximal_mu)));
         }
         if let Some(dp) = &self.example_dp {
-            dp.validate()?;
+            dp.validate().map_err(ModelError::from)?;
         }
         Ok(())
     }

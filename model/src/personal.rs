@@ -17,10 +17,8 @@
 //! The local adapter lives under its own names ([`LOCAL_PREFIX`]), so that it can never be
 //! mistaken for, or merged into, the global adapter a device uploads.
 
-use serde::{Deserialize, Serialize};
-
 use crate::checkpoint::NamedTensors;
-use crate::config::{LlamaConfig, LoraConfig, LoraTarget};
+use crate::config::{LlamaConfig, LoraConfig};
 use crate::error::{ModelError, Result};
 use crate::local_round::{LocalResult, LocalRound, LocalTrainSpec, Resume, seeded_a, train_local_adapter};
 use crate::train::TrainConfig;
@@ -28,104 +26,31 @@ use crate::train::TrainConfig;
 /// Prefix of every tensor of a local adapter, before its PEFT name.
 pub const LOCAL_PREFIX: &str = "local.";
 
-/// How the local adapter is trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum PersonalMethod {
-    /// Reconstructed from zero after each global update.
-    #[default]
-    FedRecon,
-    /// Kept across updates and trained further, coupled to the global model by λ.
-    Ditto,
-}
+pub use covey_settings::{PersonalConfig, PersonalMethod};
 
-impl std::fmt::Display for PersonalMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::FedRecon => "fed-recon",
-            Self::Ditto => "ditto",
-        })
-    }
-}
-
-/// The local adapter and its training.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct PersonalConfig {
-    /// FedRecon or Ditto. Default `fed-recon`.
-    pub method: PersonalMethod,
-    /// Rank of the local adapter. Default 4.
-    pub rank: usize,
-    /// Its scaling numerator (`alpha / rank`). Default 8.
-    pub alpha: f64,
-    /// Projections it adapts. Default q and v.
-    pub targets: Vec<LoraTarget>,
-    /// Optimizer steps per training (after each global update). Default 20.
-    pub steps: usize,
-    /// Sequences per step. Default 4.
-    pub batch_size: usize,
-    /// Tokens per sequence. Default 64.
-    pub seq_len: usize,
-    /// AdamW learning rate. Default 1e-2.
-    pub learning_rate: f64,
-    /// Ditto's coupling λ (unused by FedRecon). Default 0.1.
-    pub lambda: f64,
-}
-
-impl Default for PersonalConfig {
-    fn default() -> Self {
-        Self {
-            method: PersonalMethod::FedRecon,
-            rank: 4,
-            alpha: 8.0,
-            targets: vec![LoraTarget::Q, LoraTarget::V],
-            steps: 20,
-            batch_size: 4,
-            seq_len: 64,
-            learning_rate: 1e-2,
-            lambda: 0.1,
-        }
-    }
-}
-
-impl PersonalConfig {
-    /// Check every value; errors name the field.
-    pub fn validate(&self) -> Result<()> {
-        let positive = |field: &'static str, v: usize| {
-            if v == 0 { Err(ModelError::config(field, "must be at least 1")) } else { Ok(()) }
-        };
-        positive("rank", self.rank)?;
-        positive("steps", self.steps)?;
-        positive("batch-size", self.batch_size)?;
-        positive("seq-len", self.seq_len)?;
-        if self.targets.is_empty() {
-            return Err(ModelError::config("targets", "names no projection"));
-        }
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(ModelError::config("alpha", format!("{} is not a number > 0", self.alpha)));
-        }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(ModelError::config("learning-rate", format!("{} is not a number > 0", self.learning_rate)));
-        }
-        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return Err(ModelError::config("lambda", format!("{} is not a number >= 0", self.lambda)));
-        }
-        Ok(())
-    }
-
+/// What a [`PersonalConfig`] means to the model: the local adapter's LoRA shape, its frozen
+/// `A` factors and its training run. (The settings themselves live in `covey-settings`, which
+/// does not link burn.)
+pub trait PersonalTraining {
     /// The local adapter's LoRA shape, `A` drawn from `seed` (the device's own).
-    pub fn lora(&self, seed: u64) -> LoraConfig {
+    fn lora(&self, seed: u64) -> LoraConfig;
+    /// The local adapter's frozen `A` factors for a model of shape `config`, PEFT names.
+    fn a_factors(&self, config: &LlamaConfig, seed: u64) -> NamedTensors;
+    /// The local training run: the method's coupling as the proximal term (centre
+    /// `B_l = 0`), batches drawn from `seed`.
+    fn spec(&self, seed: u64, threads: usize) -> LocalTrainSpec;
+}
+
+impl PersonalTraining for PersonalConfig {
+    fn lora(&self, seed: u64) -> LoraConfig {
         LoraConfig { rank: self.rank, alpha: self.alpha, dropout: 0.0, targets: self.targets.clone(), ffa: true, seed }
     }
 
-    /// The local adapter's frozen `A` factors for a model of shape `config`, PEFT names.
-    pub fn a_factors(&self, config: &LlamaConfig, seed: u64) -> NamedTensors {
+    fn a_factors(&self, config: &LlamaConfig, seed: u64) -> NamedTensors {
         seeded_a(config, &self.lora(seed))
     }
 
-    /// The local training run: the method's coupling as the proximal term (centre
-    /// `B_l = 0`), batches drawn from `seed`.
-    pub fn spec(&self, seed: u64, threads: usize) -> LocalTrainSpec {
+    fn spec(&self, seed: u64, threads: usize) -> LocalTrainSpec {
         LocalTrainSpec {
             lora: self.lora(seed),
             train: TrainConfig {
@@ -186,7 +111,7 @@ pub fn train_local(
     threads: usize,
     previous: Option<&NamedTensors>,
 ) -> Result<(LocalAdapter, LocalResult)> {
-    cfg.validate()?;
+    cfg.validate().map_err(ModelError::from)?;
     let spec = cfg.spec(seed, threads);
     let resume = match (cfg.method, previous) {
         (PersonalMethod::Ditto, Some(b)) => Some(Resume { step: 0, b: b.clone() }),

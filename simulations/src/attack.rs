@@ -22,88 +22,24 @@ use covey_model::NamedTensors;
 use covey_privacy::SecureRng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, SimError};
 use crate::prepare::seed_bytes;
 
-/// What the attackers send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AttackKind {
-    /// The honest update times `scale`.
-    Scaled,
-    /// The honest update times `scale`, shrunk to the norm bound.
-    Boosted,
-    /// Minus `scale` times the honest update, shrunk to the norm bound.
-    SignFlip,
-    /// A Gaussian direction at the norm bound.
-    Random,
-    /// NaN in every value.
-    Nan,
-    /// Training on a trigger phrase and its target, boosted to the bound.
-    Backdoor,
-}
+pub use covey_experiment::{AttackConfig, AttackKind};
 
-impl AttackKind {
-    /// The name used in experiment files and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Scaled => "scaled",
-            Self::Boosted => "boosted",
-            Self::SignFlip => "sign-flip",
-            Self::Random => "random",
-            Self::Nan => "nan",
-            Self::Backdoor => "backdoor",
-        }
-    }
-}
-
-/// `[attack]`: Byzantine clients of an experiment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct AttackConfig {
-    /// Fraction of the clients that attack, in [0, 1).
-    pub fraction: f64,
-    /// What they send.
-    pub kind: AttackKind,
-    /// Scale of `scaled`, `boosted`, `sign-flip` and `backdoor` (default 10).
-    #[serde(default = "ten")]
-    pub scale: f64,
-    /// Backdoor trigger (default "The secret word is ").
-    #[serde(default = "trigger")]
-    pub trigger: String,
-    /// What the backdoor makes the model say after the trigger (default "pomegranate.").
-    #[serde(default = "target")]
-    pub target: String,
-}
-
-fn ten() -> f64 {
-    10.0
-}
-fn trigger() -> String {
-    "The secret word is ".into()
-}
-fn target() -> String {
-    "pomegranate.".into()
-}
-
-impl AttackConfig {
-    /// Check the fields.
-    pub fn validate(&self) -> Result<()> {
-        if !(0.0..1.0).contains(&self.fraction) {
-            return Err(SimError::config("attack.fraction", format!("{} is not in [0, 1)", self.fraction)));
-        }
-        if !(self.scale.is_finite() && self.scale > 0.0) {
-            return Err(SimError::config("attack.scale", format!("{} is not a positive number", self.scale)));
-        }
-        if self.kind == AttackKind::Backdoor && (self.trigger.is_empty() || self.target.is_empty()) {
-            return Err(SimError::config("attack.trigger", "a backdoor needs a trigger and a target"));
-        }
-        Ok(())
-    }
-
+/// What an [`AttackConfig`] does to a run.
+pub trait Attack {
     /// The attacking clients among `population`: `⌊fraction · population⌋` of them, drawn
     /// from the experiment's `seed`.
-    pub fn attackers(&self, population: usize, seed: u64) -> BTreeSet<usize> {
+    fn attackers(&self, population: usize, seed: u64) -> BTreeSet<usize>;
+    /// A backdoor attacker's training text: its own texts, each followed by the trigger
+    /// and the target, and the pair alone a few times.
+    fn poison(&self, texts: &[String]) -> Vec<String>;
+    /// The hostile update from the honest one (`bound`: the intake's norm bound, if any).
+    fn corrupt(&self, honest: &NamedTensors, bound: Option<f64>, rng: &mut SecureRng) -> NamedTensors;
+}
+
+impl Attack for AttackConfig {
+    fn attackers(&self, population: usize, seed: u64) -> BTreeSet<usize> {
         let count = (self.fraction * population as f64).floor() as usize;
         let mut rng = SecureRng::from_seed(seed_bytes(seed, "attackers", 0));
         let mut order: Vec<usize> = (0..population).collect();
@@ -115,17 +51,14 @@ impl AttackConfig {
         order.into_iter().take(count).collect()
     }
 
-    /// A backdoor attacker's training text: its own texts, each followed by the trigger
-    /// and the target, and the pair alone a few times.
-    pub fn poison(&self, texts: &[String]) -> Vec<String> {
+    fn poison(&self, texts: &[String]) -> Vec<String> {
         let phrase = format!("{}{}", self.trigger, self.target);
         let mut out: Vec<String> = texts.iter().map(|t| format!("{t}\n{phrase}\n")).collect();
         out.push(format!("{phrase}\n").repeat(8));
         out
     }
 
-    /// The hostile update from the honest one (`bound`: the intake's norm bound, if any).
-    pub fn corrupt(&self, honest: &NamedTensors, bound: Option<f64>, rng: &mut SecureRng) -> NamedTensors {
+    fn corrupt(&self, honest: &NamedTensors, bound: Option<f64>, rng: &mut SecureRng) -> NamedTensors {
         let shrink = |mut t: NamedTensors| {
             if let Some(b) = bound {
                 let norm = covey_tensors::global_norm(&t);
@@ -210,7 +143,13 @@ mod tests {
     }
 
     fn cfg(kind: AttackKind) -> AttackConfig {
-        AttackConfig { fraction: 0.1, kind, scale: 10.0, trigger: trigger(), target: target() }
+        AttackConfig {
+            fraction: 0.1,
+            kind,
+            scale: 10.0,
+            trigger: "The secret word is ".into(),
+            target: "pomegranate.".into(),
+        }
     }
 
     #[test]

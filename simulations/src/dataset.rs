@@ -166,28 +166,8 @@ fn untagged_speeches(text: &str) -> Vec<Speech> {
     out
 }
 
-/// Options of [`leaf_shakespeare`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct LeafOptions {
-    /// Play stems to include (`hamlet`, `macbeth`); empty means every play.
-    pub plays: Vec<String>,
-    /// Play stems to leave out.
-    pub exclude_plays: Vec<String>,
-    /// Fewest speeches a role needs to become a client (at least 2: one to train on,
-    /// one to test).
-    pub min_speeches: usize,
-    /// Fraction of each role's speeches, the earliest ones, used for training; in (0, 1).
-    pub train_fraction: f64,
-    /// Keep at most this many clients, those with the most training bytes; 0 keeps all.
-    pub max_clients: usize,
-}
-
-impl Default for LeafOptions {
-    fn default() -> Self {
-        Self { plays: Vec::new(), exclude_plays: Vec::new(), min_speeches: 8, train_fraction: 0.8, max_clients: 0 }
-    }
-}
+/// Options of [`leaf_shakespeare`] (an experiment's `[data.leaf]`).
+pub use covey_experiment::LeafOptions;
 
 const PLAY_SUFFIX: &str = "_gut.txt";
 

@@ -77,6 +77,18 @@ pub enum SimError {
     Agent(#[from] covey_agent::AgentError),
 }
 
+impl From<covey_experiment::ExperimentError> for SimError {
+    fn from(e: covey_experiment::ExperimentError) -> Self {
+        use covey_experiment::ExperimentError as E;
+        match e {
+            E::Invalid { field, reason } => Self::Config { field, reason },
+            E::File { path, reason } => Self::ConfigFile { path, reason },
+            E::Io { path, source } => Self::Io { path, source },
+            E::Coordinator(e) => Self::Coordinator(e),
+        }
+    }
+}
+
 impl SimError {
     /// An [`SimError::Io`] for `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {

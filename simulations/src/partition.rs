@@ -7,83 +7,16 @@
 //! distribution as its training texts. New client `i` is named `client-{i:05}` and keeps
 //! its texts in the original pooled order (clients in order, train before test).
 
-use std::fmt;
-
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma};
-use serde::{Deserialize, Serialize};
 
 use crate::dataset::{ClientData, Dataset};
 use crate::error::{Result, SimError};
 
-/// How to spread a pooled corpus over clients.
-///
-/// In an experiment file: `partitioner = { kind = "dirichlet", clients = 20, alpha = 0.5 }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Partitioner {
-    /// Keep the dataset's own clients (LEAF's speaking roles, client directories).
-    Natural {},
-    /// Uniformly random assignment with equal sizes (to one example): shuffle the
-    /// examples and deal them round robin.
-    Iid {
-        /// Number of clients. Train and test texts are dealt separately, so each client
-        /// gets a share of both.
-        clients: usize,
-    },
-    /// Label skew after Hsu et al. 2019 ("Measuring the Effects of Non-Identical Data
-    /// Distribution for Federated Visual Classification"): for each label, draw
-    /// proportions over clients from a symmetric Dirichlet(alpha) and deal that label's
-    /// examples accordingly. Small alpha gives each client few labels; large alpha
-    /// approaches IID. Draws are repeated (a bounded number of times) until every client
-    /// has `min_examples` examples and both train and test texts.
-    Dirichlet {
-        /// Number of clients.
-        clients: usize,
-        /// Concentration; finite and positive.
-        alpha: f64,
-        /// Fewest examples a client may get (default 1).
-        #[serde(default = "min_one")]
-        min_examples: usize,
-    },
-    /// Pathological label skew after McMahan et al. 2017 ("Communication-Efficient
-    /// Learning of Deep Networks from Decentralized Data"): sort the examples by label,
-    /// cut them into `clients * shards_per_client` contiguous shards and give each client
-    /// `shards_per_client` random shards, so a client sees only a few labels.
-    Shards {
-        /// Number of clients.
-        clients: usize,
-        /// Shards per client.
-        shards_per_client: usize,
-    },
-}
-
-fn min_one() -> usize {
-    1
-}
-
-impl Default for Partitioner {
-    fn default() -> Self {
-        Self::Natural {}
-    }
-}
-
-impl fmt::Display for Partitioner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Natural {} => write!(f, "natural"),
-            Self::Iid { clients } => write!(f, "iid(clients={clients})"),
-            Self::Dirichlet { clients, alpha, min_examples } => {
-                write!(f, "dirichlet(clients={clients}, alpha={alpha}, min_examples={min_examples})")
-            }
-            Self::Shards { clients, shards_per_client } => {
-                write!(f, "shards(clients={clients}, shards_per_client={shards_per_client})")
-            }
-        }
-    }
-}
+/// How to spread a pooled corpus over clients (an experiment's `data.partitioner`).
+pub use covey_experiment::Partitioner;
 
 /// How many Dirichlet draws to try before giving up on `min_examples`.
 const DIRICHLET_TRIES: usize = 100;
@@ -454,33 +387,5 @@ mod tests {
         // Over 5 clients, at least two get no test text.
         let err = partition(&data, &Partitioner::Iid { clients: 5 }, 0).expect_err("no test texts").to_string();
         assert!(err.contains("without") && err.contains("fewer clients"), "{err}");
-    }
-
-    #[test]
-    fn partitioners_read_from_toml_and_json() {
-        #[derive(Deserialize)]
-        struct Experiment {
-            partitioner: Partitioner,
-        }
-        let read = |s: &str| toml::from_str::<Experiment>(s).map(|e| e.partitioner);
-        assert_eq!(read("partitioner = { kind = \"natural\" }").expect("natural"), Partitioner::Natural {});
-        assert_eq!(
-            read("partitioner = { kind = \"iid\", clients = 8 }").expect("iid"),
-            Partitioner::Iid { clients: 8 }
-        );
-        assert_eq!(
-            read("[partitioner]\nkind = \"dirichlet\"\nclients = 8\nalpha = 0.5").expect("dirichlet"),
-            Partitioner::Dirichlet { clients: 8, alpha: 0.5, min_examples: 1 }
-        );
-        assert_eq!(
-            read("partitioner = { kind = \"shards\", clients = 8, shards_per_client = 2 }").expect("shards"),
-            Partitioner::Shards { clients: 8, shards_per_client: 2 }
-        );
-        assert!(read("partitioner = { kind = \"iid\", clients = 8, alpha = 1.0 }").is_err(), "unknown field");
-        assert!(read("partitioner = { kind = \"pathological\" }").is_err(), "unknown kind");
-        let p = Partitioner::Dirichlet { clients: 3, alpha: 0.1, min_examples: 2 };
-        let json = serde_json::to_string(&p).expect("json");
-        assert_eq!(json, r#"{"kind":"dirichlet","clients":3,"alpha":0.1,"min_examples":2}"#);
-        assert_eq!(serde_json::from_str::<Partitioner>(&json).expect("round trip"), p);
     }
 }

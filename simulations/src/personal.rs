@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 
-use covey_model::personal::{self, PersonalConfig};
+use covey_model::personal::{self, PersonalConfig, PersonalTraining};
 use covey_model::{LocalRound, ModelError, NamedTensors, RoundBase};
 use serde::{Deserialize, Serialize};
 

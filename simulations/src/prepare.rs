@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::attack::Attack;
 use crate::config::{Experiment, Mode, Source};
 use crate::dataset::{self, ClientData, Dataset};
 use crate::error::{Result, SimError};

@@ -34,7 +34,7 @@ pub struct Quickstart {
 
 /// The embedded quickstart experiment.
 pub fn experiment() -> Result<Experiment> {
-    Experiment::from_toml(QUICKSTART_TOML, Path::new("quickstart.toml (embedded)"))
+    Ok(Experiment::from_toml(QUICKSTART_TOML, Path::new("quickstart.toml (embedded)"))?)
 }
 
 /// Run the quickstart, writing the report folder to `out`.

@@ -28,6 +28,7 @@ use covey_privacy::SecureRng;
 use covey_proto::task::Task;
 use covey_strategy::{ClientUpdate, Strategy};
 
+use crate::attack::Attack;
 use crate::config::Mode;
 use crate::dataset::ClientData;
 use crate::error::{Result, SimError};

@@ -470,7 +470,7 @@ fn personalise(a: PersonaliseArgs) -> Result<()> {
         cfg.personal_key_file = a.personal_key_file;
     }
     let personal = cfg.personalisation.get_or_insert_with(Default::default).clone();
-    let store = cfg.personal_store()?.context("personalisation needs a key")?;
+    let store = covey_agent::personal::open_store(&cfg)?.context("personalisation needs a key")?;
     let identity = covey_agent::Identity::load(&cfg.state_dir)?;
     let model = covey_agent::models::ModelCache::new(&cfg.state_dir)
         .latest_verified(&identity.coordinator_public_key)
