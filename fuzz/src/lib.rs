@@ -1,7 +1,7 @@
 //! The bodies of Covey's fuzz targets: every decoder that sees bytes from outside the
 //! process. Each function must return (never panic, never abort, never allocate beyond
 //! what its input justifies) on any input; `fuzz_targets/*.rs` hand them to libFuzzer, and
-//! `tests/corpora.rs` replays the committed corpora through them on the stable toolchain.
+//! `tests/tests/fuzz_corpora.rs` replays the committed corpora through them on the stable toolchain.
 
 use prost::Message;
 
@@ -107,5 +107,26 @@ pub fn tokenizer(data: &[u8]) {
 pub fn coordinator_config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = covey_coordinator::config::CoordinatorConfig::from_toml(text);
+    }
+}
+
+/// The device agent's TOML configuration (`agent.toml`), parsed and validated.
+pub fn agent_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = covey_settings::AgentConfig::from_toml_str(text);
+    }
+}
+
+/// `covey-sim`'s experiment files, parsed and validated: the simulation's (with the
+/// coordinator's checks of the sections the two share) and the fleet's (which embeds a
+/// coordinator's and an agent's configuration).
+pub fn experiment(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let origin = std::path::Path::new("fuzz.toml");
+        let _ = covey_experiment::Experiment::from_toml(text, origin);
+        if let Ok(fleet) = covey_experiment::FleetExperiment::from_toml(text, origin) {
+            let _ = fleet.agent.validate();
+            let _ = fleet.coordinator_config(std::path::Path::new("work"), 7443, "token");
+        }
     }
 }

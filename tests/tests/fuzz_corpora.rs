@@ -14,7 +14,7 @@ use common::SplitMix64;
 /// A fuzz target's body.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 10] = [
     ("fleet_messages", targets::fleet_messages),
     ("update_header", targets::update_header),
     ("update_payload", targets::update_payload),
@@ -23,6 +23,8 @@ const TARGETS: [(&str, Target); 8] = [
     ("gguf", targets::gguf),
     ("tokenizer", targets::tokenizer),
     ("coordinator_config", targets::coordinator_config),
+    ("agent_config", targets::agent_config),
+    ("experiment", targets::experiment),
 ];
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
