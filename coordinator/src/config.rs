@@ -261,9 +261,18 @@ pub struct RoundsConfig {
     /// can tell who was sampled, which voids the amplification by sampling that the
     /// accountant assumes. Absent (the default), cohorts are drawn from the OS CSPRNG.
     pub seed: Option<u64>,
-    /// Devices are told to poll again after this long. Default `2s`.
+    /// Devices are told to poll again after this long (at least). Default `2s`.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Pace steering ([`crate::pace`]): the check-ins per second the coordinator spreads
+    /// waiting devices' next polls over, so that a crowd arriving at once comes back
+    /// evenly; 0 turns it off (every device is told `poll-interval`). Below this rate
+    /// nothing changes. Default 500.
+    pub pace_polls_per_second: f64,
+    /// The longest wait pace steering gives; keep it at or below the agents'
+    /// `max-poll-wait`. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub pace_max_wait: Duration,
 }
 
 impl Default for RoundsConfig {
@@ -279,6 +288,8 @@ impl Default for RoundsConfig {
             max_rounds: 0,
             seed: None,
             poll_interval: Duration::from_secs(2),
+            pace_polls_per_second: 500.0,
+            pace_max_wait: Duration::from_secs(60),
         }
     }
 }
@@ -526,6 +537,12 @@ impl CoordinatorConfig {
         if r.deadline.is_zero() {
             return bad("rounds.deadline", "must be positive".into());
         }
+        if !(r.pace_polls_per_second.is_finite() && r.pace_polls_per_second >= 0.0) {
+            return bad("rounds.pace-polls-per-second", format!("{} is not a number >= 0", r.pace_polls_per_second));
+        }
+        if r.pace_max_wait < r.poll_interval {
+            return bad("rounds.pace-max-wait", "must be at least rounds.poll-interval".into());
+        }
         let t = &self.training;
         if t.steps == 0 || t.batch_size == 0 || t.seq_len == 0 {
             return bad("training", "steps, batch-size and seq-len must be at least 1".into());
@@ -630,6 +647,19 @@ mod tests {
         let c = CoordinatorConfig::from_toml(text).expect("example config");
         assert_eq!(c.rounds.min_updates, 2);
         assert!(c.tls.is_none());
+        assert_eq!(c.rounds, RoundsConfig::default(), "the example shows the rounds' defaults");
+    }
+
+    #[test]
+    fn pace_steering_settings_are_checked() {
+        let base = "[enrollment]\ntokens = [\"0123456789\"]\n[rounds]\n";
+        let c = CoordinatorConfig::from_toml(&format!("{base}pace-polls-per-second = 0.0\n")).expect("off");
+        assert_eq!(c.rounds.pace_polls_per_second, 0.0);
+        let err = CoordinatorConfig::from_toml(&format!("{base}pace-polls-per-second = -1.0\n")).expect_err("negative");
+        assert!(err.to_string().contains("rounds.pace-polls-per-second"), "{err}");
+        let err = CoordinatorConfig::from_toml(&format!("{base}poll-interval = \"5s\"\npace-max-wait = \"2s\"\n"))
+            .expect_err("max wait below the interval");
+        assert!(err.to_string().contains("rounds.pace-max-wait"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! * [`server`]: binding, TLS, the round driver and `/metrics`, for the binary and tests.
 //! * [`weights`]: master weights, `A` factors, merging.
 //! * [`metrics`]: Prometheus metrics.
+//! * [`pace`]: pace steering, when each waiting device should come back.
 
 pub mod artifacts;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod crashpoint;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod pace;
 pub mod round;
 pub mod server;
 pub mod service;

@@ -17,6 +17,7 @@ pub mod error;
 pub mod fleet;
 pub mod loopback;
 pub mod output;
+pub mod pace;
 pub mod parallel;
 pub mod partition;
 pub mod personal;

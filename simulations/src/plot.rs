@@ -109,6 +109,32 @@ fn draw_personal(root: &Area<'_>, name: &str, report: &PersonalReport) -> DrawRe
     Ok(())
 }
 
+/// Draws pace steering's replay ([`crate::pace`]): polls received per second, without
+/// and with steering.
+pub fn plot_pace(report: &crate::pace::PaceReport) -> std::result::Result<String, String> {
+    render(COMPARE_SIZE, |root| {
+        let line = |run: &crate::pace::PaceRun, color| Series {
+            label: run.label.clone(),
+            color,
+            points: run.per_second.iter().enumerate().map(|(s, &n)| (s as u64, n as f64)).collect(),
+        };
+        let seconds = report.unsteered.per_second.len() as u64;
+        let caption = format!(
+            "{} devices checking in within {:?}: polls per second",
+            report.options.devices, report.options.arrival_window
+        );
+        let panel = Panel {
+            caption: &caption,
+            y_desc: "polls / s",
+            series: vec![line(&report.unsteered, PALETTE[3]), line(&report.steered, PALETTE[0])],
+            y_range: Some(0.0..(report.unsteered.peak.max(report.steered.peak) as f64 * 1.05).max(1.0)),
+            legend: Some(SeriesLabelPosition::UpperRight),
+        };
+        draw_panel_along(root, &panel, 0..seconds.max(1), "simulated second")
+    })
+    .map_err(|e| e.to_string())
+}
+
 /// Renders an SVG document of `size` pixels on a white background.
 fn render(size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawResult) -> DrawResult<String> {
     let mut svg = String::new();

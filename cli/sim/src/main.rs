@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -182,6 +182,38 @@ enum Command {
         #[arg(long, default_value = "runs/sweep")]
         out: PathBuf,
     },
+    /// Pace steering: replay a crowd of devices checking in at once against the
+    /// coordinator's policy on a simulated clock, without and with steering; prints the
+    /// peak and mean polls per second and writes pace.csv, pace.md, pace.json and pace.svg.
+    Pace {
+        /// Devices.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Their first polls fall within this window.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        window: Duration,
+        /// Simulated time.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+        duration: Duration,
+        /// The coordinator's rounds.poll-interval.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        poll_interval: Duration,
+        /// rounds.pace-polls-per-second when steering.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// rounds.pace-max-wait.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        max_wait: Duration,
+        /// Each return lands up to this much after the time the device was told.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
+        max_delay: Duration,
+        /// Seed of arrivals and delays.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder.
+        #[arg(long, default_value = "runs/pace")]
+        out: PathBuf,
+    },
     /// Print the clients an experiment would use: counts and sizes, as JSON.
     Data {
         /// Experiment file.
@@ -287,6 +319,23 @@ fn main() -> Result<()> {
             audit::write(&a, &dir)?;
             println!("{}", audit::table(&a));
             println!("audit written to {}", dir.join("audit.json").display());
+            Ok(())
+        }
+        Command::Pace { devices, window, duration, poll_interval, rate, max_wait, max_delay, seed, out } => {
+            let options = covey_sim::pace::PaceOptions {
+                devices,
+                arrival_window: window,
+                duration,
+                poll_interval,
+                polls_per_second: rate,
+                max_wait,
+                max_delay,
+                seed,
+            };
+            let report = covey_sim::pace::compare(&options)?;
+            report.write(&out)?;
+            println!("{}", report.table());
+            println!("written to {}", out.display());
             Ok(())
         }
         Command::Data { config } => {

@@ -141,8 +141,9 @@ impl Coordinator {
         let subject = if max_rank == 0 { Vec::new() } else { max_rank.to_be_bytes().to_vec() };
         let device = self.authenticate(DeviceMethod::Poll, device_id, timestamp_ms, signature, &subject).await?;
         self.wake.notify_one();
+        // When to come back: pace steering spreads a crowd's next polls (`crate::pace`).
         let wait =
-            |reason: &str| PollOutcome::Wait { retry_after: self.config.rounds.poll_interval, reason: reason.into() };
+            |reason: &str| PollOutcome::Wait { retry_after: self.pace.wait(self.now_ms()), reason: reason.into() };
         let Some(round) = self.store.active_round().await? else {
             return Ok(wait("no open round"));
         };

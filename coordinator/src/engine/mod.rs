@@ -149,6 +149,7 @@ pub struct Coordinator {
     device_limiter: DefaultKeyedRateLimiter<[u8; 32]>,
     enroll_limiter: DefaultDirectRateLimiter,
     token_limiter: DefaultKeyedRateLimiter<[u8; 32]>,
+    pace: crate::pace::PaceSteering,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -254,6 +255,11 @@ impl Coordinator {
             device_limiter: RateLimiter::keyed(per_minute(device_rate(&config))),
             enroll_limiter: RateLimiter::direct(per_minute(config.enrollment.per_minute)),
             token_limiter: RateLimiter::keyed(per_minute(config.enrollment.per_token_per_minute)),
+            pace: crate::pace::PaceSteering::new(
+                config.rounds.pace_polls_per_second,
+                config.rounds.poll_interval,
+                config.rounds.pace_max_wait,
+            ),
             config,
             store,
             artifacts,

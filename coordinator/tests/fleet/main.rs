@@ -6,6 +6,7 @@
 mod compressed;
 mod dropout;
 mod integrity;
+mod pace;
 mod privacy;
 mod releases;
 mod security;
