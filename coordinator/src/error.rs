@@ -73,6 +73,12 @@ pub enum CoordinatorError {
     /// No version has this number.
     #[error("version {0} does not exist")]
     NoSuchVersion(u64),
+    /// Another coordinator process holds the state directory.
+    #[error("{}: another coordinator is running on this state directory (coordinator.lock is held)", state_dir.display())]
+    StateLocked {
+        /// The state directory.
+        state_dir: std::path::PathBuf,
+    },
     /// A device's request or upload was refused (counted and logged where refused).
     #[error("refused: {0}")]
     Rejected(#[from] Rejection),
@@ -343,6 +349,7 @@ impl From<&CoordinatorError> for tonic::Status {
             | CoordinatorError::Strategy(_)
             | CoordinatorError::Privacy(_)
             | CoordinatorError::Model { .. }
+            | CoordinatorError::StateLocked { .. }
             | CoordinatorError::Transport(_) => {
                 // Paths and database details stay in the coordinator's log.
                 tracing::error!(error = %e, "internal error answered to a client");

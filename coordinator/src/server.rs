@@ -70,10 +70,36 @@ pub async fn open_engine(config: CoordinatorConfig) -> Result<Arc<Coordinator>> 
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(&dir).map_err(|e| CoordinatorError::io(&dir, e))?;
+    // One coordinator per state directory: a second one's start-up repair would delete
+    // the first one's uploads in flight. Held for the engine's life; the operating system
+    // releases it when the process ends, however it ends.
+    let lock = lock_state_dir(&dir)?;
     let store = SqliteStore::open(&dir.join("state.sqlite")).await?;
     let artifacts = Artifacts::dir(&dir.join("artifacts"))?;
     let key = load_or_create_key(&dir.join("coordinator.key"))?;
-    Coordinator::open(config, Arc::new(store), artifacts, key, Arc::new(Metrics::default())).await
+    let engine = Coordinator::open(config, Arc::new(store), artifacts, key, Arc::new(Metrics::default())).await?;
+    engine.hold_state_lock(lock);
+    Ok(engine)
+}
+
+/// The file a running coordinator locks in its state directory.
+pub const LOCK_FILE: &str = "coordinator.lock";
+
+/// Take the exclusive lock on `dir/coordinator.lock`, or fail with
+/// [`CoordinatorError::StateLocked`] when another process holds it.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| CoordinatorError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CoordinatorError::StateLocked { state_dir: dir.to_owned() }),
+        Err(std::fs::TryLockError::Error(e)) => Err(CoordinatorError::io(&path, e)),
+    }
 }
 
 /// A running coordinator.

@@ -150,6 +150,8 @@ pub struct Coordinator {
     enroll_limiter: DefaultDirectRateLimiter,
     token_limiter: DefaultKeyedRateLimiter<[u8; 32]>,
     pace: crate::pace::PaceSteering,
+    /// The state directory's lock, when [`crate::server::open_engine`] took one.
+    state_lock: std::sync::OnceLock<std::fs::File>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -260,6 +262,7 @@ impl Coordinator {
                 config.rounds.poll_interval,
                 config.rounds.pace_max_wait,
             ),
+            state_lock: std::sync::OnceLock::new(),
             config,
             store,
             artifacts,
@@ -312,6 +315,11 @@ impl Coordinator {
     /// The clock deadlines are measured on.
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Keep the state directory's lock for as long as the engine lives.
+    pub(crate) fn hold_state_lock(&self, lock: std::fs::File) {
+        let _ = self.state_lock.set(lock);
     }
 
     /// The largest payload an update may have: the configured limit, or the expected `B`

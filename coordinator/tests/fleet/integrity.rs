@@ -61,3 +61,17 @@ async fn debris_is_repaired_and_lost_acknowledged_files_are_refused() {
     assert!(matches!(refused, CoordinatorError::Corrupt(_)), "{text}");
     assert!(text.contains(&hex::encode(h.payload_sha256)) && text.contains("acknowledged"), "{text}");
 }
+
+#[tokio::test]
+async fn a_second_coordinator_on_the_same_state_directory_is_refused() {
+    let root = tempfile::tempdir().expect("tmp");
+    let config = support::config(root.path());
+    let first = covey_coordinator::server::open_engine(config.clone()).await.expect("first");
+    let err = covey_coordinator::server::open_engine(config.clone()).await.expect_err("second");
+    assert!(matches!(err, CoordinatorError::StateLocked { .. }), "{err}");
+    assert!(err.to_string().contains("another coordinator"), "{err}");
+    // The first keeps working; once it is gone, the directory opens again.
+    assert!(first.now_ms() > 0);
+    drop(first);
+    covey_coordinator::server::open_engine(config).await.expect("reopened after the first stopped");
+}
