@@ -18,6 +18,8 @@
 //! * [`weights`]: master weights, `A` factors, merging.
 //! * [`metrics`]: Prometheus metrics.
 //! * [`pace`]: pace steering, when each waiting device should come back.
+//! * [`rollout`]: staged rollout's policy (sticky canary and control buckets, the health
+//!   test); not yet wired into the engine.
 
 pub mod artifacts;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod pace;
+pub mod rollout;
 pub mod round;
 pub mod server;
 pub mod service;
