@@ -93,6 +93,8 @@ impl FleetExperiment {
         if self.eval_window < 2 || self.eval_tokens < self.eval_window {
             return Err(ExperimentError::invalid("eval-window", "at least 2, and no more than eval-tokens"));
         }
+        // The agents' section fails here, not when the agents start.
+        self.agent.validate().map_err(|e| ExperimentError::invalid("agent", e.to_string()))?;
         Ok(())
     }
 
@@ -116,4 +118,25 @@ impl FleetExperiment {
 
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| ExperimentError::Io { path: p.to_owned(), source: e })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_fleet_files_parse_and_a_bad_agent_section_is_refused_at_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulations/experiments/fleet");
+        for name in ["smollm2.toml", "smollm2-dp.toml"] {
+            let path = dir.join(name);
+            FleetExperiment::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        let err = FleetExperiment::from_toml("[agent]\ntrain-threads = 0\n", Path::new("bad.toml"))
+            .expect_err("zero threads")
+            .to_string();
+        assert!(err.contains("agent") && err.contains("train-threads"), "{err}");
+        let err =
+            FleetExperiment::from_toml("devices = 0\n", Path::new("bad.toml")).expect_err("no devices").to_string();
+        assert!(err.contains("devices"), "{err}");
+    }
 }
