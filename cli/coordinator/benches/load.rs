@@ -4,10 +4,13 @@
 //! round's manifest and the `A` factors (the download) and uploads a signed update.
 //! Devices share 100 HTTP/2 connections. Prints p50 / p99 latency of poll, download and
 //! upload, every answer by status code (refusals of the configured limits counted, not
-//! hidden), and the coordinator process's peak RSS and CPU time.
+//! hidden), the polls the coordinator received per second (mean and busiest second), and
+//! the coordinator process's peak RSS and CPU time.
 //!
-//! `cargo bench -p covey-coordinator-cli --bench load [-- DEVICES ROUNDS]` (Linux: reads
-//! `/proc/<pid>/`).
+//! `cargo bench -p covey-coordinator-cli --bench load [-- DEVICES ROUNDS [PACE]]` (Linux:
+//! reads `/proc/<pid>/`). PACE is `rounds.pace-polls-per-second`; the default 0 leaves
+//! pace steering off, so every device polls every 200 ms, the load this bench has always
+//! measured.
 
 #[path = "../tests/process/binary.rs"]
 mod binary;
@@ -29,6 +32,18 @@ const CONNECTIONS: usize = 100;
 struct Tally {
     latencies: BTreeMap<&'static str, Vec<f64>>,
     codes: BTreeMap<String, usize>,
+    /// Polls answered in each second since the devices started.
+    polls_per_second: Vec<u64>,
+}
+
+/// Count a poll answered `since` the run started.
+fn note_poll_time(t: &Mutex<Tally>, since: Duration) {
+    let mut t = t.lock().expect("tally");
+    let second = since.as_secs() as usize;
+    if t.polls_per_second.len() <= second {
+        t.polls_per_second.resize(second + 1, 0);
+    }
+    t.polls_per_second[second] += 1;
 }
 
 fn note(t: &Mutex<Tally>, op: &'static str, started: Instant, code: &str) {
@@ -64,7 +79,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// One device's life: enrol, then poll / download / upload until `stop`.
-async fn device(mut c: FleetClient<Channel>, tally: Arc<Mutex<Tally>>, stop: Arc<tokio::sync::Notify>) {
+async fn device(
+    mut c: FleetClient<Channel>,
+    tally: Arc<Mutex<Tally>>,
+    stop: Arc<tokio::sync::Notify>,
+    origin: Instant,
+) {
     let d = support::Device::new();
     let started = Instant::now();
     let enrolled = c
@@ -83,6 +103,7 @@ async fn device(mut c: FleetClient<Channel>, tally: Arc<Mutex<Tally>>, stop: Arc
         let polled = c
             .poll_task(pb::PollTaskRequest { auth: Some(d.auth(DeviceMethod::Poll, support::now_ms())), max_rank: 0 })
             .await;
+        note_poll_time(&tally, origin.elapsed());
         let wait = match polled {
             Err(s) => {
                 note(&tally, "poll", started, &code_of(&s));
@@ -127,6 +148,7 @@ async fn main() {
     let numbers: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let devices = numbers.first().copied().unwrap_or(1000) as usize;
     let rounds = numbers.get(1).copied().unwrap_or(5);
+    let pace = numbers.get(2).copied().unwrap_or(0);
     let root = tempfile::tempdir().expect("tmp");
     let mut config = support::config(root.path());
     // A tenth of the fleet per round; the round waits for every device to be online.
@@ -136,9 +158,9 @@ async fn main() {
     config.rounds.max_rounds = rounds;
     config.rounds.deadline = Duration::from_secs(120);
     config.rounds.poll_interval = Duration::from_millis(200);
-    // Unsteered: every device polls every 200 ms (5,000 polls/s at 1,000 devices), the
-    // load this bench has always measured; pace steering is measured by `covey-sim pace`.
-    config.rounds.pace_polls_per_second = 0.0;
+    // By default unsteered: every device polls every 200 ms (5,000 polls/s at 1,000
+    // devices), the load this bench has always measured.
+    config.rounds.pace_polls_per_second = pace as f64;
     config.limits.device_requests_per_minute = 600;
     config.enrollment.per_minute = 100_000;
     config.enrollment.per_token_per_minute = 100_000;
@@ -159,7 +181,7 @@ async fn main() {
     for i in 0..devices {
         let c = FleetClient::new(channels[i % channels.len()].clone())
             .max_decoding_message_size(covey_proto::MAX_MESSAGE_BYTES);
-        tasks.push(tokio::spawn(device(c, tally.clone(), stop.clone())));
+        tasks.push(tokio::spawn(device(c, tally.clone(), stop.clone(), started)));
     }
     let mut admin = AdminClient::new(channels[0].clone());
     let published = loop {
@@ -189,6 +211,13 @@ async fn main() {
         println!("{op:<10} {:>8} {:>10.1} {:>10.1}", l.len(), percentile(&l, 0.5), percentile(&l, 0.99));
     }
     println!("answers: {:?}", t.codes);
+    let seconds = &t.polls_per_second[..t.polls_per_second.len().saturating_sub(1)];
+    println!(
+        "polls received per second (pace steering {}): mean {:.0}, busiest second {}",
+        if pace == 0 { "off".to_string() } else { format!("at {pace}/s") },
+        seconds.iter().sum::<u64>() as f64 / seconds.len().max(1) as f64,
+        seconds.iter().max().copied().unwrap_or(0)
+    );
     println!(
         "coordinator: peak RSS {rss:.1} MiB, CPU {:.1} s ({:.0} % of one core)",
         cpu_end - cpu_start,
